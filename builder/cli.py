@@ -1,0 +1,285 @@
+"""The command line: parse arguments, set up logging, run a command, map errors to exit codes.
+
+This is the only module that prints to the terminal on its own account, reads argv
+or decides the process's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from builder import __version__
+from builder.errors import BuildError, ExitCode, NotImplementedYet, RoleInvalid
+
+log = logging.getLogger("builder")
+
+VERBS = ("validate", "render", "audit")
+VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  the build or command failed
+  2  invalid input (role file, arguments): nothing was touched
+  3  EC2 refused or failed a call
+  4  a provisioning script failed on the builder
+  5  SSH could not connect, or the host key did not match
+  6  the build failed and cleanup could not remove everything (ids are listed)
+  7  this machine lacks something the command needs
+  130 interrupted (Ctrl-C); 143 terminated (SIGTERM)
+"""
+
+
+BUILD_USAGE = """build.py ROLE [ROLE...] [options]
+       build.py {validate,render,audit} ... (see build.py COMMAND --help)"""
+BUILD_DESCRIPTION = """\
+Build the role AMI of each ROLE, paired with the seed snapshot of its data volume.
+
+commands:
+  validate   check role files; every problem at once
+  render     print or write a role's scripts (no cloud access)
+  audit      which paths each role puts on its volume
+"""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like KeyboardInterrupt so cleanup runs."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default sys.argv[1:]) and return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        try:
+            args = _parse(args_list)
+        except SystemExit as exc:
+            # argparse exits after --help/--version (0) or a usage error it printed (2).
+            return int(exc.code or 0)
+        _configure_logging(args.debug, args.verbose)
+        result: int = args.run(args)
+        return result
+    except RoleInvalid as exc:
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    except BuildError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return ExitCode.TERMINATED
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no bare tracebacks
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return ExitCode.FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Terminated
+
+
+def _configure_logging(debug: bool, verbose: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s" if debug else "%(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if not debug:
+        # Third-party chatter (botocore, paramiko) only under --debug.
+        for noisy in ("botocore", "boto3", "urllib3", "paramiko"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("builder.remote.output").setLevel(logging.INFO if verbose or debug else logging.WARNING)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are exit code 2 with one clear line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(ExitCode.INVALID_INPUT)
+
+
+def _common() -> _Parser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--roles-dir", type=Path, default=None, help="directory of role files (default: roles/ of this project)"
+    )
+    common.add_argument("--debug", action="store_true", help="debug logging, and tracebacks on errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="stream remote script output")
+    return common
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    first = next((a for a in argv if a not in VALUELESS_GLOBALS), None)
+    parser = _verb_parser() if first in VERBS else _build_parser()
+    return parser.parse_args(argv)
+
+
+def _verb_parser() -> _Parser:
+    common = _common()
+    parser = _Parser(
+        prog="build.py",
+        description="ebsrole: role AMIs whose dynamic data lives on EBS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="check role files; every problem at once",
+        description="Check role files (all by default) and report every problem at once.",
+    )
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser(
+        "render",
+        parents=[common],
+        help="print or write a role's scripts (no cloud access)",
+        description="Render a role's provisioning scripts: print them, or write them to --out DIR.",
+    )
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--out", type=Path, help="write the scripts into this directory instead of printing them")
+    p.add_argument("--script", choices=_script_names(), help="only this script")
+    p.set_defaults(run=cmd_render)
+
+    p = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="which paths each role puts on its volume",
+        description="List the paths each role externalizes, with mount point, device and volume.",
+    )
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--format", choices=("table", "json", "csv", "markdown"), default="table")
+    p.set_defaults(run=cmd_audit)
+    return parser
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="build.py",
+        parents=[_common()],
+        usage=BUILD_USAGE,
+        description=BUILD_DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("roles", nargs="+", metavar="ROLE", help="role names (files roles/ROLE.yaml)")
+    parser.add_argument("--version", action="version", version=f"ebsrole {__version__}")
+    parser.set_defaults(run=cmd_build)
+    return parser
+
+
+def _script_names() -> tuple[str, ...]:
+    from builder.render import SCRIPTS
+
+    return SCRIPTS
+
+
+def _roles_dir(args: argparse.Namespace) -> Path:
+    from builder.roles import ROLES_DIR
+
+    return Path(args.roles_dir) if args.roles_dir else ROLES_DIR
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate role files; print one line per valid role."""
+    from builder.roles import load_roles
+
+    try:
+        roles = load_roles(args.roles, _roles_dir(args))
+    except RoleInvalid as exc:
+        if args.format == "json":
+            problems = [{"file": p.file, "key": p.key, "message": p.message} for p in exc.problems]
+            _print(json.dumps({"valid": False, "problems": problems}, indent=2))
+            return exc.exit_code
+        raise
+    if args.format == "json":
+        _print(json.dumps({"valid": True, "roles": [r.name for r in roles], "problems": []}, indent=2))
+    else:
+        for role in roles:
+            _print(f"ok  {role.file}")
+    return ExitCode.OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Print the role's scripts, or write them to --out."""
+    from builder.files import write_atomic
+    from builder.render import render_role
+    from builder.roles import load_role
+
+    scripts = render_role(load_role(args.role, _roles_dir(args)))
+    if args.script:
+        scripts = tuple(s for s in scripts if s.name == args.script)
+    if args.out:
+        for script in scripts:
+            path = args.out / script.name
+            write_atomic(path, script.text, mode=0o755)
+            _print(f"{path}  sha256:{script.sha256}")
+        return ExitCode.OK
+    if args.script:
+        sys.stdout.write(scripts[0].text)
+        return ExitCode.OK
+    for script in scripts:
+        _print(f"# ===== {script.name} (sha256:{script.sha256}) =====")
+        sys.stdout.write(script.text)
+    return ExitCode.OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print which paths each role externalizes."""
+    from builder.audit import format_audit
+    from builder.roles import load_roles
+
+    sys.stdout.write(format_audit(load_roles(args.roles, _roles_dir(args)), args.format))
+    return ExitCode.OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build role AMIs."""
+    from builder.roles import load_roles
+
+    roles = load_roles(args.roles, _roles_dir(args))
+    names = ", ".join(r.name for r in roles)
+    raise NotImplementedYet(
+        f"{names}: valid, but this version cannot build AMIs yet",
+        hint="use 'build.py render ROLE' to see the scripts a build would run",
+    )
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)

@@ -1,0 +1,106 @@
+"""The one exception tree of the builder.
+
+Every error the tool raises on purpose derives from :class:`BuildError`. Each class
+carries the data that explains it and renders its own message: what failed, where,
+and a ``hint:`` line. The exit code for each kind lives on the class and is turned
+into a process exit code in exactly one place (``builder.cli``).
+
+This module imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ExitCode:
+    """Process exit codes, documented in the README."""
+
+    OK = 0
+    FAILED = 1  # a build or command failed for a reason not listed below
+    INVALID_INPUT = 2  # bad role file, bad arguments: nothing was touched
+    CLOUD = 3  # EC2 refused or failed a call (credentials, region, limits)
+    REMOTE = 4  # a provisioning script failed on the builder
+    CONNECTION = 5  # SSH could not connect, or the host key did not match
+    LEFTOVERS = 6  # the build failed AND cleanup could not remove everything
+    ENVIRONMENT = 7  # this machine lacks something (root, a Debian package, loop devices)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM
+
+
+class BuildError(Exception):
+    """Base of every error the tool raises on purpose."""
+
+    exit_code = ExitCode.FAILED
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def render(self) -> str:
+        """Return the message a user sees, with its hint line when there is one."""
+        if self.hint:
+            return f"{self.message}\nhint: {self.hint}"
+        return self.message
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input file: where it is and what is wrong."""
+
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"{where}: {self.message}"
+
+
+class InvalidInput(BuildError):
+    """Bad input found before anything touched the network."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class RoleInvalid(InvalidInput):
+    """One or more role files are invalid; carries every problem found."""
+
+    hint = "the role format is described in README.md and schema/role.schema.json"
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        lines = [str(p) for p in self.problems] + [f"{count} {noun} found"]
+        super().__init__("\n".join(lines))
+
+
+class RoleNotFound(InvalidInput):
+    """A role named on the command line has no role file."""
+
+    def __init__(self, name: str, roles_dir: str, known: Sequence[str]) -> None:
+        self.name = name
+        self.roles_dir = roles_dir
+        self.known = tuple(known)
+        listing = ", ".join(known) if known else "none"
+        super().__init__(
+            f"{roles_dir}/{name}.yaml: no such role",
+            hint=f"roles in {roles_dir}: {listing}",
+        )
+
+
+class TemplateError(BuildError):
+    """A template could not be rendered (a bug in a template, not in a role)."""
+
+    def __init__(self, template: str, detail: str) -> None:
+        self.template = template
+        super().__init__(f"templates/{template}: {detail}")
+
+
+class NotImplementedYet(BuildError):
+    """A command that a later version of the tool provides."""

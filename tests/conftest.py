@@ -1,0 +1,54 @@
+"""Shared fixtures: role directories written on the fly, the project's paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+GOOD_ROLE: dict[str, Any] = {
+    "description": "test role",
+    "packages": ["apache2"],
+    "services": ["apache2"],
+    "volume": {"device": "/dev/sdf", "mount_point": "/data", "size_gib": 10},
+    "externalize": ["/etc/apache2", "/var/www"],
+}
+
+
+@pytest.fixture
+def roles_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "roles"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def write_role(roles_dir: Path) -> Callable[..., Path]:
+    """Write roles/<name>.yaml from a dict (YAML-dumped) or a string (verbatim)."""
+
+    def write(name: str, content: dict[str, Any] | str) -> Path:
+        path = roles_dir / f"{name}.yaml"
+        text = content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path = PROJECT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python build.py ARGS`` as a user would; return the finished process."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "build.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
