@@ -104,3 +104,97 @@ class TemplateError(BuildError):
 
 class NotImplementedYet(BuildError):
     """A command that a later version of the tool provides."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a remote command did: the command, its exit status and its output."""
+
+    command: str
+    exit_status: int  # -1 when the connection ended before the command did
+    stdout: str
+    stderr: str
+
+    def tail(self, lines: int = 20) -> str:
+        """Return the last ``lines`` lines of output (stdout and stderr)."""
+        text = (self.stdout + ("\n" if self.stdout and self.stderr else "") + self.stderr).rstrip("\n")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class SSHError(BuildError):
+    """SSH to a machine failed: unreachable, refused, host key or login refused, or lost."""
+
+    exit_code = ExitCode.CONNECTION
+
+
+class SSHConnectFailed(SSHError):
+    """No SSH session could be opened before the deadline."""
+
+    def __init__(self, host: str, port: int, reason: str, waited: float) -> None:
+        self.host, self.port, self.reason, self.waited = host, port, reason, waited
+        super().__init__(
+            f"ssh {host}:{port}: no connection after {waited:.0f} s: {reason}",
+            hint="is the instance up, and does the security group admit this address on tcp/22?",
+        )
+
+
+class HostKeyMismatch(SSHError):
+    """The server did not present the pinned host key: never retried."""
+
+    def __init__(self, host: str, port: int, expected: str, got: str) -> None:
+        self.host, self.port, self.expected, self.got = host, port, expected, got
+        super().__init__(
+            f"ssh {host}:{port}: host key {got} is not the pinned key {expected}; refusing to connect",
+            hint="something else answers at that address, or the instance did not take the host key from its user-data",
+        )
+
+
+class SSHAuthFailed(SSHError):
+    """The server refused the temporary login key: never retried."""
+
+    def __init__(self, host: str, port: int, user: str) -> None:
+        self.host, self.port, self.user = host, port, user
+        super().__init__(
+            f"ssh {user}@{host}:{port}: the login key was refused",
+            hint="check --ssh-user (Debian AMIs log in as admin)",
+        )
+
+
+class ConnectionLost(SSHError):
+    """The SSH connection ended while a command was still running."""
+
+    def __init__(self, result: CommandResult) -> None:
+        self.result = result
+        tail = result.tail()
+        super().__init__(
+            f"ssh connection lost while running {result.command!r}" + (f"; last output:\n{tail}" if tail else ""),
+        )
+
+
+class RemoteCommandFailed(BuildError):
+    """A remote command or script exited non-zero."""
+
+    exit_code = ExitCode.REMOTE
+
+    def __init__(self, result: CommandResult, what: str | None = None) -> None:
+        self.result = result
+        tail = result.tail()
+        super().__init__(
+            f"{what or result.command!r} exited {result.exit_status}" + (f"; last output:\n{tail}" if tail else ""),
+        )
+
+
+class RemoteTimeout(BuildError):
+    """A remote command ran past its time limit."""
+
+    exit_code = ExitCode.REMOTE
+
+    def __init__(self, result: CommandResult, limit: float) -> None:
+        self.result = result
+        super().__init__(f"{result.command!r} still running after {limit:.0f} s; last output:\n{result.tail()}")
+
+
+class EnvironmentProblem(BuildError):
+    """This machine lacks something a command needs: root, a tool, loop devices."""
+
+    exit_code = ExitCode.ENVIRONMENT

@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(python3 python3-venv rsync acl attr)
+# python3-venv for .venv; debootstrap, slirp4netns and util-linux/mount for the local
+# Debian machines (builder/sandbox); qemu for the boot check of provisioned roots.
+DEBIAN_PACKAGES=(python3 python3-venv rsync acl attr debootstrap slirp4netns util-linux mount
+  e2fsprogs qemu-system-x86)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -52,3 +52,21 @@ def run_cli(*args: str, cwd: Path = PROJECT, timeout: float = 60) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """The cached Debian 12 tree (built on first use: a few minutes)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces, mounts and loop devices")
+    from builder.sandbox.rootfs import ensure_rootfs
+
+    return ensure_rootfs("bookworm", "amd64")
+
+
+@pytest.fixture
+def state_root(tmp_path: Path) -> Path:
+    """Where this test's machines keep their state (removed by Machine.stop)."""
+    return tmp_path / "machines"

@@ -128,3 +128,10 @@ def test_no_placeholder_steps() -> None:
         for script in render_role(load_role(role_name)):
             lowered = script.text.lower()
             assert "todo" not in lowered and "not implemented" not in lowered
+
+
+def test_machine_stage_script_is_clean() -> None:
+    from builder.sandbox.machine import STAGE
+
+    checked = subprocess.run([shellcheck(), "--severity=style", str(STAGE)], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout

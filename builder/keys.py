@@ -1,0 +1,51 @@
+"""Temporary ed25519 keys, made and kept in memory only (never written to disk)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass, field
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An ed25519 key pair: OpenSSH private key text and the public key line."""
+
+    private_openssh: str = field(repr=False)
+    public_line: str  # "ssh-ed25519 AAAA... comment"
+
+    @classmethod
+    def generate(cls, comment: str) -> KeyPair:
+        """Return a new key pair; ``comment`` ends the public line."""
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        return cls(private, f"{public.decode()} {comment}".strip())
+
+    def pkey(self) -> paramiko.PKey:
+        """Return the private key as paramiko wants it."""
+        return paramiko.Ed25519Key(file_obj=io.StringIO(self.private_openssh))
+
+    def public_pkey(self) -> paramiko.PKey:
+        """Return the public key alone (what a client pins for a host)."""
+        return public_key(self.public_line)
+
+    @property
+    def fingerprint(self) -> str:
+        """Return the SHA256 fingerprint as ssh-keygen -l prints it."""
+        blob = base64.b64decode(self.public_line.split()[1])
+        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        return f"SHA256:{digest}"
+
+
+def public_key(line: str) -> paramiko.PKey:
+    """Return the public key of an OpenSSH public key line ("ssh-ed25519 AAAA... comment")."""
+    kind, blob = line.split()[:2]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(blob))

@@ -1,0 +1,229 @@
+"""The only paramiko code: SSH to a machine with a pinned host key, run, upload.
+
+A connection accepts exactly one host key, the one the caller pinned (it was handed to
+the machine in its user-data); any other key fails at once and is never retried. Only
+transient failures (refused, reset, no banner yet, time-outs while the machine boots)
+are retried, with backoff, until a deadline.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import select
+import shlex
+import socket
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+import paramiko
+
+from builder.errors import (
+    CommandResult,
+    ConnectionLost,
+    HostKeyMismatch,
+    RemoteCommandFailed,
+    RemoteTimeout,
+    SSHAuthFailed,
+    SSHConnectFailed,
+)
+from builder.keys import KeyPair, public_key
+
+log = logging.getLogger(__name__)
+output_log = logging.getLogger("builder.remote.output")
+
+LineSink = Callable[[str, str], None]  # (stream name, line)
+KEEP_LINES = 200  # output lines kept per stream for error messages
+TRANSIENT = (
+    paramiko.ssh_exception.NoValidConnectionsError,
+    ConnectionRefusedError,
+    ConnectionResetError,
+    TimeoutError,
+    socket.timeout,
+    EOFError,
+    OSError,
+)
+
+
+def known_host_name(host: str, port: int) -> str:
+    """Return the known_hosts name of host:port (``[host]:port`` unless port 22)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class Remote:
+    """An open SSH session to one machine."""
+
+    def __init__(self, client: paramiko.SSHClient, host: str, port: int, user: str, prefix: str = "") -> None:
+        self.client = client
+        self.host = host
+        self.port = port
+        self.user = user
+        self.prefix = prefix
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        login_key: KeyPair,
+        host_key: KeyPair | str,
+        *,
+        deadline: float = 300.0,
+        prefix: str = "",
+    ) -> Remote:
+        """Return a session, retrying transient failures for up to ``deadline`` seconds.
+
+        ``host_key`` is the pinned host key (a KeyPair or an OpenSSH public key line).
+        Raises HostKeyMismatch or SSHAuthFailed at once, SSHConnectFailed at the deadline.
+        """
+        pinned = public_key(host_key.public_line if isinstance(host_key, KeyPair) else host_key)
+        started = time.monotonic()
+        delay = 0.1
+        while True:
+            client = paramiko.SSHClient()
+            client.get_host_keys().add(known_host_name(host, port), pinned.get_name(), pinned)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(
+                    host,
+                    port=port,
+                    username=user,
+                    pkey=login_key.pkey(),
+                    timeout=10,
+                    banner_timeout=10,
+                    auth_timeout=15,
+                    allow_agent=False,
+                    look_for_keys=False,
+                )
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise HostKeyMismatch(host, port, _fingerprint(pinned), _fingerprint(exc.key)) from None
+            except paramiko.AuthenticationException:
+                client.close()
+                raise SSHAuthFailed(host, port, user) from None
+            except paramiko.SSHException as exc:
+                client.close()
+                if "not found in known_hosts" in str(exc):
+                    raise HostKeyMismatch(host, port, _fingerprint(pinned), "of another type") from None
+                reason = str(exc) or type(exc).__name__
+            except TRANSIENT as exc:
+                client.close()
+                reason = str(exc) or type(exc).__name__
+            else:
+                transport = client.get_transport()
+                if transport is not None:
+                    transport.set_keepalive(10)
+                log.debug("ssh %s@%s:%s: connected", user, host, port)
+                return cls(client, host, port, user, prefix)
+            waited = time.monotonic() - started
+            if waited + delay > deadline:
+                raise SSHConnectFailed(host, port, reason, waited)
+            log.debug("ssh %s:%s not ready (%s); retrying in %.1f s", host, port, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session (idempotent)."""
+        self.client.close()
+
+    def run(self, command: str, *, timeout: float | None = None, on_line: LineSink | None = None) -> CommandResult:
+        """Run ``command``; return its result whatever its exit status.
+
+        Output is streamed line by line to ``on_line`` (default: the output logger).
+        Raises ConnectionLost when the session ends before the command, RemoteTimeout
+        after ``timeout`` seconds.
+        """
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(CommandResult(command, -1, "", "(not connected)"))
+        sink = on_line or self._log_line
+        channel = transport.open_session(timeout=30)
+        channel.exec_command(command)
+        out, err = _Lines("stdout", sink), _Lines("stderr", sink)
+        limit = None if timeout is None else time.monotonic() + timeout
+        while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+            if channel.recv_ready():
+                out.feed(channel.recv(65536))
+            elif channel.recv_stderr_ready():
+                err.feed(channel.recv_stderr(65536))
+            elif not transport.is_active():
+                break
+            elif limit is not None and time.monotonic() > limit:
+                channel.close()
+                raise RemoteTimeout(CommandResult(command, -1, out.text(), err.text()), timeout or 0)
+            else:
+                select.select([channel], [], [], 0.5)
+        out.close()
+        err.close()
+        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        result = CommandResult(command, status, out.text(), err.text())
+        if status == -1:
+            raise ConnectionLost(result)
+        return result
+
+    def check(self, command: str, *, what: str | None = None, **kwargs: float | LineSink | None) -> CommandResult:
+        """Run ``command``; raise RemoteCommandFailed unless it exits 0."""
+        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+        if result.exit_status != 0:
+            raise RemoteCommandFailed(result, what)
+        return result
+
+    def put(self, text: str, path: str, mode: int = 0o600) -> None:
+        """Write ``text`` to ``path`` on the machine over SFTP, with ``mode``."""
+        with self.client.open_sftp() as sftp:
+            sftp.putfo(io.BytesIO(text.encode()), path)
+            sftp.chmod(path, mode)
+
+    def run_script(
+        self, name: str, text: str, args: Sequence[str] = (), *, workdir: str, timeout: float | None = None
+    ) -> CommandResult:
+        """Upload a script into ``workdir`` and run it as root (sudo); raise unless it exits 0."""
+        self.check(f"mkdir -p -m 0700 {shlex.quote(workdir)}")
+        path = f"{workdir}/{name}"
+        self.put(text, path, 0o700)
+        command = " ".join(shlex.quote(a) for a in ["sudo", "-n", "bash", path, *args])
+        return self.check(command, what=name, timeout=timeout)
+
+    def _log_line(self, stream: str, line: str) -> None:
+        output_log.info("%s%s", self.prefix, line)
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.fingerprint}"
+
+
+class _Lines:
+    """Split a byte stream into lines for a sink, keeping the last KEEP_LINES."""
+
+    def __init__(self, name: str, sink: LineSink) -> None:
+        self.name = name
+        self.sink = sink
+        self.partial = b""
+        self.kept: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for raw in lines:
+            self._emit(raw)
+
+    def close(self) -> None:
+        if self.partial:
+            self._emit(self.partial)
+            self.partial = b""
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self.kept.append(line)
+        del self.kept[:-KEEP_LINES]
+        self.sink(self.name, line)
+
+    def text(self) -> str:
+        return "\n".join(self.kept) + ("\n" if self.kept else "")

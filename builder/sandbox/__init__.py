@@ -1,0 +1,1 @@
+"""Local Debian machines and the embedded EC2 behind --sandbox."""

@@ -1,0 +1,582 @@
+"""Local Debian machines: like a fresh instance of the Debian AMI, started in well under a second.
+
+A machine is a set of private namespaces (mount, pid, uts, ipc, cgroup, network) whose
+root is an overlay with a throw-away upper layer over the cached Debian tree (the tree is
+never written), with systemd as PID 1, networking through slirp4netns and sshd forwarded
+to a loopback address of the host. cloud-init runs for real from a NoCloud seed made of
+the caller's user-data, so the login key and the host key reach the machine the way they
+reach an EC2 instance. Data volumes are sparse files on loop devices, visible inside as
+their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``.
+
+Containment: the machine's capability bounding set lacks CAP_MKNOD and the modules and
+raw-I/O capabilities, /sys and /proc/sys are read-only, and (where the host has the
+cgroup v1 devices controller) a device cgroup denies every device but the basic ones
+and the machine's own volumes. Stopping kills the namespace's PID 1 (``unshare``
+ignores SIGTERM), which ends every process inside and with them every mount; the loop
+devices and cgroups are then removed, so nothing is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import BuildError, EnvironmentProblem
+from builder.sandbox.host import require_root, require_tools
+
+log = logging.getLogger(__name__)
+
+STATE_ROOT = Path(os.environ.get("EBSROLE_STATE", "/var/lib/ebsrole/machines"))
+STAGE = Path(__file__).with_name("stage.sh")
+TOOLS = {
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "setpriv": "util-linux",
+    "losetup": "mount",
+    "script": "bsdutils",
+    "slirp4netns": "slirp4netns",
+    "mkfs.ext4": "e2fsprogs",
+}
+# systemd-nspawn's default set, less CAP_MKNOD (the host makes every device node) and
+# CAP_NET_ADMIN beyond the machine's own network namespace is harmless.
+CAPS = (
+    "-all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid,+ipc_owner,+kill,+lease,"
+    "+linux_immutable,+net_bind_service,+net_broadcast,+net_raw,+net_admin,+setgid,+setfcap,"
+    "+setpcap,+setuid,+sys_admin,+sys_boot,+sys_chroot,+sys_nice,+sys_ptrace,+sys_resource,"
+    "+sys_tty_config,+audit_write,+audit_control"
+)
+# null zero full random urandom tty, /dev/console and pts ptys, ptmx, tun.
+DEVICES_ALLOWED = (
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rw",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
+)
+# Units that only make sense on real hardware: masked in each machine's own layer, so the
+# shared tree stays bootable as a VM.
+MASKED = ("systemd-udevd.service", "systemd-udev-trigger.service", "systemd-modules-load.service", "getty@tty1.service")
+BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
+READY_STATES = ("running", "degraded")
+
+
+class MachineError(BuildError):
+    """A local machine failed to start, or a step on it failed; carries the console's tail."""
+
+    def __init__(self, name: str, what: str, console: str = "") -> None:
+        self.name = name
+        tail = f"\nlast console lines:\n{console}" if console else ""
+        super().__init__(f"machine {name}: {what}{tail}")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A data volume: a (sparse) image file, shown in the machine as /dev/<node>."""
+
+    image: Path
+    node: str  # e.g. "xvdf"
+    volume_id: str | None = None  # e.g. "vol-0123..."; adds the Nitro by-id name
+
+    @property
+    def by_id(self) -> str | None:
+        """Return the /dev/disk/by-id name EC2 Nitro instances show, if a volume id is set."""
+        return f"{BY_ID_PREFIX}{self.volume_id.replace('-', '')}" if self.volume_id else None
+
+
+def make_image(path: Path, size_gib: float) -> Path:
+    """Create a sparse image file of ``size_gib`` GiB (a fresh, empty volume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("xb") as handle:
+        handle.truncate(int(size_gib * 1024**3))
+    return path
+
+
+def free_port(address: str) -> int:
+    """Return a TCP port that is free on ``address`` right now."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def nocloud_seed(name: str, user_data: str) -> dict[str, str]:
+    """Return NoCloud seed files (meta-data, user-data) for a new instance of ``name``."""
+    meta = f"instance-id: {name}-{uuid.uuid4().hex[:12]}\nlocal-hostname: {name}\n"
+    return {"meta-data": meta, "user-data": user_data}
+
+
+class Machine:
+    """A local Debian machine, by its name and state directory."""
+
+    def __init__(self, name: str, state: Path) -> None:
+        self.name = name
+        self.state = state
+
+    # ------------------------------------------------------------ start
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        layers: Sequence[Path],
+        *,
+        user_data: str,
+        ssh_address: str = "127.0.0.1",
+        ssh_port: int | None = None,
+        disks: Sequence[Disk] = (),
+        state_root: Path = STATE_ROOT,
+        timeout: float = 20.0,
+    ) -> Machine:
+        """Start a machine whose root is an overlay of ``layers`` (topmost first).
+
+        Returns once systemd is PID 1 and the network is wired (SSH answers a little
+        later: see wait_for_ssh). Raises EnvironmentProblem when the host lacks root or
+        a tool, MachineError (with the console's tail) when the machine does not start;
+        a machine that fails to start is stopped and leaves nothing.
+        """
+        require_root("a local machine")
+        require_tools(**TOOLS)
+        state = state_root / name
+        if state.exists():
+            raise MachineError(name, f"already exists ({state}); stop it first")
+        machine = cls(name, state)
+        try:
+            machine._prepare(layers, user_data, ssh_address, ssh_port or free_port(ssh_address), disks)
+            machine._launch(timeout)
+        except BaseException as exc:
+            console = machine.console_tail()
+            machine.stop()
+            if isinstance(exc, BuildError) or not isinstance(exc, Exception):
+                raise
+            raise MachineError(name, f"failed to start: {exc}", console) from exc
+        log.debug("machine %s: started (leader pid %s)", name, machine.leader)
+        return machine
+
+    def _prepare(self, layers: Sequence[Path], user_data: str, address: str, port: int, disks: Sequence[Disk]) -> None:
+        for layer in layers:
+            if not (layer / "sbin/init").exists() and not (layer / "etc").is_dir():
+                raise MachineError(self.name, f"{layer} is not a root tree")
+        upper = self.state / "rw" / "upper"
+        (upper / "etc").mkdir(parents=True)
+        (self.state / "root").mkdir()
+        os.mkfifo(self.state / "go")
+        self._write("layers", "\n".join(str(p) for p in layers))
+        self._write("ssh", f"{address} {port}")
+        (upper / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+        (upper / "etc/hostname").write_text(self.name + "\n")
+        (upper / "etc/hosts").write_text(
+            f"127.0.0.1\tlocalhost\n127.0.1.1\t{self.name}\n::1\tlocalhost ip6-localhost\n"
+        )
+        seed = upper / "var/lib/cloud/seed/nocloud"
+        seed.mkdir(parents=True)
+        for file_name, text in nocloud_seed(self.name, user_data).items():
+            (seed / file_name).write_text(text)
+            (seed / file_name).chmod(0o600)
+        masks = upper / "etc/systemd/system"
+        masks.mkdir(parents=True, exist_ok=True)
+        for unit in MASKED:
+            (masks / unit).symlink_to("/dev/null")
+        self._make_cgroups()
+        for disk in disks:
+            self._record_loop(disk)
+
+    def _launch(self, timeout: float) -> None:
+        cgroup, devices = _cgroup_dirs(self.name)
+        disks = " ".join(self._disk_specs())
+        env = {
+            "STATE": str(self.state),
+            "LOWER": ":".join(self._read("layers").splitlines()),
+            "NAME": self.name,
+            "CGROUP": str(cgroup / "payload"),
+            "CAPS": CAPS,
+            "DISKS": disks,
+        }
+        env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
+        join = [
+            f"echo $$ > {shlex.quote(str(self.state / 'unshare.pid'))}",
+            f"echo 0 > {cgroup}/supervisor/cgroup.procs",
+        ]
+        if devices:
+            join.append(f"echo 0 > {devices}/payload/cgroup.procs")
+        inner = "; ".join(
+            [
+                "trap '' HUP",
+                *join,
+                "exec unshare --mount --pid --uts --ipc --net --fork --kill-child -- "
+                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {env_args} bash {shlex.quote(str(STAGE))} ns",
+            ]
+        )
+        console = self.state / "console.log"
+        with open(os.devnull, "rb") as null_in, open(os.devnull, "wb") as null_out:
+            proc = subprocess.Popen(
+                ["script", "-qfec", f"sh -c {shlex.quote(inner)}", str(console)],
+                stdin=null_in,
+                stdout=null_out,
+                stderr=null_out,
+                start_new_session=True,
+            )
+        self._write("script.pid", str(proc.pid))
+        deadline = time.monotonic() + timeout
+        leader = self._wait_leader(deadline, proc)
+        self._start_network(leader, deadline)
+        self._signal_go(deadline)
+
+    def _wait_leader(self, deadline: float, proc: subprocess.Popen[bytes]) -> int:
+        while time.monotonic() < deadline:
+            leader = self.leader
+            if leader:
+                return leader
+            if proc.poll() is not None:
+                raise MachineError(self.name, f"the namespace launcher exited {proc.returncode}", self.console_tail())
+            time.sleep(0.005)
+        raise MachineError(self.name, "no PID 1 appeared", self.console_tail())
+
+    def _start_network(self, leader: int, deadline: float) -> None:
+        address, port = self.ssh_endpoint
+        read_fd, write_fd = os.pipe()
+        api = self.state / "slirp.sock"
+        with open(self.state / "slirp.log", "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    "slirp4netns",
+                    "--configure",
+                    "--mtu=65520",
+                    "--disable-host-loopback",
+                    f"--api-socket={api}",
+                    f"--ready-fd={write_fd}",
+                    str(leader),
+                    "tap0",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        self._write("slirp.pid", str(proc.pid))
+        try:
+            ready = os.read(read_fd, 1)
+        finally:
+            os.close(read_fd)
+        if not ready:
+            raise MachineError(self.name, f"slirp4netns failed: {self._read('slirp.log', '').strip()}")
+        reply = _slirp_api(
+            api,
+            {
+                "execute": "add_hostfwd",
+                "arguments": {"proto": "tcp", "host_addr": address, "host_port": port, "guest_port": 22},
+            },
+        )
+        if "error" in reply:
+            raise MachineError(self.name, f"cannot forward {address}:{port} to ssh: {reply['error']}")
+
+    def _signal_go(self, deadline: float) -> None:
+        """Tell stage.sh the network is wired (it waits on the fifo before exec'ing systemd)."""
+        while True:
+            try:
+                fd = os.open(self.state / "go", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline or not self.leader:
+                    raise MachineError(self.name, "the machine's root was never set up", self.console_tail()) from None
+                time.sleep(0.005)
+                continue
+            os.write(fd, b"go\n")
+            os.close(fd)
+            return
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def leader(self) -> int | None:
+        """Return the host PID of the machine's PID 1, or None when it is not running."""
+        pid = self._read("unshare.pid", "").strip()
+        if not pid:
+            return None
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    @property
+    def running(self) -> bool:
+        """Return True while the machine's PID 1 lives."""
+        return self.leader is not None
+
+    @property
+    def ssh_endpoint(self) -> tuple[str, int]:
+        """Return the host address and port that reach the machine's sshd."""
+        address, port = self._read("ssh").split()
+        return address, int(port)
+
+    def console_tail(self, lines: int = 25) -> str:
+        """Return the last lines the machine printed on its console."""
+        text = self._read("console.log", "")
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+    def exec(
+        self, *argv: str, check: bool = True, timeout: float = 120, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the machine (all its namespaces) as root; return the result."""
+        leader = self.leader
+        if leader is None:
+            raise MachineError(self.name, "not running")
+        done = subprocess.run(
+            ["nsenter", "-t", str(leader), "-a", "--wdns=/", "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            input=input_text,
+        )
+        if check and done.returncode != 0:
+            raise MachineError(self.name, f"{shlex.join(argv)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+        return done
+
+    def wait_until_booted(self, timeout: float = 120) -> str:
+        """Wait until systemd has finished booting; return its state (running or degraded)."""
+        deadline = time.monotonic() + timeout
+        state = "unknown"
+        while time.monotonic() < deadline:
+            state = self.exec("systemctl", "is-system-running", check=False, timeout=30).stdout.strip()
+            if state in READY_STATES:
+                return state
+            time.sleep(0.2)
+        raise MachineError(self.name, f"systemd still {state!r} after {timeout:.0f} s", self.console_tail())
+
+    # ------------------------------------------------------------ volumes
+
+    def attach(self, disk: Disk) -> str:
+        """Plug ``disk`` into the running machine; return the host's loop device."""
+        leader = self.leader
+        if leader is None:
+            raise MachineError(self.name, "not running")
+        loop, major, minor = self._record_loop(disk)
+        dev = Path(f"/proc/{leader}/root/dev")
+        node = dev / disk.node
+        if node.exists():
+            raise MachineError(self.name, f"/dev/{disk.node} is already attached")
+        os.mknod(node, 0o660 | 0o060000, os.makedev(major, minor))
+        os.chown(node, 0, 6)
+        if disk.by_id:
+            link = dev / "disk/by-id" / disk.by_id
+            link.unlink(missing_ok=True)
+            link.symlink_to(f"../../{disk.node}")
+        return loop
+
+    def detach(self, node: str) -> None:
+        """Unplug the volume shown as /dev/<node> and free its loop device."""
+        leader = self.leader
+        loops = self._loops()
+        entry = next((e for e in loops if e["node"] == node), None)
+        if entry is None:
+            raise MachineError(self.name, f"no volume at /dev/{node}")
+        if leader is not None:
+            dev = Path(f"/proc/{leader}/root/dev")
+            (dev / node).unlink(missing_ok=True)
+            for link in (dev / "disk/by-id").iterdir():
+                if os.readlink(link) == f"../../{node}":
+                    link.unlink()
+        _, devices = _cgroup_dirs(self.name)
+        if devices and (devices / "payload").is_dir():
+            for level in (devices / "payload", devices):
+                _write_quiet(level / "devices.deny", f"b {entry['major']}:{entry['minor']} rwm")
+        _detach_loop(str(entry["loop"]))
+        self._save_loops([e for e in loops if e["node"] != node])
+
+    def _record_loop(self, disk: Disk) -> tuple[str, int, int]:
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", str(disk.image)], capture_output=True, text=True, check=False
+        )
+        if loop.returncode != 0:
+            raise EnvironmentProblem(
+                f"losetup {disk.image}: {loop.stderr.strip()}", hint="are loop devices available (modprobe loop)?"
+            )
+        path = loop.stdout.strip()
+        st = os.stat(path)
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        self._save_loops(
+            [
+                *self._loops(),
+                {
+                    "node": disk.node,
+                    "loop": path,
+                    "major": major,
+                    "minor": minor,
+                    "by_id": disk.by_id or "",
+                    "image": str(disk.image),
+                },
+            ]
+        )
+        _, devices = _cgroup_dirs(self.name)
+        if devices and devices.is_dir():
+            for level in (devices, devices / "payload"):
+                if level.is_dir():
+                    (level / "devices.allow").write_text(f"b {major}:{minor} rwm")
+        return path, major, minor
+
+    def _disk_specs(self) -> Iterator[str]:
+        for entry in self._loops():
+            yield f"{entry['node']}:{entry['major']}:{entry['minor']}:{entry['by_id']}"
+
+    def _loops(self) -> list[dict[str, str | int]]:
+        text = self._read("loops.json", "")
+        return list(json.loads(text)) if text else []
+
+    def _save_loops(self, loops: list[dict[str, str | int]]) -> None:
+        self._write("loops.json", json.dumps(loops))
+
+    # ------------------------------------------------------------ stop
+
+    def stop(self, *, clean: bool = False, keep_state: bool = False, grace: float = 30) -> None:
+        """Stop the machine and remove everything it used on the host (idempotent).
+
+        ``clean`` halts systemd first (SIGRTMIN+3) so filesystems are synced; otherwise
+        PID 1 is killed at once. ``keep_state`` keeps the upper layer and the state
+        directory (for a later start of the same root); loop devices are always freed.
+        """
+        leader = self.leader
+        if leader and clean:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leader, signal.SIGRTMIN + 3)
+            _wait_gone(leader, grace)
+        if leader:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leader, signal.SIGKILL)
+        for pid_file in ("unshare.pid", "slirp.pid", "script.pid"):
+            pid = self._read(pid_file, "").strip()
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+                _wait_gone(int(pid), 5)
+        for entry in self._loops():
+            _detach_loop(str(entry["loop"]))
+        if self.state.exists():
+            self._save_loops([])
+        _remove_cgroups(self.name)
+        if not keep_state:
+            shutil.rmtree(self.state, ignore_errors=True)
+
+    # ------------------------------------------------------------ helpers
+
+    def _make_cgroups(self) -> None:
+        cgroup, devices = _cgroup_dirs(self.name)
+        for sub in ("supervisor", "payload"):
+            (cgroup / sub).mkdir(parents=True, exist_ok=True)
+        if devices:
+            devices.mkdir(parents=True, exist_ok=True)
+            (devices / "devices.deny").write_text("a")
+            for rule in DEVICES_ALLOWED:
+                (devices / "devices.allow").write_text(rule)
+            (devices / "payload").mkdir(exist_ok=True)
+
+    def _read(self, name: str, default: str | None = None) -> str:
+        try:
+            return (self.state / name).read_text()
+        except FileNotFoundError:
+            if default is None:
+                raise MachineError(self.name, f"no state file {name} (not started?)") from None
+            return default
+
+    def _write(self, name: str, text: str) -> None:
+        (self.state / name).write_text(text)
+
+
+def _cgroup_dirs(name: str) -> tuple[Path, Path | None]:
+    """Return (cgroup2 dir of the machine, cgroup v1 devices dir or None)."""
+    v2 = _mount_of("cgroup2") or Path("/sys/fs/cgroup")
+    devices = _devices_root()
+    return v2 / "ebsrole" / name, (devices / "ebsrole" / name) if devices else None
+
+
+def _mount_of(fstype: str) -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == fstype:
+            return Path(fields[1])
+    return None
+
+
+def _devices_root() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "cgroup" and "devices" in fields[3].split(","):
+            return Path(fields[1])
+    return None
+
+
+def _remove_cgroups(name: str) -> None:
+    for top in _cgroup_dirs(name):
+        if top is None or not top.exists():
+            continue
+        for _ in range(50):
+            for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
+            if not top.exists():
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            top.parent.rmdir()
+
+
+def _detach_loop(loop: str) -> None:
+    subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # A zombie still answers kill(0): reap it when it is ours.
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                return
+        time.sleep(0.02)
+
+
+def _write_quiet(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(text)
+
+
+def _slirp_api(sock_path: Path, request: dict[str, object]) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(sock_path))
+        sock.sendall(json.dumps(request).encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    reply: dict[str, object] = json.loads(data or b"{}")
+    return reply
+
+
+def machines(state_root: Path = STATE_ROOT) -> list[Machine]:
+    """Return every machine that has a state directory under ``state_root``."""
+    if not state_root.is_dir():
+        return []
+    return [Machine(p.name, p) for p in sorted(state_root.iterdir()) if p.is_dir()]

@@ -1,0 +1,85 @@
+#!/bin/bash
+# The part of a local machine's start that runs inside its new namespaces; started by
+# builder/sandbox/machine.py through unshare. Two stages:
+#   stage.sh ns     PID 1 of the new pid namespace: joins the payload cgroup and
+#                   re-executes itself in a new cgroup namespace rooted there
+#   stage.sh root   builds the machine's root (overlay over the cached tree, /proc, a
+#                   read-only /sys, a cgroup2 view, a /dev holding only basic devices and
+#                   the attached volumes), waits for the host to wire the network, then
+#                   pivots into it and executes systemd with a reduced capability set.
+# Environment: STATE (machine state dir), LOWER (cached tree), NAME, CGROUP (payload
+# cgroup2 dir on the host), CAPS (setpriv bounding set), DISKS ("node:maj:min:byid ...").
+set -euo pipefail
+
+stage_ns() {
+  echo 0 >"$CGROUP/cgroup.procs"
+  exec unshare --cgroup -- bash "$0" root
+}
+
+make_dev() {
+  local dev=$1 spec node maj min byid
+  mount -t tmpfs -o mode=755,size=4m,nosuid,noexec tmpfs "$dev"
+  mknod -m 666 "$dev/null" c 1 3
+  mknod -m 666 "$dev/zero" c 1 5
+  mknod -m 666 "$dev/full" c 1 7
+  mknod -m 666 "$dev/random" c 1 8
+  mknod -m 666 "$dev/urandom" c 1 9
+  mknod -m 666 "$dev/tty" c 5 0
+  mkdir -m 755 "$dev/pts" "$dev/net" "$dev/disk" "$dev/disk/by-id"
+  mkdir -m 1777 "$dev/shm"
+  mknod -m 666 "$dev/net/tun" c 10 200
+  mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5,nosuid,noexec devpts "$dev/pts"
+  ln -s pts/ptmx "$dev/ptmx"
+  mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$dev/shm"
+  ln -s /proc/self/fd "$dev/fd"
+  ln -s /proc/self/fd/0 "$dev/stdin"
+  ln -s /proc/self/fd/1 "$dev/stdout"
+  ln -s /proc/self/fd/2 "$dev/stderr"
+  # The console is the pty that `script` gives the machine: its output is console.log.
+  touch "$dev/console"
+  if tty -s; then mount --bind "$(tty)" "$dev/console"; else mount --bind /dev/null "$dev/console"; fi
+  for spec in ${DISKS:-}; do
+    IFS=: read -r node maj min byid <<<"$spec"
+    mknod -m 660 "$dev/$node" b "$maj" "$min"
+    chgrp 6 "$dev/$node"
+    if [[ -n $byid ]]; then ln -sf "../../$node" "$dev/disk/by-id/$byid"; fi
+  done
+}
+
+stage_root() {
+  local root=$STATE/root rw=$STATE/rw
+  mount --make-rprivate /
+  mkdir -p "$rw/upper" "$rw/work" "$root"
+  mount -t overlay overlay -o "lowerdir=$LOWER,upperdir=$rw/upper,workdir=$rw/work" "$root"
+  mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+  # /proc/sys read-only, except the per-network-namespace net.* that networking needs.
+  mount --bind "$root/proc/sys" "$root/proc/sys"
+  mount --bind "$root/proc/sys/net" "$root/proc/sys/net"
+  mount -o remount,bind,ro "$root/proc/sys"
+  if [[ -e $root/proc/sysrq-trigger ]]; then
+    mount --bind "$root/proc/sysrq-trigger" "$root/proc/sysrq-trigger"
+    mount -o remount,bind,ro "$root/proc/sysrq-trigger"
+  fi
+  mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
+  mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$root/sys/fs/cgroup"
+  make_dev "$root/dev"
+  mount -t tmpfs -o mode=755,size=256m,nosuid,nodev tmpfs "$root/run"
+  mount -t tmpfs -o mode=1777,size=1g,nosuid,nodev tmpfs "$root/tmp"
+  hostname "$NAME"
+  read -r _ <"$STATE/go"
+  cd "$root"
+  pivot_root . .
+  umount -l .
+  cd /
+  # systemd does not do this in a container; without it a mount made later (the data
+  # volume) never reaches services that run in their own mount namespace.
+  mount --make-rshared /
+  exec env -i container=ebsrole TERM=linux \
+    setpriv --bounding-set "$CAPS" --inh-caps=-all /lib/systemd/systemd --log-target=journal-or-kmsg
+}
+
+case ${1:-} in
+  ns) stage_ns ;;
+  root) stage_root ;;
+  *) echo "usage: stage.sh ns|root" >&2; exit 2 ;;
+esac
