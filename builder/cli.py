@@ -107,8 +107,11 @@ def _configure_logging(debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     if not debug:
         # Third-party chatter (botocore, paramiko) only under --debug.
-        for noisy in ("botocore", "boto3", "urllib3", "paramiko"):
+        for noisy in ("botocore", "boto3", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # paramiko logs every refused connection while a machine boots as an ERROR;
+        # remote.py retries those and reports what matters itself.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("builder.remote.output").setLevel(logging.INFO if verbose or debug else logging.WARNING)
 
 

@@ -111,7 +111,7 @@ class CommandResult:
     """What a remote command did: the command, its exit status and its output."""
 
     command: str
-    exit_status: int  # -1 when the connection ended before the command did
+    exit_status: int  # -1: no exit status (killed by a signal)
     stdout: str
     stderr: str
 
@@ -179,9 +179,8 @@ class RemoteCommandFailed(BuildError):
     def __init__(self, result: CommandResult, what: str | None = None) -> None:
         self.result = result
         tail = result.tail()
-        super().__init__(
-            f"{what or result.command!r} exited {result.exit_status}" + (f"; last output:\n{tail}" if tail else ""),
-        )
+        how = "was killed by a signal" if result.exit_status == -1 else f"exited {result.exit_status}"
+        super().__init__(f"{what or result.command!r} {how}" + (f"; last output:\n{tail}" if tail else ""))
 
 
 class RemoteTimeout(BuildError):

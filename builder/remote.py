@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 output_log = logging.getLogger("builder.remote.output")
 
 LineSink = Callable[[str, str], None]  # (stream name, line)
-KEEP_LINES = 200  # output lines kept per stream for error messages
+KEEP_LINES = 200_000  # output lines kept per stream (the tail goes into error messages)
 TRANSIENT = (
     paramiko.ssh_exception.NoValidConnectionsError,
     ConnectionRefusedError,
@@ -165,7 +165,9 @@ class Remote:
         err.close()
         status = channel.recv_exit_status() if channel.exit_status_ready() else -1
         result = CommandResult(command, status, out.text(), err.text())
-        if status == -1:
+        # No exit status: either the session is gone (connection lost) or the command
+        # was killed by a signal (OpenSSH then sends exit-signal, which paramiko drops).
+        if status == -1 and not transport.is_active():
             raise ConnectionLost(result)
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,6 +13,10 @@ import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
+
+# paramiko logs each refused connection while a machine boots as an ERROR; the runner
+# retries those on purpose.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 GOOD_ROLE: dict[str, Any] = {
     "description": "test role",

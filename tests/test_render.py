@@ -133,5 +133,7 @@ def test_no_placeholder_steps() -> None:
 def test_machine_stage_script_is_clean() -> None:
     from builder.sandbox.machine import STAGE
 
-    checked = subprocess.run([shellcheck(), "--severity=style", str(STAGE)], capture_output=True, text=True, check=False)
+    checked = subprocess.run(
+        [shellcheck(), "--severity=style", str(STAGE)], capture_output=True, text=True, check=False
+    )
     assert checked.returncode == 0, checked.stdout

@@ -71,9 +71,6 @@ DEVICES_ALLOWED = (
     "c 136:* rwm",
     "c 10:200 rwm",
 )
-# Units that only make sense on real hardware: masked in each machine's own layer, so the
-# shared tree stays bootable as a VM.
-MASKED = ("systemd-udevd.service", "systemd-udev-trigger.service", "systemd-modules-load.service", "getty@tty1.service")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 READY_STATES = ("running", "degraded")
 
@@ -189,10 +186,6 @@ class Machine:
         for file_name, text in nocloud_seed(self.name, user_data).items():
             (seed / file_name).write_text(text)
             (seed / file_name).chmod(0o600)
-        masks = upper / "etc/systemd/system"
-        masks.mkdir(parents=True, exist_ok=True)
-        for unit in MASKED:
-            (masks / unit).symlink_to("/dev/null")
         self._make_cgroups()
         for disk in disks:
             self._record_loop(disk)
@@ -249,7 +242,7 @@ class Machine:
         raise MachineError(self.name, "no PID 1 appeared", self.console_tail())
 
     def _start_network(self, leader: int, deadline: float) -> None:
-        address, port = self.ssh_endpoint
+        _, port = self.ssh_endpoint
         read_fd, write_fd = os.pipe()
         api = self.state / "slirp.sock"
         with open(self.state / "slirp.log", "wb") as out:
@@ -278,15 +271,7 @@ class Machine:
             os.close(read_fd)
         if not ready:
             raise MachineError(self.name, f"slirp4netns failed: {self._read('slirp.log', '').strip()}")
-        reply = _slirp_api(
-            api,
-            {
-                "execute": "add_hostfwd",
-                "arguments": {"proto": "tcp", "host_addr": address, "host_port": port, "guest_port": 22},
-            },
-        )
-        if "error" in reply:
-            raise MachineError(self.name, f"cannot forward {address}:{port} to ssh: {reply['error']}")
+        self.forward(22, port)
 
     def _signal_go(self, deadline: float) -> None:
         """Tell stage.sh the network is wired (it waits on the fifo before exec'ing systemd)."""
@@ -326,6 +311,21 @@ class Machine:
         """Return the host address and port that reach the machine's sshd."""
         address, port = self._read("ssh").split()
         return address, int(port)
+
+    def forward(self, guest_port: int, host_port: int | None = None) -> int:
+        """Forward ``guest_port`` of the machine to its SSH address on the host; return the host port."""
+        address, _ = self.ssh_endpoint
+        port = host_port or free_port(address)
+        reply = _slirp_api(
+            self.state / "slirp.sock",
+            {
+                "execute": "add_hostfwd",
+                "arguments": {"proto": "tcp", "host_addr": address, "host_port": port, "guest_port": guest_port},
+            },
+        )
+        if "error" in reply:
+            raise MachineError(self.name, f"cannot forward {address}:{port} to port {guest_port}: {reply['error']}")
+        return port
 
     def console_tail(self, lines: int = 25) -> str:
         """Return the last lines the machine printed on its console."""

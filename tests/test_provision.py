@@ -1,0 +1,309 @@
+"""The rendered scripts on real Debian machines: over SSH with a pinned host key, real
+systemd, a real block device. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from builder.errors import SSHError
+from builder.remote import Remote
+from builder.roles import load_role
+from tests.conftest import GOOD_ROLE
+from tests.machines import Booted, boot, leftovers, needs_root
+
+pytestmark = [needs_root, pytest.mark.slow]
+
+WEB_PATHS = ("/etc/apache2", "/etc/php", "/var/www")
+
+# Test content with everything a move must keep: owners, modes, setgid, ACLs (access and
+# default), xattrs, hard links, symlinks, a fifo, old times, names with spaces and quotes.
+FILL_WEB = r"""
+set -e
+apt-get install -y -q acl >/dev/null
+cd /var/www/html
+mkdir -p "dir with space" private
+printf '<?php echo "served from " . realpath(__FILE__) . "\n"; ?>\n' > where.php
+echo data > "dir with space/it's \"quoted\".txt"
+ln index.html hardlink.html
+ln -s index.html symlink.html
+ln -s /nowhere dangling
+mkfifo pipe
+chown -R www-data:www-data private && chmod 2750 private
+echo secret > private/key && chmod 0640 private/key && chown www-data:adm private/key
+setfacl -m u:nobody:rwx "dir with space"
+setfacl -d -m g:adm:rx "dir with space"
+python3 -c 'import os; os.setxattr("index.html", "user.ebsrole", b"kept"); os.setxattr("private", "user.dir", b"x")'
+touch -h -d '2001-02-03 04:05:06' symlink.html
+touch -d '2001-02-03 04:05:06' "dir with space/it's \"quoted\".txt" private
+echo 'ServerName localhost' > /etc/apache2/conf-available/servername.conf
+a2enconf -q servername
+"""
+
+
+def install_packages(booted: Booted, packages: tuple[str, ...]) -> None:
+    booted.sh(
+        "cloud-init status --wait >/dev/null; apt-get update -q >/dev/null && "
+        f"apt-get install -y -q {' '.join(packages)} >/dev/null"
+    )
+
+
+@pytest.fixture(scope="module")
+def web(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Booted, list[str]]]:
+    """A web machine provisioned once; yields it with the manifest of its trees from before."""
+    state_root = tmp_path_factory.mktemp("web") / "machines"
+    role = load_role("web")
+    booted = boot("p-web", rootfs, state_root, role=role)
+    try:
+        install_packages(booted, role.packages)
+        booted.sh(FILL_WEB)
+        booted.sh("systemctl stop apache2")  # no writes while the trees are listed
+        before = booted.manifest(*WEB_PATHS)
+        booted.provision()
+        yield booted, before
+    finally:
+        booted.machine.stop()
+        assert leftovers(booted.machine) == []
+
+
+def test_web_paths_move_onto_the_volume_with_everything_kept(web: tuple[Booted, list[str]]) -> None:
+    booted, before = web
+    for path in WEB_PATHS:
+        assert booted.sh(f"readlink {path}").stdout.strip() == f"/data{path}"
+    assert booted.sh("findmnt -n -o SOURCE /data").stdout.strip() == "/dev/xvdf"
+    after = booted.manifest(*WEB_PATHS)
+    assert len(before) > 250
+    assert after == before
+    assert any("user.ebsrole=" + b"kept".hex() in line for line in after)
+    assert any("user:65534:rwx" in line and "default:group:4:r-x" in line for line in after)  # nobody, adm
+
+
+def test_apache_serves_php_from_the_volume_over_http(web: tuple[Booted, list[str]]) -> None:
+    booted, _ = web
+    port = booted.machine.forward(80)
+    address, _ = booted.machine.ssh_endpoint
+    with urllib.request.urlopen(f"http://{address}:{port}/where.php", timeout=20) as response:
+        body = response.read().decode()
+    assert body.strip() == "served from /data/var/www/html/where.php"
+    assert "RequiresMountsFor=/data" in booted.sh("systemctl cat apache2").stdout
+
+
+def test_verify_passes(web: tuple[Booted, list[str]]) -> None:
+    booted, _ = web
+    lines = [line.split("\t") for line in booted.verify().stdout.splitlines() if "\t" in line]
+    assert {(kind, subject) for status, kind, subject, _ in lines if status == "ok"} == {
+        ("mount", "/data"),
+        ("fstab", "/data"),
+        ("service", "apache2.service"),
+        *(("path", p) for p in WEB_PATHS),
+    }
+
+
+def _system_state(booted: Booted) -> str:
+    return booted.sh(
+        "cat /etc/fstab; stat -c '%n %F %a %U:%G %y' /etc /etc/fstab /var /etc/apache2 /etc/php /var/www"
+        " /data /data/* /data/*/* /etc/systemd/system/apache2.service.d/*; cat /etc/systemd/system/apache2.service.d/*;"
+        " blkid -p /dev/xvdf; systemctl is-enabled apache2; findmnt -n /data"
+    ).stdout
+
+
+def test_second_run_changes_nothing(web: tuple[Booted, list[str]]) -> None:
+    booted, before = web
+    state = _system_state(booted)
+    booted.provision()
+    assert _system_state(booted) == state
+    assert booted.manifest(*WEB_PATHS) == before
+
+
+def test_verify_names_a_broken_symlink_and_an_unmounted_volume(web: tuple[Booted, list[str]]) -> None:
+    booted, _ = web
+    booted.sh("mv /data/var/www /data/var/www.away")
+    result = booted.verify(check=False)
+    booted.sh("mv /data/var/www.away /data/var/www")
+    assert result.exit_status == 1
+    assert "FAIL\tpath\t/var/www\tbroken: /data/var/www does not exist" in result.stdout
+    assert "ok\tpath\t/etc/apache2" in result.stdout
+
+    booted.sh("systemctl stop apache2 && umount /data")
+    result = booted.verify(check=False)
+    booted.sh("mount /dev/xvdf /data && systemctl start apache2")
+    assert result.exit_status == 1
+    assert "FAIL\tmount\t/data\tthe data volume is not mounted" in result.stdout
+    assert "FAIL\tpath\t/etc/php\tdangling: the data volume is not mounted at /data" in result.stdout
+    assert "FAIL\tservice\tapache2.service\tis inactive, not active" in result.stdout
+    booted.verify()
+
+
+def test_image_hygiene_leaves_no_key_host_key_or_history(web: tuple[Booted, list[str]]) -> None:
+    booted, _ = web
+    booted.sh("echo 'ls' > /root/.bash_history; echo 'ls' > /home/admin/.bash_history")
+    booted.run_script("image-hygiene.sh")
+    leftover = booted.sh(
+        "ls /etc/ssh/ssh_host_* /home/*/.ssh/authorized_keys /root/.ssh/authorized_keys /root/.bash_history "
+        "/home/*/.bash_history /var/lib/cloud/instance /var/lib/systemd/random-seed 2>/dev/null; "
+        "ls /var/lib/apt/lists | grep -v -x -e lock -e partial -e auxfiles; wc -c < /etc/machine-id",
+        check=False,
+    ).stdout.split()
+    assert leftover == ["0"]
+    # The running session survives; a new login with the temporary key does not (sshd,
+    # without host keys, now refuses every connection until a new instance makes its own).
+    with pytest.raises(SSHError):
+        Remote.connect(*booted.machine.ssh_endpoint, "admin", booted.login, booted.host_key, deadline=3)
+    booted.run_script("image-hygiene.sh")  # idempotent
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def _kill_when(booted: Booted, marker: str, delay: float = 0.0) -> Callable[[str, str], None]:
+    fired = []
+
+    def on_line(_stream: str, line: str) -> None:
+        if marker in line and not fired:
+            fired.append(line)
+            time.sleep(delay)
+            # The script's own bash and its rsync, not the SSH session that started it.
+            booted.machine.exec("pkill", "-KILL", "-f", "^bash /var/tmp/k/provision.sh", check=False)
+            booted.machine.exec("pkill", "-KILL", "-x", "rsync", check=False)
+
+    on_line.fired = fired  # type: ignore[attr-defined]
+    return on_line
+
+
+def test_killed_at_any_point_and_run_again_loses_nothing(rootfs: Path, state_root: Path) -> None:
+    role = load_role("web")
+    booted = boot("p-kill", rootfs, state_root, role=role, size_gib=3)
+    try:
+        install_packages(booted, role.packages)
+        booted.sh(FILL_WEB + "\nfor i in $(seq 40); do head -c 5M /dev/urandom > /var/www/html/big-$i; done")
+        booted.sh("systemctl stop apache2")
+        before = booted.manifest(*WEB_PATHS)
+        script = booted.scripts["provision.sh"].text
+        booted.remote.check("mkdir -p /var/tmp/k")
+        booted.remote.put(script, "/var/tmp/k/provision.sh", 0o700)
+        kill_points = [
+            ("services: stopping", 0.0),  # before any copy
+            ("/etc/apache2: copying", 0.0),  # in the first copy
+            ("/etc/php -> ", 0.0),  # between two paths
+            ("/var/www: copying", 0.5),  # in the middle of a 200 MB copy
+        ]
+        for marker, delay in kill_points:
+            on_line = _kill_when(booted, marker, delay)
+            result = booted.remote.run("sudo -n bash /var/tmp/k/provision.sh vol-0123456789abcdef0", on_line=on_line)
+            assert on_line.fired, f"never reached {marker!r}: {result.tail()}"  # type: ignore[attr-defined]
+            assert result.exit_status != 0, f"not killed at {marker!r}"
+        booted.sh("ls -d /var/www /var/www.ebsrole-old /data/var/www.ebsrole-partial 2>&1", check=False)
+        booted.provision()
+        assert booted.manifest(*WEB_PATHS) == before
+        booted.verify()
+
+        # The two states no kill can be timed to hit: between the two renames of a swap,
+        # and a finished staging copy not yet renamed into place.
+        booted.sh("systemctl stop apache2; rm /var/www && cp -a /data/var/www /var/www.ebsrole-old")
+        booted.sh(
+            "rm /etc/php && mv /data/etc/php /data/etc/php.ebsrole-partial && cp -a /data/etc/php.ebsrole-partial /etc/php"
+        )
+        booted.provision()
+        assert booted.manifest(*WEB_PATHS) == before
+        assert (
+            booted.sh("ls -d /var/www.ebsrole-old /data/etc/php.ebsrole-partial 2>/dev/null", check=False).stdout == ""
+        )
+        booted.verify()
+    finally:
+        booted.machine.stop()
+
+
+# ---------------------------------------------------------------- existing volumes
+
+
+def test_volume_with_a_filesystem_is_never_reformatted(
+    rootfs: Path, state_root: Path, roles_dir: Path, write_role: Callable[..., Path], tmp_path: Path
+) -> None:
+    seed = tmp_path / "seed"
+    (seed / "srv/app").mkdir(parents=True)
+    (seed / "srv/app/precious.txt").write_text("do not lose me\n")
+    image = tmp_path / "existing.img"
+    subprocess.run(["truncate", "-s", "1G", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(seed), str(image)], check=True)
+    uuid_before = subprocess.run(
+        ["blkid", "-p", "-s", "UUID", "-o", "value", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    write_role(
+        "app",
+        dict(
+            GOOD_ROLE,
+            packages=[],
+            services=[],
+            externalize=[{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
+        ),
+    )
+    booted = boot("p-existing", rootfs, state_root, role=load_role("app", roles_dir), image=image)
+    try:
+        out = booted.provision().stdout
+        assert "already has a ext4 filesystem; keeping it" in out
+        assert booted.sh("cat /srv/app/precious.txt").stdout == "do not lose me\n"
+        assert booted.sh("blkid -p -s UUID -o value /dev/xvdf").stdout.strip() == uuid_before
+        booted.verify()
+    finally:
+        booted.machine.stop()
+
+
+def test_device_with_a_partition_table_is_refused(
+    rootfs: Path, state_root: Path, roles_dir: Path, write_role: Callable[..., Path], tmp_path: Path
+) -> None:
+    image = tmp_path / "parted.img"
+    subprocess.run(["truncate", "-s", "1G", str(image)], check=True)
+    mbr = bytearray(512)  # an MBR with one Linux partition: a partition table, no filesystem
+    struct.pack_into("<B3sB3sII", mbr, 446, 0, b"\0\0\0", 0x83, b"\0\0\0", 2048, 204800)
+    mbr[510:512] = b"\x55\xaa"
+    with image.open("r+b") as handle:
+        handle.write(mbr)
+    write_role(
+        "app",
+        dict(
+            GOOD_ROLE,
+            packages=[],
+            services=[],
+            externalize=[{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
+        ),
+    )
+    booted = boot("p-parted", rootfs, state_root, role=load_role("app", roles_dir), image=image)
+    try:
+        result = booted.provision(check=False)
+        assert result.exit_status != 0
+        assert "has a dos partition table and no filesystem; refusing to format it" in result.stderr
+        assert booted.sh("blkid -p -s PTTYPE -o value /dev/xvdf").stdout.strip() == "dos"
+    finally:
+        booted.machine.stop()
+
+
+# ---------------------------------------------------------------- the other roles
+
+
+@pytest.mark.parametrize("role_name", ["database", "management"])
+def test_other_roles_provision_and_verify(role_name: str, rootfs: Path, state_root: Path) -> None:
+    role = load_role(role_name)
+    booted = boot(f"p-{role_name}", rootfs, state_root, role=role)
+    try:
+        booted.provision()
+        result = booted.verify()
+        for path in (p.path for p in role.externalize):
+            assert f"ok\tpath\t{path}\t-> /data{path}" in result.stdout
+        for unit in role.services:
+            assert f"ok\tservice\t{unit}" in result.stdout
+        if role_name == "database":
+            booted.sh("mariadb -e 'CREATE DATABASE ebsrole_check'")
+            assert (
+                booted.sh("test -d /data/var/lib/mysql/ebsrole_check && findmnt -n -o FSTYPE /data").stdout.strip()
+                == "xfs"
+            )
+        else:
+            assert booted.sh("stat -c '%U:%G %a' /data/srv/ops").stdout.strip() == "root:adm 2775"
+    finally:
+        booted.machine.stop()
