@@ -19,11 +19,11 @@ from types import FrameType
 from typing import NoReturn
 
 from builder import __version__
-from builder.errors import BuildError, ExitCode, NotImplementedYet, RoleInvalid
+from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid
 
 log = logging.getLogger("builder")
 
-VERBS = ("validate", "render", "audit")
+VERBS = ("validate", "render", "audit", "sweep")
 VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
 
 EPILOG = """\
@@ -49,6 +49,7 @@ commands:
   validate   check role files; every problem at once
   render     print or write a role's scripts (no cloud access)
   audit      which paths each role puts on its volume
+  sweep      remove what killed builds left behind (found by tag)
 """
 
 
@@ -183,6 +184,19 @@ def _verb_parser() -> _Parser:
     p.add_argument("roles", nargs="*", metavar="ROLE")
     p.add_argument("--format", choices=("table", "json", "csv", "markdown"), default="table")
     p.set_defaults(run=cmd_audit)
+
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="remove what killed builds left behind",
+        description="Find resources tagged by this tool that belong to no finished build "
+        "(temporary ones, AMIs and snapshots never completed) and remove them.",
+    )
+    p.add_argument("--older-than", default="2h", help="only what is older than this (default 2h; e.g. 30m, 0s)")
+    p.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    _aws_options(p)
+    p.set_defaults(run=cmd_sweep)
     return parser
 
 
@@ -197,8 +211,36 @@ def _build_parser() -> _Parser:
     )
     parser.add_argument("roles", nargs="+", metavar="ROLE", help="role names (files roles/ROLE.yaml)")
     parser.add_argument("--version", action="version", version=f"ebsrole {__version__}")
+    _aws_options(parser)
+    ssh = parser.add_argument_group("the builder")
+    ssh.add_argument("--ssh-user", default="admin", help="login user of the base AMI (default admin)")
+    ssh.add_argument("--ssh-host", help="reach the builder at this address instead of its EC2 address")
+    ssh.add_argument("--ssh-port", type=int, default=22, help="and this port (default 22)")
+    ssh.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address, /32)")
+    ssh.add_argument("--subnet-id", help="launch the builder in this subnet (default: the default VPC)")
+    ssh.add_argument("--security-group-id", help="use this security group instead of making one")
+    ssh.add_argument(
+        "--timeout", type=float, default=3600, help="build time limit in s; the builder powers off after it"
+    )
+    ssh.add_argument("--ssh-timeout", type=float, default=600, help="how long to wait for SSH (s)")
+    out = parser.add_argument_group("results")
+    out.add_argument("--manifest", type=Path, help="write the manifest here (default manifests/ROLE-BUILD.json)")
+    out.add_argument(
+        "--keep-on-failure", action="store_true", help="keep the builder when the build fails, to debug it"
+    )
     parser.set_defaults(run=cmd_build)
     return parser
+
+
+def _aws_options(parser: argparse.ArgumentParser) -> None:
+    aws = parser.add_argument_group("AWS")
+    aws.add_argument(
+        "--region",
+        default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        help="AWS region (default: AWS_REGION, then the profile's)",
+    )
+    aws.add_argument("--profile", help="named profile from ~/.aws/config (default: the standard credential chain)")
+    aws.add_argument("--endpoint-url", help="any EC2-compatible endpoint instead of AWS's")
 
 
 def _script_names() -> tuple[str, ...]:
@@ -270,18 +312,77 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build role AMIs."""
+    """Build the role AMIs, one after the other; print a summary line per role."""
+    from builder.ec2 import EC2
+    from builder.pipeline import BuildOptions, build, ssh_cidr
     from builder.roles import load_roles
 
     roles = load_roles(args.roles, _roles_dir(args))
-    names = ", ".join(r.name for r in roles)
-    raise NotImplementedYet(
-        f"{names}: valid, but this version cannot build AMIs yet",
-        hint="use 'build.py render ROLE' to see the scripts a build would run",
+    if args.manifest and len(roles) > 1:
+        raise InvalidInput("--manifest names one file: give it with one role only")
+    _check_writable_dir(args.manifest.parent if args.manifest else Path("manifests"), f"--manifest {args.manifest}")
+    ec2 = EC2.connect(args.region, args.profile, args.endpoint_url)
+    # Settled before anything is created: a CIDR that cannot be found stops the build here.
+    cidr = None if args.security_group_id else ssh_cidr(args.ssh_cidr, args.endpoint_url)
+    options = BuildOptions(
+        ssh_user=args.ssh_user,
+        ssh_host=args.ssh_host,
+        ssh_port=args.ssh_port,
+        ssh_cidr=cidr,
+        endpoint_url=args.endpoint_url,
+        subnet_id=args.subnet_id,
+        security_group_id=args.security_group_id,
+        keep_on_failure=args.keep_on_failure,
+        timeout=args.timeout,
+        ssh_timeout=args.ssh_timeout,
+        manifest_path=args.manifest,
     )
+    if not options.ssh_cidr and not options.security_group_id:
+        from builder.pipeline import ssh_cidr
+
+        ssh_cidr(None)  # raises the explanation before anything is created
+    for role in roles:
+        manifest = build(role, ec2, options)
+        _print(f"{role.name}: AMI {manifest.ami} seed snapshot {manifest.seed_snapshot} (manifest {manifest.path})")
+    return ExitCode.OK
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """List (and unless --dry-run remove) leftovers of builds."""
+    from dataclasses import asdict
+
+    from builder.ec2 import EC2
+    from builder.sweep import find_leftovers, parse_age, remove
+
+    older_than = parse_age(args.older_than)
+    ec2 = EC2.connect(args.region, args.profile, args.endpoint_url)
+    found = find_leftovers(ec2, older_than)
+    if not args.dry_run:
+        remove(ec2, found)
+    if args.format == "json":
+        _print(json.dumps({"dry_run": args.dry_run, "resources": [asdict(f) for f in found]}, indent=2))
+    elif not found:
+        _print("nothing to sweep")
+    else:
+        for item in found:
+            line = f"{item.fate:8} {item.kind:16} {item.id:24} build {item.build_id} role {item.role}"
+            _print(f"{line} {item.error}".rstrip())
+    left = [f for f in found if f.fate == "left"]
+    return ExitCode.LEFTOVERS if left else ExitCode.OK
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Raise InvalidInput unless ``path`` is (or can be made) a writable directory."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".ebsrole-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInput(f"{what}: cannot write in {path}: {exc.strerror}") from None
 
 
 def _print(text: str) -> None:

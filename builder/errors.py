@@ -102,10 +102,6 @@ class TemplateError(BuildError):
         super().__init__(f"templates/{template}: {detail}")
 
 
-class NotImplementedYet(BuildError):
-    """A command that a later version of the tool provides."""
-
-
 @dataclass(frozen=True)
 class CommandResult:
     """What a remote command did: the command, its exit status and its output."""
@@ -180,7 +176,7 @@ class RemoteCommandFailed(BuildError):
         self.result = result
         tail = result.tail()
         how = "was killed by a signal" if result.exit_status == -1 else f"exited {result.exit_status}"
-        super().__init__(f"{what or result.command!r} {how}" + (f"; last output:\n{tail}" if tail else ""))
+        super().__init__(f"{what or repr(result.command)} {how}" + (f"; last output:\n{tail}" if tail else ""))
 
 
 class RemoteTimeout(BuildError):

@@ -1,6 +1,23 @@
-"""Shared fixtures: role directories written on the fly, the project's paths."""
+"""Shared fixtures: role directories written on the fly, the project's paths, fake AWS."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path as _Path
+
+# moto reads the AMI catalogue once, before its first EC2 call: the official Debian AMIs.
+os.environ["MOTO_AMIS_PATH"] = str(_Path(__file__).with_name("data") / "debian-amis.json")
+# Fake credentials: no test can reach a real AWS account.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "eu-west-1",
+}.items():
+    os.environ[_name] = _value
+os.environ.pop("AWS_PROFILE", None)
+# Never ask an instance metadata service for credentials (that is network traffic).
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import logging
 import subprocess
@@ -75,3 +92,12 @@ def rootfs() -> Path:
 def state_root(tmp_path: Path) -> Path:
     """Where this test's machines keep their state (removed by Machine.stop)."""
     return tmp_path / "machines"
+
+
+MINI_ROLE: dict[str, Any] = {
+    "description": "a role with nothing to install: quick to provision",
+    "packages": [],
+    "services": [],
+    "volume": {"device": "/dev/sdf", "mount_point": "/data", "size_gib": 2},
+    "externalize": [{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
+}

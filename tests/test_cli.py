@@ -134,10 +134,3 @@ def test_audit_csv_and_markdown_and_table() -> None:
     assert markdown[0].startswith("| role | path |") and len(markdown) == 5
     table = run_cli("audit", "web").stdout.splitlines()
     assert table[0].split()[:3] == ["role", "path", "target"] and len(table) == 4
-
-
-def test_build_says_clearly_what_it_cannot_do_yet() -> None:
-    done = run_cli("web")
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr
-    assert done.stderr.startswith("error: web:")

@@ -15,7 +15,7 @@ import pytest
 from builder.errors import SSHError
 from builder.remote import Remote
 from builder.roles import load_role
-from tests.conftest import GOOD_ROLE
+from tests.conftest import MINI_ROLE
 from tests.machines import Booted, boot, leftovers, needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]
@@ -234,15 +234,7 @@ def test_volume_with_a_filesystem_is_never_reformatted(
     uuid_before = subprocess.run(
         ["blkid", "-p", "-s", "UUID", "-o", "value", str(image)], capture_output=True, text=True, check=True
     ).stdout.strip()
-    write_role(
-        "app",
-        dict(
-            GOOD_ROLE,
-            packages=[],
-            services=[],
-            externalize=[{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
-        ),
-    )
+    write_role("app", MINI_ROLE)
     booted = boot("p-existing", rootfs, state_root, role=load_role("app", roles_dir), image=image)
     try:
         out = booted.provision().stdout
@@ -264,15 +256,7 @@ def test_device_with_a_partition_table_is_refused(
     mbr[510:512] = b"\x55\xaa"
     with image.open("r+b") as handle:
         handle.write(mbr)
-    write_role(
-        "app",
-        dict(
-            GOOD_ROLE,
-            packages=[],
-            services=[],
-            externalize=[{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
-        ),
-    )
+    write_role("app", MINI_ROLE)
     booted = boot("p-parted", rootfs, state_root, role=load_role("app", roles_dir), image=image)
     try:
         result = booted.provision(check=False)

@@ -1,0 +1,305 @@
+"""The only boto3 code: EC2 calls, waits with explicit limits, tags, client tokens.
+
+Every call goes through :meth:`EC2.call`, which counts it and turns botocore's errors
+into the tool's (CloudError, exit 3). Throttling and transient network errors are
+retried by botocore's own retry configuration, set here in code (never from the
+environment). Waits poll fast first and back off, within a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from builder.errors import BuildError, ExitCode, InvalidInput
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "ebsrole:"
+RETRIES = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60)
+POLL = (0.2, 0.5, 1.0, 2.0, 3.0, 5.0)  # seconds between polls: fast first, then back off
+
+
+class CloudError(BuildError):
+    """EC2 refused or failed a call."""
+
+    exit_code = ExitCode.CLOUD
+
+    def __init__(self, operation: str, code: str, message: str, hint: str | None = None) -> None:
+        self.operation, self.code = operation, code
+        super().__init__(f"EC2 {operation}: {code}: {message}", hint=hint)
+
+
+class WaitTimeout(CloudError):
+    """A resource did not reach the wanted state in time."""
+
+    def __init__(self, what: str, wanted: str, last: str, limit: float) -> None:
+        super().__init__("wait", "Timeout", f"{what} still {last!r} after {limit:.0f} s (wanted {wanted!r})")
+
+
+HINTS = {
+    "AuthFailure": "check the credentials (--profile, AWS_PROFILE, or the instance role)",
+    "UnauthorizedOperation": "the credentials lack an EC2 permission; see README 'IAM permissions'",
+    "InvalidAMIID.NotFound": "the base AMI does not exist in this region",
+}
+
+
+def tag(key: str) -> str:
+    """Return the full tag key for one of the tool's tags (``role`` -> ``ebsrole:role``)."""
+    return TAG_PREFIX + key
+
+
+def now_iso() -> str:
+    """Return the current UTC time as EC2 tags carry it."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    """Return EC2's Key/Value list for a mapping."""
+    return [{"Key": k, "Value": v} for k, v in tags.items()]
+
+
+def tag_specs(resource_type: str, tags: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Return a TagSpecifications entry (tags applied at creation)."""
+    return [{"ResourceType": resource_type, "Tags": tag_list(tags)}]
+
+
+def check_region(region: str | None, endpoint_url: str | None) -> None:
+    """Raise InvalidInput for a missing or unknown region (before any network call)."""
+    if not region:
+        raise InvalidInput("no AWS region: give --region or set AWS_REGION / a profile's region")
+    if endpoint_url:
+        return
+    known = boto3.session.Session().get_available_regions("ec2", allow_non_regional=False)
+    partitions = ("aws-cn", "aws-us-gov")
+    for partition in partitions:
+        known += boto3.session.Session().get_available_regions("ec2", partition_name=partition)
+    if region not in known:
+        raise InvalidInput(f"unknown AWS region {region!r}", hint="e.g. --region eu-west-1")
+
+
+@dataclass(frozen=True)
+class Image:
+    """What the build needs to know of a base AMI."""
+
+    image_id: str
+    name: str
+    creation_date: str
+    root_device_name: str
+    architecture: str
+    ena_support: bool
+    boot_mode: str | None
+    root_size_gib: int | None = None
+
+
+class EC2:
+    """A counted, error-translating EC2 client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: Counter[str] = Counter()
+
+    @classmethod
+    def connect(cls, region: str | None, profile: str | None = None, endpoint_url: str | None = None) -> EC2:
+        """Return an EC2 for the standard credential chain (or ``profile``)."""
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise InvalidInput(str(exc), hint="profiles come from ~/.aws/config") from None
+        region = region or session.region_name
+        check_region(region, endpoint_url)
+        client = session.client("ec2", region_name=region, endpoint_url=endpoint_url, config=RETRIES)
+        if session.get_credentials() is None:
+            raise InvalidInput(
+                "no AWS credentials found", hint="use --profile, AWS_ACCESS_KEY_ID/..., or an instance role"
+            )
+        return cls(client)
+
+    @property
+    def region(self) -> str:
+        return str(self.client.meta.region_name)
+
+    def call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call EC2 ``operation`` (snake_case) and return the response; raise CloudError."""
+        self.calls[operation] += 1
+        try:
+            response: dict[str, Any] = getattr(self.client, operation)(**params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(operation, code, str(error.get("Message") or code), HINTS.get(code)) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise InvalidInput("no AWS credentials found", hint="use --profile or AWS_ACCESS_KEY_ID/...") from None
+        except botocore.exceptions.EndpointConnectionError as exc:
+            raise CloudError(
+                operation, "EndpointUnreachable", str(exc), "check --endpoint-url/--region and the network"
+            ) from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
+            raise CloudError(operation, type(exc).__name__, str(exc)) from None
+        return response
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    # ------------------------------------------------------------ waiting
+
+    def wait_for(
+        self,
+        what: str,
+        describe: Callable[[], str],
+        wanted: str | Sequence[str],
+        *,
+        timeout: float,
+        failed: Iterable[str] = (),
+    ) -> str:
+        """Poll ``describe`` (returns a state) until it is ``wanted``; fast first, then back off.
+
+        Raises CloudError when a ``failed`` state shows, WaitTimeout after ``timeout``.
+        """
+        wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+        bad = set(failed)
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            state = describe()
+            if state in wanted_states:
+                return state
+            if state in bad:
+                raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
+            delay = POLL[min(attempt, len(POLL) - 1)]
+            if time.monotonic() + delay > deadline:
+                raise WaitTimeout(what, wanted_states[0], state, timeout)
+            time.sleep(delay)
+            attempt += 1
+
+    def instance_state(self, instance_id: str) -> str:
+        reservations = self.call("describe_instances", InstanceIds=[instance_id])["Reservations"]
+        return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        reservations = self.call("describe_instances", InstanceIds=[instance_id])["Reservations"]
+        return dict(reservations[0]["Instances"][0])
+
+    def volume_state(self, volume_id: str) -> str:
+        volume = self.call("describe_volumes", VolumeIds=[volume_id])["Volumes"][0]
+        attachments = volume.get("Attachments") or []
+        if volume["State"] == "in-use" and attachments:
+            return f"in-use:{attachments[0].get('State', 'attached')}"
+        return str(volume["State"])
+
+    def snapshot_states(self, snapshot_ids: Sequence[str]) -> list[str]:
+        snapshots = self.call("describe_snapshots", SnapshotIds=list(snapshot_ids))["Snapshots"]
+        return [str(s["State"]) for s in snapshots]
+
+    def image_state(self, image_id: str) -> str:
+        images = self.call("describe_images", ImageIds=[image_id])["Images"]
+        return str(images[0]["State"]) if images else "missing"
+
+    # ------------------------------------------------------------ removal
+
+    def terminate(self, instance_id: str) -> None:
+        """Terminate an instance and wait until it is gone."""
+        self.call("terminate_instances", InstanceIds=[instance_id])
+        self.wait_for(f"instance {instance_id}", lambda: self.instance_state(instance_id), "terminated", timeout=900)
+
+    def delete_volume(self, volume_id: str, instance_id: str | None) -> None:
+        """Detach (when attached to ``instance_id``) and delete a volume."""
+        state = self.volume_state(volume_id)
+        if state.startswith("in-use") and instance_id:
+            self.call("detach_volume", VolumeId=volume_id, InstanceId=instance_id, Force=True)
+        if state != "available":
+            self.wait_for(f"volume {volume_id}", lambda: self.volume_state(volume_id), "available", timeout=600)
+        self.call("delete_volume", VolumeId=volume_id)
+
+    def delete_security_group(self, group_id: str, timeout: float = 300) -> None:
+        """Delete a security group, retrying while EC2 still reports it in use."""
+        deadline = time.monotonic() + timeout
+        delay = 1.0
+        while True:
+            try:
+                self.call("delete_security_group", GroupId=group_id)
+                return
+            except CloudError as exc:
+                if exc.code != "DependencyViolation" or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 15)
+
+    # ------------------------------------------------------------ lookups
+
+    def newest_image(self, owner: str, name_pattern: str, architecture: str) -> Image:
+        """Return the newest available AMI (by creation date, then name) matching the pattern."""
+        images = self.call(
+            "describe_images",
+            Owners=[owner],
+            Filters=[
+                {"Name": "name", "Values": [name_pattern]},
+                {"Name": "architecture", "Values": [architecture]},
+                {"Name": "state", "Values": ["available"]},
+            ],
+        )["Images"]
+        if not images:
+            raise CloudError(
+                "describe_images",
+                "NoMatchingImage",
+                f"no available {architecture} AMI of owner {owner} named {name_pattern!r} in {self.region}",
+                hint="check base.owner / base.name in the role, or pin base.ami",
+            )
+        best = max(images, key=lambda i: (i.get("CreationDate", ""), i.get("Name", "")))
+        return _image(best)
+
+    def image(self, image_id: str) -> Image:
+        images = self.call("describe_images", ImageIds=[image_id])["Images"]
+        if not images:
+            raise CloudError("describe_images", "InvalidAMIID.NotFound", f"no AMI {image_id} in {self.region}")
+        return _image(images[0])
+
+    def find_tagged(self, kind: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Return resources of ``kind`` (instances, volumes, snapshots, images, key_pairs, security_groups)."""
+        if kind == "instances":
+            reservations = self.call("describe_instances", Filters=filters)["Reservations"]
+            return [i for r in reservations for i in r["Instances"]]
+        if kind == "volumes":
+            return list(self.call("describe_volumes", Filters=filters)["Volumes"])
+        if kind == "snapshots":
+            return list(self.call("describe_snapshots", OwnerIds=["self"], Filters=filters)["Snapshots"])
+        if kind == "images":
+            return list(self.call("describe_images", Owners=["self"], Filters=filters)["Images"])
+        if kind == "key_pairs":
+            return list(self.call("describe_key_pairs", Filters=filters)["KeyPairs"])
+        return list(self.call("describe_security_groups", Filters=filters)["SecurityGroups"])
+
+
+def _image(raw: Mapping[str, Any]) -> Image:
+    return Image(
+        image_id=str(raw["ImageId"]),
+        name=str(raw.get("Name", "")),
+        creation_date=str(raw.get("CreationDate", "")),
+        root_device_name=str(raw.get("RootDeviceName") or "/dev/xvda"),
+        architecture=str(raw.get("Architecture", "x86_64")),
+        ena_support=bool(raw.get("EnaSupport", True)),
+        boot_mode=raw.get("BootMode"),
+        root_size_gib=next(
+            (
+                m["Ebs"].get("VolumeSize")
+                for m in raw.get("BlockDeviceMappings") or []
+                if m.get("DeviceName") == raw.get("RootDeviceName") and "Ebs" in m
+            ),
+            None,
+        ),
+    )
+
+
+def tags_of(resource: Mapping[str, Any]) -> dict[str, str]:
+    """Return a described resource's tags as a mapping."""
+    return {t["Key"]: t["Value"] for t in resource.get("Tags") or []}

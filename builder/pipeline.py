@@ -1,0 +1,559 @@
+"""The build of one role AMI, as an ordered list of stages.
+
+resolve base image -> temporary credentials -> launch builder -> data volume ->
+SSH (pinned host key) -> provision, verify, image hygiene -> stop builder ->
+snapshot root and data volume -> register the role AMI -> pair and tag -> clean up.
+
+Every resource is pushed on an undo stack the moment it exists and tagged with the
+build id at creation; whatever happens, the stack unwinds and the manifest is written.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.cleanup import UndoStack
+from builder.ec2 import EC2, CloudError, Image, tag, tag_list, tag_specs
+from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.files import write_atomic
+from builder.keys import KeyPair
+from builder.manifest import Manifest, write_manifest
+from builder.remote import Remote
+from builder.render import render_role
+from builder.roles import Role
+from builder.userdata import builder_user_data
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[..., Remote]
+CHECKIP_URL = "https://checkip.amazonaws.com"
+
+
+class LeftBehind(BuildError):
+    """Cleanup could not remove everything; names what is left."""
+
+    exit_code = ExitCode.LEFTOVERS
+
+    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None) -> None:
+        self.left, self.cause = left, cause
+        lines = [f"  {kind} {rid}: {why}" for kind, rid, why in left]
+        head = f"build failed ({cause}); and cleanup" if cause else "cleanup"
+        super().__init__(
+            f"{head} left {len(left)} resource(s) behind:\n" + "\n".join(lines),
+            hint="remove them by hand, or run: python build.py sweep",
+        )
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build, beyond the role itself."""
+
+    ssh_user: str = "admin"
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    ssh_cidr: str | None = None
+    subnet_id: str | None = None
+    security_group_id: str | None = None
+    keep_on_failure: bool = False
+    timeout: float = 3600.0  # the whole build; also the builder's dead-man switch
+    ssh_timeout: float = 600.0
+    manifest_path: Path | None = None
+    endpoint_url: str | None = None
+    connect: Connector = Remote.connect
+
+
+@dataclass
+class _Build:
+    """The state of one build while it runs."""
+
+    role: Role
+    ec2: EC2
+    options: BuildOptions
+    manifest: Manifest
+    undo: UndoStack = field(default_factory=UndoStack)
+    base: Image | None = None
+    login: KeyPair | None = None
+    host_key: KeyPair | None = None
+    key_name: str | None = None
+    group_id: str | None = None
+    instance_id: str | None = None
+    instance: dict[str, Any] = field(default_factory=dict)
+    volume_id: str | None = None
+    remote: Remote | None = None
+
+    @property
+    def build_id(self) -> str:
+        return self.manifest.build_id
+
+    def tags(self, kind: str, *, temporary: bool, **extra: str) -> dict[str, str]:
+        """Return the tags every resource of this build carries, plus ``extra``."""
+        tags = {
+            **dict(self.role.tags),
+            tag("build-id"): self.build_id,
+            tag("role"): self.role.name,
+            tag("kind"): kind,
+            tag("created-by"): f"ebsrole {__version__}",
+            tag("created-at"): self.manifest.started_at,
+            tag("temporary"): "true" if temporary else "false",
+        }
+        tags.update({tag(k): v for k, v in extra.items()})
+        return tags
+
+
+def new_build_id() -> str:
+    """Return a fresh build id: sortable by time, unique."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = None) -> Manifest:
+    """Build ``role``'s AMI and seed snapshot; return the manifest (also written to disk).
+
+    Raises the error that stopped the build (after cleaning up), LeftBehind when cleanup
+    could not remove everything.
+    """
+    manifest = Manifest.begin(role, ec2.region, build_id or new_build_id(), options.manifest_path)
+    state = _Build(role, ec2, options, manifest)
+    error: BaseException | None = None
+    try:
+        for name, stage in STAGES:
+            with _step(state, name):
+                stage(state)
+        manifest.status = "complete"
+    except BaseException as exc:  # noqa: BLE001 - Ctrl-C and SIGTERM too: clean up, then re-raise
+        error = exc
+        manifest.status = "interrupted" if not isinstance(exc, Exception) else "failed"
+        manifest.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    finally:
+        if state.remote is not None:
+            state.remote.close()
+    if error is not None and options.keep_on_failure:
+        _keep_builder(state)
+    with _step(state, "clean up"):
+        left = state.undo.unwind()
+    manifest.finish(state.undo.resources, ec2)
+    write_manifest(manifest)
+    leftovers = [(r.kind, r.id, r.error) for r in left]
+    if error is not None:
+        if leftovers and isinstance(error, Exception):
+            raise LeftBehind(leftovers, error) from error
+        raise error
+    if leftovers:
+        raise LeftBehind(leftovers, None)
+    return manifest
+
+
+@contextmanager
+def _step(state: _Build, name: str) -> Iterator[None]:
+    started = time.monotonic()
+    log.info("%s: %s ...", state.role.name, name)
+    try:
+        yield
+    finally:
+        took = time.monotonic() - started
+        state.manifest.steps.append({"step": name, "seconds": round(took, 3)})
+        log.info("%s: %s done in %.1f s", state.role.name, name, took)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def resolve_base(state: _Build) -> None:
+    """Find the base AMI: the pinned id, or the newest match of owner and name pattern."""
+    base = state.role.base
+    if base.ami:
+        state.base = state.ec2.image(base.ami)
+    else:
+        state.base = state.ec2.newest_image(base.owner, base.name_pattern, base.ec2_architecture)
+    state.manifest.base_ami = state.base.image_id
+    log.info("%s: base image %s (%s)", state.role.name, state.base.image_id, state.base.name)
+
+
+def temporary_credentials(state: _Build) -> None:
+    """Make the login and host keys in memory, import the login key, admit SSH from one CIDR."""
+    ec2, name = state.ec2, f"ebsrole-{state.role.name}-{state.build_id}"
+    state.login = KeyPair.generate(name)
+    state.host_key = KeyPair.generate(f"{name}-host")
+    ec2.call(
+        "import_key_pair",
+        KeyName=name,
+        PublicKeyMaterial=state.login.public_line.encode(),
+        TagSpecifications=tag_specs("key-pair", state.tags("key-pair", temporary=True)),
+    )
+    state.key_name = name
+    state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
+    if state.options.security_group_id:
+        state.group_id = state.options.security_group_id
+        return
+    cidr = ssh_cidr(state.options.ssh_cidr, state.options.endpoint_url)
+    params: dict[str, Any] = {"GroupName": name, "Description": f"ebsrole build {state.build_id}: SSH from {cidr}"}
+    if state.options.subnet_id:
+        subnet = ec2.call("describe_subnets", SubnetIds=[state.options.subnet_id])["Subnets"][0]
+        params["VpcId"] = subnet["VpcId"]
+    group_id = str(
+        ec2.call(
+            "create_security_group",
+            **params,
+            TagSpecifications=tag_specs("security-group", state.tags("security-group", temporary=True)),
+        )["GroupId"]
+    )
+    state.group_id = group_id
+    state.undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
+    ec2.call(
+        "authorize_security_group_ingress",
+        GroupId=group_id,
+        IpPermissions=[
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 22,
+                "ToPort": 22,
+                "IpRanges": [{"CidrIp": cidr, "Description": "ebsrole build SSH"}],
+            }
+        ],
+    )
+
+
+def ssh_cidr(given: str | None, endpoint_url: str | None = None) -> str:
+    """Return the CIDR SSH is admitted from: ``given`` (checked), else this host's address as /32.
+
+    The address is detected as the one EC2 would see: for a loopback endpoint (the
+    sandbox) the loopback address; otherwise the public address that AWS's checkip
+    service reports. The world (0.0.0.0/0) is only ever admitted when given explicitly.
+    """
+    if given:
+        try:
+            network = ipaddress.ip_network(given, strict=False)
+        except ValueError:
+            raise InvalidInput(f"--ssh-cidr {given!r} is not a CIDR such as 203.0.113.7/32") from None
+        if network.prefixlen == 0:
+            log.warning("SSH to the builder is open to the whole internet (%s), as asked", network)
+        return str(network)
+    host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
+    if host and _is_loopback(host):
+        return "127.0.0.0/8"
+    try:
+        with urllib.request.urlopen(CHECKIP_URL, timeout=5) as response:
+            address = ipaddress.ip_address(response.read().decode().strip())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(
+            f"cannot detect this machine's public address ({exc}); give --ssh-cidr",
+            hint="SSH is never opened to the world unless --ssh-cidr 0.0.0.0/0 is given explicitly",
+        ) from None
+    return f"{address}/{address.max_prefixlen}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def launch_builder(state: _Build) -> None:
+    """Launch the builder: IMDSv2 only, encrypted root, tagged, terminate on shutdown, dead-man switch."""
+    assert state.base and state.login and state.host_key
+    ec2, role = state.ec2, state.role
+    user_data = builder_user_data(state.login, state.host_key, deadline_seconds=int(state.options.timeout))
+    root_ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
+    if state.base.root_size_gib:
+        root_ebs["VolumeSize"] = state.base.root_size_gib
+    params: dict[str, Any] = {
+        "ImageId": state.base.image_id,
+        "InstanceType": role.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "KeyName": state.key_name,
+        "UserData": user_data,
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "BlockDeviceMappings": [{"DeviceName": state.base.root_device_name, "Ebs": root_ebs}],
+        "TagSpecifications": [
+            *tag_specs("instance", {"Name": f"ebsrole-builder-{role.name}", **state.tags("builder", temporary=True)}),
+            *tag_specs("volume", state.tags("builder-root", temporary=True)),
+        ],
+        "ClientToken": f"{state.build_id}-builder",
+    }
+    if state.options.subnet_id:
+        params["SubnetId"] = state.options.subnet_id
+    if state.group_id:
+        params["SecurityGroupIds"] = [state.group_id]
+    instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
+    state.instance_id = instance_id
+    state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
+    ec2.wait_for(
+        f"instance {instance_id}",
+        lambda: ec2.instance_state(instance_id),
+        "running",
+        timeout=600,
+        failed=("terminated", "shutting-down", "stopped"),
+    )
+    state.instance = ec2.instance(instance_id)
+
+
+def data_volume(state: _Build) -> None:
+    """Create the data volume in the builder's AZ (encrypted, the role's size and type) and attach it."""
+    ec2, vol, instance_id = state.ec2, state.role.volume, state.instance_id
+    params: dict[str, Any] = {
+        "AvailabilityZone": state.instance["Placement"]["AvailabilityZone"],
+        "Size": vol.size_gib,
+        "VolumeType": vol.type,
+        "Encrypted": vol.encrypted,
+        "TagSpecifications": tag_specs("volume", state.tags("data-volume", temporary=True)),
+        "ClientToken": f"{state.build_id}-data",
+    }
+    params.update(
+        {k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput), ("KmsKeyId", vol.kms_key_id)) if v}
+    )
+    volume_id = str(ec2.call("create_volume", **params)["VolumeId"])
+    state.volume_id = volume_id
+    state.manifest.data_volume = volume_id
+    state.undo.push("volume", volume_id, lambda: ec2.delete_volume(volume_id, instance_id))
+    ec2.wait_for(
+        f"volume {volume_id}", lambda: ec2.volume_state(volume_id), "available", timeout=300, failed=("error",)
+    )
+    ec2.call("attach_volume", Device=vol.device, InstanceId=instance_id, VolumeId=volume_id)
+    ec2.wait_for(
+        f"volume {volume_id}",
+        lambda: ec2.volume_state(volume_id),
+        "in-use:attached",
+        timeout=300,
+        failed=("error", "available"),
+    )
+
+
+def connect_ssh(state: _Build) -> None:
+    """Open SSH to the builder, accepting only the host key it was given."""
+    assert state.login and state.host_key
+    host = state.options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")
+    if not host:
+        raise CloudError("describe_instances", "NoAddress", f"instance {state.instance_id} has no IP address")
+    state.remote = state.options.connect(
+        host,
+        state.options.ssh_port,
+        state.options.ssh_user,
+        state.login,
+        state.host_key,
+        deadline=state.options.ssh_timeout,
+        prefix=f"[{state.role.name}] ",
+    )
+
+
+def run_scripts(state: _Build) -> None:
+    """Run provision, verify and image hygiene with sudo, streaming their output."""
+    assert state.remote and state.volume_id
+    workdir = f"/var/tmp/ebsrole-{state.build_id}"  # noqa: S108 - on the builder; image hygiene removes it
+    scripts = render_role(state.role)
+    state.manifest.scripts = {s.name: s.sha256 for s in scripts}
+    for script in scripts:
+        args = [state.volume_id] if script.name == "provision.sh" else []
+        started = time.monotonic()
+        state.remote.run_script(script.name, script.text, args, workdir=workdir, timeout=state.options.timeout)
+        log.info("%s: %s passed in %.1f s", state.role.name, script.name, time.monotonic() - started)
+    state.remote.close()
+    state.remote = None
+
+
+def stop_builder(state: _Build) -> None:
+    """Stop the builder so that both filesystems are clean for the snapshots."""
+    ec2, instance_id = state.ec2, str(state.instance_id)
+    ec2.call("stop_instances", InstanceIds=[instance_id])
+    ec2.wait_for(
+        f"instance {instance_id}",
+        lambda: ec2.instance_state(instance_id),
+        "stopped",
+        timeout=900,
+        failed=("terminated",),
+    )
+
+
+def snapshot_volumes(state: _Build) -> None:
+    """Snapshot the root and the data volume of the stopped builder, both at once."""
+    ec2, role = state.ec2, state.role
+    instance = ec2.instance(str(state.instance_id))
+    root_volume = next(
+        m["Ebs"]["VolumeId"]
+        for m in instance.get("BlockDeviceMappings", [])
+        if m["DeviceName"] == instance.get("RootDeviceName", state.base.root_device_name if state.base else "")
+    )
+    made: dict[str, str] = {}
+    for kind, volume_id in (("root-snapshot", root_volume), ("seed-snapshot", str(state.volume_id))):
+        snapshot_id = str(
+            ec2.call(
+                "create_snapshot",
+                VolumeId=volume_id,
+                Description=f"ebsrole {role.name} {kind} {state.build_id}",
+                TagSpecifications=tag_specs("snapshot", state.tags(kind, temporary=False, status="pending")),
+            )["SnapshotId"]
+        )
+        state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
+        made[kind] = snapshot_id
+    state.manifest.root_snapshot, state.manifest.seed_snapshot = made["root-snapshot"], made["seed-snapshot"]
+    ids = list(made.values())
+    ec2.wait_for(
+        "snapshots " + " ".join(ids),
+        lambda: _all_same(ec2.snapshot_states(ids)),
+        "completed",
+        timeout=3600,
+        failed=("error",),
+    )
+
+
+def register_image(state: _Build) -> None:
+    """Register the role AMI: root and seed snapshot in its mapping, data kept on termination, IMDSv2."""
+    assert state.base
+    ec2, role, vol, manifest = state.ec2, state.role, state.role.volume, state.manifest
+    data_ebs: dict[str, Any] = {
+        "SnapshotId": manifest.seed_snapshot,
+        "DeleteOnTermination": False,
+        "VolumeType": vol.type,
+    }
+    data_ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
+    name = f"ebsrole-{role.name}-{state.build_id}"
+    params: dict[str, Any] = {
+        "Name": name,
+        "Description": role.description[:255],
+        "Architecture": state.base.architecture,
+        "RootDeviceName": state.base.root_device_name,
+        "VirtualizationType": "hvm",
+        "EnaSupport": state.base.ena_support,
+        "ImdsSupport": "v2.0",
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": state.base.root_device_name,
+                "Ebs": {"SnapshotId": manifest.root_snapshot, "DeleteOnTermination": True, "VolumeType": "gp3"},
+            },
+            {"DeviceName": vol.device, "Ebs": data_ebs},
+        ],
+        "TagSpecifications": tag_specs(
+            "image", {"Name": name, **state.tags("image", temporary=False, status="pending", **_artefact_tags(state))}
+        ),
+    }
+    if state.base.boot_mode:
+        params["BootMode"] = state.base.boot_mode
+    image_id = _register(ec2, params, state.build_id)
+    manifest.ami = image_id
+    state.undo.push("image", image_id, lambda: ec2.call("deregister_image", ImageId=image_id))
+    ec2.wait_for(
+        f"image {image_id}",
+        lambda: ec2.image_state(image_id),
+        "available",
+        timeout=3600,
+        failed=("failed", "invalid", "error", "deregistered"),
+    )
+
+
+def pair_and_keep(state: _Build) -> None:
+    """Tag AMI and snapshots so that each names the other; keep them, the rest is temporary."""
+    ec2, manifest = state.ec2, state.manifest
+    artefacts = _artefact_tags(state)
+    pairs = {
+        str(manifest.ami): (
+            "image",
+            {"seed-snapshot": str(manifest.seed_snapshot), "root-snapshot": str(manifest.root_snapshot)},
+        ),
+        str(manifest.seed_snapshot): ("seed-snapshot", {"ami": str(manifest.ami)}),
+        str(manifest.root_snapshot): ("root-snapshot", {"ami": str(manifest.ami)}),
+    }
+    for resource_id, (kind, extra) in pairs.items():
+        # The creation tags again (some EC2 implementations drop RegisterImage's), the
+        # pairing, and status=complete: from now on sweep leaves them alone.
+        tags = state.tags(kind, temporary=False, **artefacts, **extra, status="complete")
+        ec2.call("create_tags", Resources=[resource_id], Tags=tag_list(tags))
+    for resource_id in pairs:  # only once all three are complete: never a half-paired artefact
+        state.undo.keep(resource_id)
+
+
+STAGES: list[tuple[str, Callable[[_Build], None]]] = [
+    ("resolve base image", resolve_base),
+    ("temporary credentials", temporary_credentials),
+    ("launch builder", launch_builder),
+    ("data volume", data_volume),
+    ("connect over SSH", connect_ssh),
+    ("provision, verify, image hygiene", run_scripts),
+    ("stop builder", stop_builder),
+    ("snapshot root and data volume", snapshot_volumes),
+    ("register AMI", register_image),
+    ("pair and tag", pair_and_keep),
+]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _artefact_tags(state: _Build) -> dict[str, str]:
+    role = state.role
+    paths = " ".join(p.path for p in role.externalize)
+    tags = {
+        "base-ami": state.manifest.base_ami or "",
+        "mount-point": role.volume.mount_point,
+        "device": role.volume.device,
+    }
+    chunks = [paths[i : i + 250] for i in range(0, len(paths), 250)] or [""]
+    for index, chunk in enumerate(chunks):
+        tags["paths" if index == 0 else f"paths-{index + 1}"] = chunk
+    return tags
+
+
+def _register(ec2: EC2, params: dict[str, Any], build_id: str) -> str:
+    """RegisterImage has no client token; the unique name makes a retry adopt, not duplicate."""
+    try:
+        return str(ec2.call("register_image", **params)["ImageId"])
+    except CloudError as exc:
+        if exc.code != "InvalidAMIName.Duplicate":
+            raise
+    images = ec2.call("describe_images", Owners=["self"], Filters=[{"Name": "name", "Values": [params["Name"]]}])[
+        "Images"
+    ]
+    mine = [i for i in images if {"Key": tag("build-id"), "Value": build_id} in (i.get("Tags") or [])]
+    if not mine:
+        raise CloudError(
+            "register_image",
+            "InvalidAMIName.Duplicate",
+            f"an AMI named {params['Name']} exists and is not this build's",
+        )
+    return str(mine[0]["ImageId"])
+
+
+def _deleter(ec2: EC2, operation: str, **params: str) -> Callable[[], object]:
+    return lambda: ec2.call(operation, **params)
+
+
+def _all_same(states: list[str]) -> str:
+    if "error" in states:
+        return "error"
+    return states[0] if len(set(states)) == 1 else "pending"
+
+
+def _keep_builder(state: _Build) -> None:
+    """--keep-on-failure: keep what reaches the builder and say how."""
+    for resource in state.undo.resources:
+        if resource.kind in ("instance", "volume", "key-pair", "security-group"):
+            resource.fate = "kept"
+    host = state.options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")
+    if state.login is None or not state.instance_id:
+        return
+    # The one exception to "keys only in memory", asked for explicitly: without the key
+    # the kept builder could not be reached at all.
+    key_path = state.manifest.path.with_suffix(".key")
+    write_atomic(key_path, state.login.private_openssh, mode=0o600)
+    port = f" -p {state.options.ssh_port}" if state.options.ssh_port != 22 else ""
+    log.warning(
+        "%s: kept builder %s for debugging: ssh -i %s%s %s@%s ; remove it afterwards with: "
+        "python build.py sweep --older-than 0s",
+        state.role.name,
+        state.instance_id,
+        key_path,
+        port,
+        state.options.ssh_user,
+        host,
+    )

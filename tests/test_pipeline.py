@@ -1,0 +1,412 @@
+"""`build.py ROLE`: the pipeline against moto with real local machines as the instances."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from moto import mock_aws
+
+from builder.ec2 import EC2, RETRIES, CloudError, tag
+from builder.errors import BuildError, ExitCode, HostKeyMismatch, RemoteCommandFailed
+from builder.keys import KeyPair
+from builder.pipeline import BuildOptions, LeftBehind, build, ssh_cidr
+from builder.roles import load_role
+from builder.userdata import builder_user_data
+from tests.conftest import MINI_ROLE
+from tests.dataplane import DataPlane
+from tests.machines import needs_root
+
+REGION = "eu-west-1"
+NEWEST_BOOKWORM = "ami-000000000000000d2"
+
+
+@pytest.fixture
+def ec2() -> Iterator[EC2]:
+    with mock_aws():
+        yield EC2(boto3.client("ec2", region_name=REGION, config=RETRIES))
+
+
+@pytest.fixture
+def mini(roles_dir: Path, write_role: Callable[..., Path]) -> Any:
+    write_role("mini", MINI_ROLE)
+    return load_role("mini", roles_dir)
+
+
+def everything(ec2: EC2) -> dict[str, list[str]]:
+    """Every resource in the (fresh) moto account that a build could have made."""
+    client = ec2.client
+    instances = [
+        i["InstanceId"]
+        for r in client.describe_instances()["Reservations"]
+        for i in r["Instances"]
+        if i["State"]["Name"] != "terminated"
+    ]
+    return {
+        "instances": instances,
+        "volumes": [v["VolumeId"] for v in client.describe_volumes()["Volumes"]],
+        "snapshots": [
+            s["SnapshotId"]
+            for s in client.describe_snapshots(Filters=[{"Name": "tag-key", "Values": [tag("build-id")]}])["Snapshots"]
+        ],
+        "images": [i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"]],
+        "key_pairs": [k["KeyName"] for k in client.describe_key_pairs()["KeyPairs"]],
+        "security_groups": [
+            g["GroupId"] for g in client.describe_security_groups()["SecurityGroups"] if g["GroupName"] != "default"
+        ],
+    }
+
+
+def nothing_left(ec2: EC2) -> bool:
+    return not any(everything(ec2).values())
+
+
+def options(plane: DataPlane, tmp_path: Path, **extra: Any) -> BuildOptions:
+    settings: dict[str, Any] = {
+        "ssh_host": plane.address,
+        "ssh_port": plane.port,
+        "ssh_cidr": "127.0.0.1/32",
+        "ssh_timeout": 60,
+        "manifest_path": tmp_path / "manifest.json",
+    }
+    return BuildOptions(**{**settings, **extra})
+
+
+def intercepting(before_run: Callable[[str, dict[str, Any]], None]) -> Callable[..., Any]:
+    """Return a connector whose sessions call ``before_run(command, kwargs)`` before each command."""
+    real_connect = BuildOptions.connect
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        remote = real_connect(*args, **kwargs)
+        original = remote.run
+
+        def run(command: str, **kw: Any) -> Any:
+            before_run(command, kw)
+            return original(command, **kw)
+
+        remote.run = run
+        return remote
+
+    return connect
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_ssh_is_never_open_to_the_world_by_default() -> None:
+    assert ssh_cidr(None, "http://127.0.0.1:5000") == "127.0.0.0/8"
+    assert ssh_cidr("203.0.113.7") == "203.0.113.7/32"
+    assert ssh_cidr("0.0.0.0/0") == "0.0.0.0/0"  # only when asked, with a warning
+    with pytest.raises(BuildError, match="not a CIDR"):
+        ssh_cidr("everywhere")
+
+
+def test_user_data_carries_keys_and_deadman_switch() -> None:
+    login, host = KeyPair.generate("l"), KeyPair.generate("h")
+    text = builder_user_data(login, host, deadline_seconds=3600)
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    assert doc["ssh_authorized_keys"] == [login.public_line]
+    assert doc["ssh_keys"]["ed25519_public"] == host.public_line
+    assert doc["ssh_keys"]["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert doc["runcmd"] == [
+        ["systemd-run", "--unit=ebsrole-deadline", "--on-active=3600s", "/bin/systemctl", "poweroff"]
+    ]
+
+
+def test_base_image_is_the_newest_official_release(ec2: EC2) -> None:
+    image = ec2.newest_image("136693071363", "debian-12-amd64-2*", "x86_64")
+    assert image.image_id == NEWEST_BOOKWORM  # not the daily, not the impostor owner's newer one
+    with pytest.raises(CloudError, match="no available arm64 AMI"):
+        ec2.newest_image("136693071363", "debian-12-amd64-2*", "arm64")
+
+
+def test_no_matching_base_image_stops_before_creating_anything(
+    ec2: EC2, mini: Any, tmp_path: Path, roles_dir: Path, write_role: Callable[..., Path]
+) -> None:
+    write_role("old", dict(MINI_ROLE, base={"name": "debian-9-*"}))
+    plane = DataPlane(Path("/nonexistent"), tmp_path, with_machines=False)
+    plane.install(ec2.client)
+    with pytest.raises(CloudError) as caught:
+        build(load_role("old", roles_dir), ec2, options(plane, tmp_path))
+    assert caught.value.exit_code == ExitCode.CLOUD
+    assert "no available x86_64 AMI" in caught.value.render()
+    assert nothing_left(ec2)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["resources"] == []
+
+
+# ---------------------------------------------------------------- with real machines
+
+
+@needs_root
+@pytest.mark.slow
+def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
+    ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path
+) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+    try:
+        manifest = build(mini, ec2, options(plane, tmp_path))
+    finally:
+        plane.stop_all()
+    # What is left: the AMI and its two snapshots, nothing else.
+    left = everything(ec2)
+    assert left["images"] == [manifest.ami]
+    assert sorted(left["snapshots"]) == sorted([manifest.seed_snapshot, manifest.root_snapshot])
+    assert not left["instances"] and not left["volumes"] and not left["key_pairs"] and not left["security_groups"]
+    # Requests that moto does not keep.
+    run = plane.params("RunInstances")[0]
+    assert run["MetadataOptions"]["HttpTokens"] == "required"
+    assert run["InstanceInitiatedShutdownBehavior"] == "terminate"
+    assert run["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] is True
+    assert run["ImageId"] == NEWEST_BOOKWORM
+    user_data = yaml.safe_load(run["UserData"])
+    assert user_data["ssh_keys"]["ed25519_public"].startswith("ssh-ed25519 ")
+    assert "/bin/systemctl" in user_data["runcmd"][0] and "--on-active=3600s" in user_data["runcmd"][0]
+    assert {t["ResourceType"] for t in run["TagSpecifications"]} == {"instance", "volume"}
+    ingress = plane.params("AuthorizeSecurityGroupIngress")[0]["IpPermissions"][0]
+    assert ingress["FromPort"] == 22 and ingress["IpRanges"][0]["CidrIp"] == "127.0.0.1/32"
+    volume = plane.params("CreateVolume")[0]
+    assert volume["Encrypted"] is True and volume["Size"] == 2 and volume["VolumeType"] == "gp3"
+    register = plane.params("RegisterImage")[0]
+    assert register["ImdsSupport"] == "v2.0"
+    data = next(m for m in register["BlockDeviceMappings"] if m["DeviceName"] == "/dev/sdf")
+    assert data["Ebs"] == {"SnapshotId": manifest.seed_snapshot, "DeleteOnTermination": False, "VolumeType": "gp3"}
+    # Pairing tags: each names the other.
+    image = ec2.client.describe_images(ImageIds=[manifest.ami])["Images"][0]
+    image_tags = {t["Key"]: t["Value"] for t in image["Tags"]}
+    assert image_tags[tag("seed-snapshot")] == manifest.seed_snapshot
+    assert image_tags[tag("role")] == "mini" and image_tags[tag("paths")] == "/srv/app"
+    assert image_tags[tag("base-ami")] == NEWEST_BOOKWORM and image_tags[tag("status")] == "complete"
+    seed = ec2.client.describe_snapshots(SnapshotIds=[manifest.seed_snapshot])["Snapshots"][0]
+    seed_tags = {t["Key"]: t["Value"] for t in seed["Tags"]}
+    assert seed_tags[tag("ami")] == manifest.ami and seed_tags[tag("build-id")] == manifest.build_id
+    # The manifest, written atomically.
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["status"] == "complete" and doc["ami"] == manifest.ami and doc["base_ami"] == NEWEST_BOOKWORM
+    assert doc["externalized"] == ["/srv/app"] and doc["device"] == "/dev/sdf" and doc["mount_point"] == "/data"
+    fates = {(r["kind"], r["fate"]) for r in doc["resources"]}
+    assert fates == {
+        ("key-pair", "deleted"),
+        ("security-group", "deleted"),
+        ("instance", "deleted"),
+        ("volume", "deleted"),
+        ("snapshot", "kept"),
+        ("image", "kept"),
+    }
+    assert doc["api_calls"] > 10 and doc["api_calls_by_action"]["run_instances"] == 1
+    assert [s["step"] for s in doc["steps"]][:2] == ["resolve base image", "temporary credentials"]
+
+
+EC2_STEPS = [
+    ("DescribeImages", 1),
+    ("ImportKeyPair", 1),
+    ("CreateSecurityGroup", 1),
+    ("AuthorizeSecurityGroupIngress", 1),
+    ("RunInstances", 1),
+    ("DescribeInstances", 1),
+    ("CreateVolume", 1),
+    ("DescribeVolumes", 1),
+    ("AttachVolume", 1),
+    ("StopInstances", 1),
+    ("CreateSnapshot", 2),
+    ("DescribeSnapshots", 1),
+    ("RegisterImage", 1),
+    ("DescribeImages", 2),
+    ("CreateTags", 2),
+]
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.parametrize(("operation", "nth"), EC2_STEPS, ids=[f"{op}-{n}" for op, n in EC2_STEPS])
+def test_failure_at_any_ec2_call_leaves_nothing(
+    ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path, operation: str, nth: int
+) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.fail[operation] = nth
+    plane.install(ec2.client)
+    try:
+        with pytest.raises(CloudError) as caught:
+            build(mini, ec2, options(plane, tmp_path))
+    finally:
+        plane.stop_all()
+    assert caught.value.exit_code == ExitCode.CLOUD
+    assert "InjectedFault" in caught.value.render()
+    assert nothing_left(ec2), everything(ec2)
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["status"] == "failed"
+    assert all(r["fate"] == "deleted" for r in doc["resources"])
+
+
+@needs_root
+@pytest.mark.slow
+def test_host_key_mismatch_is_refused_and_leaves_nothing(ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.host_key_override = builder_user_data(KeyPair.generate("x"), KeyPair.generate("impostor"))
+    plane.install(ec2.client)
+    try:
+        with pytest.raises((HostKeyMismatch, BuildError)) as caught:
+            build(mini, ec2, options(plane, tmp_path))
+    finally:
+        plane.stop_all()
+    assert isinstance(caught.value, HostKeyMismatch), caught.value
+    assert caught.value.exit_code == ExitCode.CONNECTION
+    assert nothing_left(ec2)
+
+
+@needs_root
+@pytest.mark.slow
+def test_failing_script_fails_the_build_with_its_output(
+    ec2: EC2, rootfs: Path, tmp_path: Path, roles_dir: Path, write_role: Callable[..., Path]
+) -> None:
+    write_role("broken", dict(MINI_ROLE, packages=["no-such-package-ebsrole"]))
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+    try:
+        with pytest.raises(RemoteCommandFailed) as caught:
+            build(load_role("broken", roles_dir), ec2, options(plane, tmp_path))
+    finally:
+        plane.stop_all()
+    assert caught.value.exit_code == ExitCode.REMOTE
+    assert "provision.sh exited" in caught.value.render()
+    assert "no-such-package-ebsrole" in caught.value.render()
+    assert nothing_left(ec2)
+
+
+@needs_root
+@pytest.mark.slow
+def test_ssh_dropped_mid_script_fails_the_build(
+    ec2: EC2, rootfs: Path, tmp_path: Path, roles_dir: Path, write_role: Callable[..., Path]
+) -> None:
+    write_role("slow", dict(MINI_ROLE, packages=["apache2"]))  # apt takes long enough to cut it
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+
+    def cut_when_installing(command: str, kw: dict[str, Any]) -> None:
+        if "provision.sh" in command:
+
+            def cut(_stream: str, line: str) -> None:
+                if "packages: installing" in line:
+                    machine = next(iter(plane.machines.values()))
+                    machine.exec("pkill", "-KILL", "-f", "^sshd: admin", check=False)
+
+            kw["on_line"] = cut
+
+    connect = intercepting(cut_when_installing)
+    try:
+        with pytest.raises(BuildError) as caught:
+            build(load_role("slow", roles_dir), ec2, options(plane, tmp_path, connect=connect))
+    finally:
+        plane.stop_all()
+    assert caught.value.exit_code == ExitCode.CONNECTION, caught.value.render()
+    assert "connection lost" in caught.value.render()
+    assert nothing_left(ec2)
+
+
+@needs_root
+@pytest.mark.slow
+def test_cleanup_that_fails_names_what_it_left(ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.fail["RunInstances"] = 1
+    plane.fail["DeleteKeyPair"] = 1
+    plane.install(ec2.client)
+    with pytest.raises(LeftBehind) as caught:
+        build(mini, ec2, options(plane, tmp_path))
+    assert caught.value.exit_code == ExitCode.LEFTOVERS
+    assert "key-pair ebsrole-mini-" in caught.value.render()
+    assert "sweep" in caught.value.render()
+    assert everything(ec2)["key_pairs"] and not everything(ec2)["security_groups"]
+
+
+def test_retries_are_set_in_code_not_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    ec2 = EC2.connect(REGION, endpoint_url="http://127.0.0.1:9")
+    assert ec2.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
+
+
+@needs_root
+@pytest.mark.slow
+def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
+    ec2: EC2,
+    rootfs: Path,
+    tmp_path: Path,
+    roles_dir: Path,
+    write_role: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_role("broken", dict(MINI_ROLE, packages=["no-such-package-ebsrole"]))
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+    try:
+        with pytest.raises(RemoteCommandFailed):
+            build(load_role("broken", roles_dir), ec2, options(plane, tmp_path, keep_on_failure=True))
+        left = everything(ec2)
+        assert left["instances"] and left["volumes"] and left["key_pairs"] and left["security_groups"]
+        key = tmp_path / "manifest.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        assert f"ssh -i {key} -p {plane.port} admin@{plane.address}" in caplog.text
+        # The kept key really reaches the kept builder.
+        from builder.remote import Remote
+
+        login = KeyPair(key.read_text(), "")
+        doc = json.loads((tmp_path / "manifest.json").read_text())
+        assert {r["kind"] for r in doc["resources"] if r["fate"] == "kept"} == {
+            "instance",
+            "volume",
+            "key-pair",
+            "security-group",
+        }
+        pinned = yaml.safe_load(plane.params("RunInstances")[0]["UserData"])["ssh_keys"]["ed25519_public"]
+        with Remote.connect(plane.address, plane.port, "admin", login, pinned, deadline=30) as remote:
+            assert remote.check("id -un").stdout.strip() == "admin"
+    finally:
+        plane.stop_all()
+
+
+def test_no_ssh_answer_fails_with_connection_code_and_leaves_nothing(ec2: EC2, mini: Any, tmp_path: Path) -> None:
+    plane = DataPlane(Path("/nonexistent"), tmp_path, with_machines=False)  # nothing listens there
+    plane.install(ec2.client)
+    with pytest.raises(BuildError) as caught:
+        build(mini, ec2, options(plane, tmp_path, ssh_timeout=2))
+    assert caught.value.exit_code == ExitCode.CONNECTION
+    assert "no connection after" in caught.value.render()
+    assert nothing_left(ec2)
+
+
+# Break the machine for real just before a script runs, so that the script itself fails.
+BREAK_BEFORE = {
+    "verify.sh": "umount -l /data",
+    "image-hygiene.sh": "rm -f /etc/machine-id && mkdir /etc/machine-id",
+}
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(BREAK_BEFORE))
+def test_a_failing_verify_or_hygiene_fails_the_build(
+    ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path, script: str
+) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+
+    def break_machine(command: str, _kw: dict[str, Any]) -> None:
+        if command.startswith("sudo") and script in command:
+            next(iter(plane.machines.values())).exec("bash", "-c", BREAK_BEFORE[script])
+
+    connect = intercepting(break_machine)
+    try:
+        with pytest.raises(RemoteCommandFailed) as caught:
+            build(mini, ec2, options(plane, tmp_path, connect=connect))
+    finally:
+        plane.stop_all()
+    assert caught.value.exit_code == ExitCode.REMOTE
+    assert f"{script} exited 1" in caught.value.render()
+    assert nothing_left(ec2)
