@@ -61,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default sys.argv[1:]) and return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
+    # Ctrl-C must always reach the cleanup: a shell that starts this in the background
+    # hands it SIGINT ignored, and Python then never raises KeyboardInterrupt.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             args = _parse(args_list)
@@ -96,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:

@@ -50,6 +50,9 @@ HINTS = {
     "AuthFailure": "check the credentials (--profile, AWS_PROFILE, or the instance role)",
     "UnauthorizedOperation": "the credentials lack an EC2 permission; see README 'IAM permissions'",
     "InvalidAMIID.NotFound": "the base AMI does not exist in this region",
+    "VPCIdNotSpecified": "this region has no default VPC: give --subnet-id (and --security-group-id if you like)",
+    "RequestLimitExceeded": "EC2 throttled the calls beyond botocore's retries; try again later",
+    "InsufficientInstanceCapacity": "try another instance_type in the role, or another --subnet-id (AZ)",
 }
 
 
@@ -161,17 +164,27 @@ class EC2:
         *,
         timeout: float,
         failed: Iterable[str] = (),
+        missing: str = "not-yet-visible",
     ) -> str:
         """Poll ``describe`` (returns a state) until it is ``wanted``; fast first, then back off.
 
-        Raises CloudError when a ``failed`` state shows, WaitTimeout after ``timeout``.
+        A NotFound answer counts as the state ``missing`` (e.g. "terminated" when waiting
+        for an instance to go). Raises CloudError when a ``failed`` state shows,
+        WaitTimeout after ``timeout``.
         """
         wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
         bad = set(failed)
         deadline = time.monotonic() + timeout
         attempt = 0
         while True:
-            state = describe()
+            try:
+                state = describe()
+            except CloudError as exc:
+                # EC2 is eventually consistent: a resource just made may not be found for a
+                # moment, and one just removed stops being found. Neither is a failure.
+                if not exc.code.endswith("NotFound"):
+                    raise
+                state = missing
             if state in wanted_states:
                 return state
             if state in bad:
@@ -210,7 +223,13 @@ class EC2:
     def terminate(self, instance_id: str) -> None:
         """Terminate an instance and wait until it is gone."""
         self.call("terminate_instances", InstanceIds=[instance_id])
-        self.wait_for(f"instance {instance_id}", lambda: self.instance_state(instance_id), "terminated", timeout=900)
+        self.wait_for(
+            f"instance {instance_id}",
+            lambda: self.instance_state(instance_id),
+            "terminated",
+            timeout=900,
+            missing="terminated",
+        )
 
     def delete_volume(self, volume_id: str, instance_id: str | None) -> None:
         """Detach (when attached to ``instance_id``) and delete a volume."""

@@ -93,6 +93,9 @@ def start_build(endpoint: str, roles_dir: Path, tmp_path: Path) -> subprocess.Po
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # As a non-interactive shell starts a background job: SIGINT ignored. Ctrl-C must
+        # still reach the build's cleanup.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509
     )
 
 

@@ -140,3 +140,17 @@ def test_missing_root_says_so(tmp_path: Path) -> None:
     )
     assert done.stdout.startswith("7 a local machine needs root"), done.stdout + done.stderr
     assert "sudo" in done.stdout
+
+
+def test_missing_tool_names_its_debian_package() -> None:
+    from builder.errors import EnvironmentProblem
+    from builder.sandbox.host import require_tools
+
+    require_tools(debootstrap="debootstrap", losetup="mount")  # present: no error
+    with pytest.raises(EnvironmentProblem) as caught:
+        require_tools(**{"ebsrole-no-such-tool": "ebsrole-tools", "losetup": "mount", "ebsrole-other": "ebsrole-more"})
+    assert caught.value.exit_code == 7
+    assert caught.value.render() == (
+        "missing ebsrole-no-such-tool, ebsrole-other\n"
+        "hint: install it: apt-get install ebsrole-more ebsrole-tools (or run scripts/setup.sh)"
+    )

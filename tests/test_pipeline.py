@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -410,3 +412,28 @@ def test_a_failing_verify_or_hygiene_fails_the_build(
     assert caught.value.exit_code == ExitCode.REMOTE
     assert f"{script} exited 1" in caught.value.render()
     assert nothing_left(ec2)
+
+
+def test_waits_ride_out_eventual_consistency_and_back_off(ec2: EC2) -> None:
+    answers = iter(["NotFound", "NotFound", "pending", "running"])
+    seen: list[float] = []
+
+    def describe() -> str:
+        seen.append(time.monotonic())
+        answer = next(answers)
+        if answer == "NotFound":
+            raise CloudError("describe_instances", "InvalidInstanceID.NotFound", "not yet")
+        return answer
+
+    assert ec2.wait_for("instance i-1", describe, "running", timeout=30) == "running"
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert gaps == sorted(gaps), "polls must back off, never speed up"
+    with pytest.raises(CloudError, match="went 'stopped'"):
+        ec2.wait_for("instance i-1", lambda: "stopped", "running", timeout=5, failed=("stopped",))
+    with pytest.raises(CloudError, match="still 'pending' after 1 s"):
+        ec2.wait_for("instance i-1", lambda: "pending", "running", timeout=1)
+    gone = CloudError("describe_instances", "InvalidInstanceID.NotFound", "gone")
+    assert (
+        ec2.wait_for("instance i-1", lambda: (_ for _ in ()).throw(gone), "terminated", timeout=5, missing="terminated")
+        == "terminated"
+    )

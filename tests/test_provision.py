@@ -181,7 +181,7 @@ def test_killed_at_any_point_and_run_again_loses_nothing(rootfs: Path, state_roo
     booted = boot("p-kill", rootfs, state_root, role=role, size_gib=3)
     try:
         install_packages(booted, role.packages)
-        booted.sh(FILL_WEB + "\nfor i in $(seq 40); do head -c 5M /dev/urandom > /var/www/html/big-$i; done")
+        booted.sh(FILL_WEB + "\nfor i in $(seq 60); do head -c 5M /dev/urandom > /var/www/html/big-$i; done")
         booted.sh("systemctl stop apache2")
         before = booted.manifest(*WEB_PATHS)
         script = booted.scripts["provision.sh"].text
@@ -191,7 +191,7 @@ def test_killed_at_any_point_and_run_again_loses_nothing(rootfs: Path, state_roo
             ("services: stopping", 0.0),  # before any copy
             ("/etc/apache2: copying", 0.0),  # in the first copy
             ("/etc/php -> ", 0.0),  # between two paths
-            ("/var/www: copying", 0.5),  # in the middle of a 200 MB copy
+            ("/var/www: copying", 0.2),  # in the middle of a 300 MB copy
         ]
         for marker, delay in kill_points:
             on_line = _kill_when(booted, marker, delay)
