@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,10 @@ class UndoStack:
         log.debug("created %s %s", kind, resource_id)
         return resource
 
+    def creating(self) -> AbstractContextManager[None]:
+        """Wrap "create a resource, push its undo": no interruption can fall between the two."""
+        return signals_deferred("finishing the resource being created", deliver=True)
+
     def keep(self, resource_id: str) -> None:
         """Mark an artefact to keep: unwinding will not remove it."""
         for resource in self.resources:
@@ -49,7 +53,7 @@ class UndoStack:
     def unwind(self) -> list[Resource]:
         """Undo every resource not kept, newest first; return those that could not be removed."""
         left = []
-        with _signals_deferred():
+        with signals_deferred():
             for resource in reversed(self.resources):
                 if resource.fate != "created":
                     continue
@@ -74,13 +78,21 @@ def already_gone(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Let a cleanup finish: a Ctrl-C or SIGTERM during it is noted, not obeyed."""
+def signals_deferred(reason: str = "cleaning up first", *, deliver: bool = False) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while the block runs; deliver them when it is done.
+
+    Used around "create a resource, push its undo" (``deliver``: the signal takes effect
+    right after, so an interruption can never fall between the two and leak it) and
+    around unwinding (the build is ending anyway). A second signal of the same kind is
+    obeyed at once: the user insisted.
+    """
     received: list[int] = []
 
     def note(signum: int, _frame: object) -> None:
+        if signum in received:
+            raise KeyboardInterrupt
         received.append(signum)
-        log.warning("cleaning up first; %s will take effect when it is done", signal.Signals(signum).name)
+        log.warning("%s; %s will take effect when it is done", reason, signal.Signals(signum).name)
 
     try:
         previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -90,5 +102,7 @@ def _signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received if deliver else ():
+            signal.raise_signal(signum)

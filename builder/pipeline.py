@@ -184,14 +184,15 @@ def temporary_credentials(state: _Build) -> None:
     ec2, name = state.ec2, f"ebsrole-{state.role.name}-{state.build_id}"
     state.login = KeyPair.generate(name)
     state.host_key = KeyPair.generate(f"{name}-host")
-    ec2.call(
-        "import_key_pair",
-        KeyName=name,
-        PublicKeyMaterial=state.login.public_line.encode(),
-        TagSpecifications=tag_specs("key-pair", state.tags("key-pair", temporary=True)),
-    )
-    state.key_name = name
-    state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
+    with state.undo.creating():
+        ec2.call(
+            "import_key_pair",
+            KeyName=name,
+            PublicKeyMaterial=state.login.public_line.encode(),
+            TagSpecifications=tag_specs("key-pair", state.tags("key-pair", temporary=True)),
+        )
+        state.key_name = name
+        state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
     if state.options.security_group_id:
         state.group_id = state.options.security_group_id
         return
@@ -200,15 +201,16 @@ def temporary_credentials(state: _Build) -> None:
     if state.options.subnet_id:
         subnet = ec2.call("describe_subnets", SubnetIds=[state.options.subnet_id])["Subnets"][0]
         params["VpcId"] = subnet["VpcId"]
-    group_id = str(
-        ec2.call(
-            "create_security_group",
-            **params,
-            TagSpecifications=tag_specs("security-group", state.tags("security-group", temporary=True)),
-        )["GroupId"]
-    )
-    state.group_id = group_id
-    state.undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
+    with state.undo.creating():
+        group_id = str(
+            ec2.call(
+                "create_security_group",
+                **params,
+                TagSpecifications=tag_specs("security-group", state.tags("security-group", temporary=True)),
+            )["GroupId"]
+        )
+        state.group_id = group_id
+        state.undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
     ec2.call(
         "authorize_security_group_ingress",
         GroupId=group_id,
@@ -287,9 +289,10 @@ def launch_builder(state: _Build) -> None:
         params["SubnetId"] = state.options.subnet_id
     if state.group_id:
         params["SecurityGroupIds"] = [state.group_id]
-    instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
-    state.instance_id = instance_id
-    state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
+    with state.undo.creating():
+        instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
+        state.instance_id = instance_id
+        state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
     ec2.wait_for(
         f"instance {instance_id}",
         lambda: ec2.instance_state(instance_id),
@@ -314,10 +317,11 @@ def data_volume(state: _Build) -> None:
     params.update(
         {k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput), ("KmsKeyId", vol.kms_key_id)) if v}
     )
-    volume_id = str(ec2.call("create_volume", **params)["VolumeId"])
-    state.volume_id = volume_id
-    state.manifest.data_volume = volume_id
-    state.undo.push("volume", volume_id, lambda: ec2.delete_volume(volume_id, instance_id))
+    with state.undo.creating():
+        volume_id = str(ec2.call("create_volume", **params)["VolumeId"])
+        state.volume_id = volume_id
+        state.manifest.data_volume = volume_id
+        state.undo.push("volume", volume_id, lambda: ec2.delete_volume(volume_id, instance_id))
     ec2.wait_for(
         f"volume {volume_id}", lambda: ec2.volume_state(volume_id), "available", timeout=300, failed=("error",)
     )
@@ -387,15 +391,16 @@ def snapshot_volumes(state: _Build) -> None:
     )
     made: dict[str, str] = {}
     for kind, volume_id in (("root-snapshot", root_volume), ("seed-snapshot", str(state.volume_id))):
-        snapshot_id = str(
-            ec2.call(
-                "create_snapshot",
-                VolumeId=volume_id,
-                Description=f"ebsrole {role.name} {kind} {state.build_id}",
-                TagSpecifications=tag_specs("snapshot", state.tags(kind, temporary=False, status="pending")),
-            )["SnapshotId"]
-        )
-        state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
+        with state.undo.creating():
+            snapshot_id = str(
+                ec2.call(
+                    "create_snapshot",
+                    VolumeId=volume_id,
+                    Description=f"ebsrole {role.name} {kind} {state.build_id}",
+                    TagSpecifications=tag_specs("snapshot", state.tags(kind, temporary=False, status="pending")),
+                )["SnapshotId"]
+            )
+            state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
         made[kind] = snapshot_id
     state.manifest.root_snapshot, state.manifest.seed_snapshot = made["root-snapshot"], made["seed-snapshot"]
     ids = list(made.values())
@@ -440,9 +445,10 @@ def register_image(state: _Build) -> None:
     }
     if state.base.boot_mode:
         params["BootMode"] = state.base.boot_mode
-    image_id = _register(ec2, params, state.build_id)
-    manifest.ami = image_id
-    state.undo.push("image", image_id, lambda: ec2.call("deregister_image", ImageId=image_id))
+    with state.undo.creating():
+        image_id = _register(ec2, params, state.build_id)
+        manifest.ami = image_id
+        state.undo.push("image", image_id, lambda: ec2.call("deregister_image", ImageId=image_id))
     ec2.wait_for(
         f"image {image_id}",
         lambda: ec2.image_state(image_id),

@@ -171,9 +171,11 @@ class Remote:
             raise ConnectionLost(result)
         return result
 
-    def check(self, command: str, *, what: str | None = None, **kwargs: float | LineSink | None) -> CommandResult:
+    def check(
+        self, command: str, *, what: str | None = None, timeout: float | None = None, on_line: LineSink | None = None
+    ) -> CommandResult:
         """Run ``command``; raise RemoteCommandFailed unless it exits 0."""
-        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+        result = self.run(command, timeout=timeout, on_line=on_line)
         if result.exit_status != 0:
             raise RemoteCommandFailed(result, what)
         return result

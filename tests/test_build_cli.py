@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -33,7 +34,7 @@ def endpoint() -> Iterator[str]:
 
 
 @pytest.fixture
-def client(endpoint: str) -> Iterator[object]:
+def client(endpoint: str) -> Iterator[Any]:
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
     yield boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
 
@@ -44,25 +45,23 @@ def mini_dir(roles_dir: Path, write_role: Callable[..., Path]) -> Path:
     return roles_dir
 
 
-def resources(client: object) -> dict[str, list[str]]:
-    c = client  # type: ignore[assignment]
+def resources(client: Any) -> dict[str, list[str]]:
+    c = client
     tagged = [{"Name": "tag-key", "Values": [tag("build-id")]}]
     return {
         "instances": [
             i["InstanceId"]
-            for r in c.describe_instances(Filters=tagged)["Reservations"]  # type: ignore[attr-defined]
+            for r in c.describe_instances(Filters=tagged)["Reservations"]
             for i in r["Instances"]
             if i["State"]["Name"] != "terminated"
         ],
-        "volumes": [v["VolumeId"] for v in c.describe_volumes(Filters=tagged)["Volumes"]],  # type: ignore[attr-defined]
-        "key_pairs": [k["KeyName"] for k in c.describe_key_pairs()["KeyPairs"]],  # type: ignore[attr-defined]
+        "volumes": [v["VolumeId"] for v in c.describe_volumes(Filters=tagged)["Volumes"]],
+        "key_pairs": [k["KeyName"] for k in c.describe_key_pairs()["KeyPairs"]],
         "security_groups": [
-            g["GroupId"]
-            for g in c.describe_security_groups()["SecurityGroups"]  # type: ignore[attr-defined]
-            if g["GroupName"] != "default"
+            g["GroupId"] for g in c.describe_security_groups()["SecurityGroups"] if g["GroupName"] != "default"
         ],
-        "snapshots": [s["SnapshotId"] for s in c.describe_snapshots(Filters=tagged)["Snapshots"]],  # type: ignore[attr-defined]
-        "images": [i["ImageId"] for i in c.describe_images(Owners=["self"])["Images"]],  # type: ignore[attr-defined]
+        "snapshots": [s["SnapshotId"] for s in c.describe_snapshots(Filters=tagged)["Snapshots"]],
+        "images": [i["ImageId"] for i in c.describe_images(Owners=["self"])["Images"]],
     }
 
 
@@ -125,14 +124,14 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60) -> None:
     ids=["sigint-after-launch", "sigint-waiting-for-ssh", "sigterm-waiting-for-ssh"],
 )
 def test_signal_mid_build_cleans_up(
-    endpoint: str, client: object, mini_dir: Path, tmp_path: Path, signum: int, point: str, code: int
+    endpoint: str, client: Any, mini_dir: Path, tmp_path: Path, signum: int, point: str, code: int
 ) -> None:
     proc = start_build(endpoint, mini_dir, tmp_path)
     try:
         if point == "instance":
             wait_until(lambda: bool(resources(client)["instances"]))
         else:
-            wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))  # type: ignore[attr-defined]
+            wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -145,9 +144,9 @@ def test_signal_mid_build_cleans_up(
     assert manifest["resources"] and all(r["fate"] == "deleted" for r in manifest["resources"])
 
 
-def test_sigkill_then_sweep_removes_everything(endpoint: str, client: object, mini_dir: Path, tmp_path: Path) -> None:
+def test_sigkill_then_sweep_removes_everything(endpoint: str, client: Any, mini_dir: Path, tmp_path: Path) -> None:
     proc = start_build(endpoint, mini_dir, tmp_path)
-    wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))  # type: ignore[attr-defined]
+    wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))
     proc.kill()
     proc.wait()
     left = resources(client)
@@ -169,10 +168,10 @@ def test_sigkill_then_sweep_removes_everything(endpoint: str, client: object, mi
     assert not any(resources(client).values()), resources(client)
 
 
-def test_sweep_keeps_finished_builds_artefacts(endpoint: str, client: object) -> None:
+def test_sweep_keeps_finished_builds_artefacts(endpoint: str, client: Any) -> None:
     c = client
-    snap = c.create_snapshot(  # type: ignore[attr-defined]
-        VolumeId=c.create_volume(AvailabilityZone=f"{REGION}a", Size=1)["VolumeId"],  # type: ignore[attr-defined]
+    snap = c.create_snapshot(
+        VolumeId=c.create_volume(AvailabilityZone=f"{REGION}a", Size=1)["VolumeId"],
         TagSpecifications=[
             {
                 "ResourceType": "snapshot",
@@ -228,7 +227,7 @@ def test_bad_input_gives_one_clear_line(mini_dir: Path, tmp_path: Path) -> None:
 
 
 def test_no_matching_base_ami_at_the_command_line(
-    endpoint: str, client: object, roles_dir: Path, write_role: Callable[..., Path], tmp_path: Path
+    endpoint: str, client: Any, roles_dir: Path, write_role: Callable[..., Path], tmp_path: Path
 ) -> None:
     write_role("old", dict(MINI_ROLE, base={"name": "debian-9-*"}))
     done = run_cli(*build_args("old", roles_dir, endpoint, str(tmp_path / "m.json")))
@@ -237,7 +236,7 @@ def test_no_matching_base_ami_at_the_command_line(
     assert not any(resources(client).values())
 
 
-def test_unwritable_manifest_is_refused_before_anything(endpoint: str, client: object, mini_dir: Path) -> None:
+def test_unwritable_manifest_is_refused_before_anything(endpoint: str, client: Any, mini_dir: Path) -> None:
     done = run_cli(*build_args("mini", mini_dir, endpoint, "/dev/null/x.json"))
     assert done.returncode == 2 and "--manifest /dev/null/x.json" in done.stderr, done.stderr
     assert not any(resources(client).values())

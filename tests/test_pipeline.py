@@ -437,3 +437,21 @@ def test_waits_ride_out_eventual_consistency_and_back_off(ec2: EC2) -> None:
         ec2.wait_for("instance i-1", lambda: (_ for _ in ()).throw(gone), "terminated", timeout=5, missing="terminated")
         == "terminated"
     )
+
+
+def test_ctrl_c_between_creating_and_recording_a_resource_waits_for_the_record() -> None:
+    import os
+    import signal
+
+    from builder.cleanup import UndoStack
+
+    undo = UndoStack()
+    with pytest.raises(KeyboardInterrupt):
+        with undo.creating():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives right after the create call returns
+            time.sleep(0.05)
+            undo.push("volume", "vol-1", lambda: None)  # still recorded
+        pytest.fail("the deferred Ctrl-C must take effect when the block ends")
+    assert [r.id for r in undo.resources] == ["vol-1"]
+    assert [r.fate for r in undo.resources] == ["created"]
+    assert undo.unwind() == [] and undo.resources[0].fate == "deleted"
