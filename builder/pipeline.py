@@ -157,12 +157,14 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
 def _step(state: _Build, name: str) -> Iterator[None]:
     started = time.monotonic()
     log.info("%s: %s ...", state.role.name, name)
+    outcome = "stopped"
     try:
         yield
+        outcome = "done"
     finally:
         took = time.monotonic() - started
-        state.manifest.steps.append({"step": name, "seconds": round(took, 3)})
-        log.info("%s: %s done in %.1f s", state.role.name, name, took)
+        state.manifest.steps.append({"step": name, "seconds": round(took, 3), "outcome": outcome})
+        log.info("%s: %s %s after %.1f s", state.role.name, name, outcome, took)
 
 
 # ---------------------------------------------------------------- stages
