@@ -107,6 +107,11 @@ def build_args(role: str, roles_dir: Path, endpoint: str, manifest: str) -> list
     ]
 
 
+def both_volumes_attached(client: Any) -> bool:
+    """True once the builder's root and data volume are both attached: the build is at SSH."""
+    return sum(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]) >= 2
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -131,7 +136,7 @@ def test_signal_mid_build_cleans_up(
         if point == "instance":
             wait_until(lambda: bool(resources(client)["instances"]))
         else:
-            wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))
+            wait_until(lambda: both_volumes_attached(client))
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -146,7 +151,7 @@ def test_signal_mid_build_cleans_up(
 
 def test_sigkill_then_sweep_removes_everything(endpoint: str, client: Any, mini_dir: Path, tmp_path: Path) -> None:
     proc = start_build(endpoint, mini_dir, tmp_path)
-    wait_until(lambda: any(v["State"] == "in-use" for v in client.describe_volumes()["Volumes"]))
+    wait_until(lambda: both_volumes_attached(client))
     proc.kill()
     proc.wait()
     left = resources(client)
