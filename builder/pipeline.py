@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
-from builder.cleanup import UndoStack
+from builder.cleanup import Resource, UndoStack
 from builder.ec2 import EC2, CloudError, Image, tag, tag_list, tag_specs
 from builder.errors import BuildError, ExitCode, InvalidInput
 from builder.files import write_atomic
@@ -32,6 +32,7 @@ from builder.manifest import Manifest, write_manifest
 from builder.remote import Remote
 from builder.render import render_role
 from builder.roles import Role
+from builder.sweep import find_leftovers, remove
 from builder.userdata import builder_user_data
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     if error is not None and options.keep_on_failure:
         _keep_builder(state)
     with _step(state, "clean up"):
-        left = state.undo.unwind()
+        left = state.undo.unwind() + _remove_orphans(state)
     manifest.finish(state.undo.resources, ec2)
     write_manifest(manifest)
     leftovers = [(r.kind, r.id, r.error) for r in left]
@@ -496,6 +497,24 @@ STAGES: list[tuple[str, Callable[[_Build], None]]] = [
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _remove_orphans(state: _Build) -> list[Resource]:
+    """Remove what carries this build's id but is on no undo stack, and record it.
+
+    A create call whose response was lost (CreateSnapshot has no client token) can leave
+    a twin that only the tag knows of. Returns those that could not be removed.
+    """
+    known = {r.id for r in state.undo.resources}
+    try:
+        orphans = [f for f in find_leftovers(state.ec2, 0, build_id=state.build_id) if f.id not in known]
+        remove(state.ec2, orphans)
+    except CloudError as exc:
+        log.warning("%s: could not look for orphans of build %s: %s", state.role.name, state.build_id, exc)
+        return []
+    recorded = [Resource(f.kind.rstrip("s").replace("_", "-"), f.id, lambda: None, f.fate, f.error) for f in orphans]
+    state.undo.resources.extend(recorded)
+    return [r for r in recorded if r.fate == "left"]
 
 
 def _artefact_tags(state: _Build) -> dict[str, str]:

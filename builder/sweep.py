@@ -46,12 +46,21 @@ def parse_age(text: str) -> float:
     return int(match.group(1)) * UNITS[match.group(2)]
 
 
-def find_leftovers(ec2: EC2, older_than: float, now: datetime | None = None) -> list[Found]:
-    """Return the tool's resources that belong to no finished build and are older than ``older_than`` s."""
+def find_leftovers(
+    ec2: EC2, older_than: float, now: datetime | None = None, build_id: str | None = None
+) -> list[Found]:
+    """Return the tool's resources that belong to no finished build and are older than ``older_than`` s.
+
+    With ``build_id``, only that build's.
+    """
     now = now or datetime.now(UTC)
+    if build_id:
+        filters = [{"Name": f"tag:{tag('build-id')}", "Values": [build_id]}]
+    else:
+        filters = [{"Name": "tag-key", "Values": [tag("build-id")]}]
     found = []
     for kind in KINDS:
-        for resource in ec2.find_tagged(kind, [{"Name": "tag-key", "Values": [tag("build-id")]}]):
+        for resource in ec2.find_tagged(kind, filters):
             tags = tags_of(resource)
             if not _abandoned(kind, resource, tags) or _age(tags, now) < older_than:
                 continue

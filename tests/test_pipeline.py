@@ -455,3 +455,28 @@ def test_ctrl_c_between_creating_and_recording_a_resource_waits_for_the_record()
     assert [r.id for r in undo.resources] == ["vol-1"]
     assert [r.fate for r in undo.resources] == ["created"]
     assert undo.unwind() == [] and undo.resources[0].fate == "deleted"
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_twin_from_a_lost_response_is_found_by_tag_and_removed(
+    ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path
+) -> None:
+    plane = DataPlane(rootfs, tmp_path)
+    plane.install(ec2.client)
+    other = boto3.client("ec2", region_name=REGION)  # outside the tool: like a retry whose first answer was lost
+
+    def twin(**_: Any) -> None:
+        request = plane.params("CreateSnapshot")[-1]
+        if request["Description"].startswith("ebsrole mini seed-snapshot"):
+            other.create_snapshot(VolumeId=request["VolumeId"], TagSpecifications=request["TagSpecifications"])
+
+    ec2.client.meta.events.register("after-call.ec2.CreateSnapshot", twin)
+    try:
+        manifest = build(mini, ec2, options(plane, tmp_path))
+    finally:
+        plane.stop_all()
+    assert sorted(everything(ec2)["snapshots"]) == sorted([manifest.seed_snapshot, manifest.root_snapshot])
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    twins = [r for r in doc["resources"] if r["kind"] == "snapshot" and r["fate"] == "deleted"]
+    assert len(twins) == 1 and twins[0]["id"] not in (manifest.seed_snapshot, manifest.root_snapshot)
