@@ -446,12 +446,17 @@ def test_ctrl_c_between_creating_and_recording_a_resource_waits_for_the_record()
     from builder.cleanup import UndoStack
 
     undo = UndoStack()
-    with pytest.raises(KeyboardInterrupt):
-        with undo.creating():
-            os.kill(os.getpid(), signal.SIGINT)  # arrives right after the create call returns
-            time.sleep(0.05)
-            undo.push("volume", "vol-1", lambda: None)  # still recorded
-        pytest.fail("the deferred Ctrl-C must take effect when the block ends")
+    # As build.py's main sets it up (the test runner may have been started with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with undo.creating():
+                os.kill(os.getpid(), signal.SIGINT)  # arrives right after the create call returns
+                time.sleep(0.05)
+                undo.push("volume", "vol-1", lambda: None)  # still recorded
+            pytest.fail("the deferred Ctrl-C must take effect when the block ends")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert [r.id for r in undo.resources] == ["vol-1"]
     assert [r.fate for r in undo.resources] == ["created"]
     assert undo.unwind() == [] and undo.resources[0].fate == "deleted"
