@@ -232,12 +232,30 @@ class EC2:
         )
 
     def delete_volume(self, volume_id: str, instance_id: str | None) -> None:
-        """Detach (when attached to ``instance_id``) and delete a volume."""
+        """Delete a volume, detaching it first from ``instance_id`` (ours) if attached there.
+
+        A volume already being deleted is left to finish; one attached to any other
+        instance is refused (VolumeInUse) rather than waited on.
+        """
         state = self.volume_state(volume_id)
-        if state.startswith("in-use") and instance_id:
+        if state == "deleting":
+            return
+        if state.startswith("in-use"):
+            if not instance_id:
+                raise CloudError(
+                    "delete_volume", "VolumeInUse", f"{volume_id} is attached to an instance that is not ours to stop"
+                )
             self.call("detach_volume", VolumeId=volume_id, InstanceId=instance_id, Force=True)
         if state != "available":
-            self.wait_for(f"volume {volume_id}", lambda: self.volume_state(volume_id), "available", timeout=600)
+            done = self.wait_for(
+                f"volume {volume_id}",
+                lambda: self.volume_state(volume_id),
+                ("available", "deleting"),
+                timeout=600,
+                missing="deleting",
+            )
+            if done == "deleting":
+                return
         self.call("delete_volume", VolumeId=volume_id)
 
     def delete_security_group(self, group_id: str, timeout: float = 300) -> None:

@@ -507,7 +507,12 @@ def _remove_orphans(state: _Build) -> list[Resource]:
     """
     known = {r.id for r in state.undo.resources}
     try:
-        orphans = [f for f in find_leftovers(state.ec2, 0, build_id=state.build_id) if f.id not in known]
+        orphans = [
+            f
+            for f in find_leftovers(state.ec2, 0, build_id=state.build_id)
+            # the builder's root volume lives and dies with the builder, which is on the stack
+            if f.id not in known and f.tool_kind != "builder-root"
+        ]
         remove(state.ec2, orphans)
     except CloudError as exc:
         log.warning("%s: could not look for orphans of build %s: %s", state.role.name, state.build_id, exc)

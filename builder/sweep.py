@@ -36,6 +36,7 @@ class Found:
     created_at: str
     fate: str = "found"  # found (dry run) | deleted | left
     error: str = ""
+    tool_kind: str = ""  # the ebsrole:kind tag (builder, builder-root, data-volume, ...)
 
 
 def parse_age(text: str) -> float:
@@ -71,6 +72,7 @@ def find_leftovers(
                     tags.get(tag("build-id"), ""),
                     tags.get(tag("role"), ""),
                     tags.get(tag("created-at"), ""),
+                    tool_kind=tags.get(tag("kind"), ""),
                 )
             )
     return found
@@ -79,6 +81,11 @@ def find_leftovers(
 def remove(ec2: EC2, found: list[Found]) -> list[Found]:
     """Remove ``found`` in a safe order; return it with each fate set (keeps going past failures)."""
     for item in sorted(found, key=lambda f: KINDS.index(f.kind)):
+        if item.tool_kind == "builder-root" and any(
+            f.kind == "instances" and f.build_id == item.build_id for f in found
+        ):
+            item.fate = "deleted"  # a builder's root volume goes with its instance (DeleteOnTermination)
+            continue
         try:
             _remove(ec2, item)
         except CloudError as exc:
