@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -32,17 +31,6 @@ class KeyPair:
     def pkey(self) -> paramiko.PKey:
         """Return the private key as paramiko wants it."""
         return paramiko.Ed25519Key(file_obj=io.StringIO(self.private_openssh))
-
-    def public_pkey(self) -> paramiko.PKey:
-        """Return the public key alone (what a client pins for a host)."""
-        return public_key(self.public_line)
-
-    @property
-    def fingerprint(self) -> str:
-        """Return the SHA256 fingerprint as ssh-keygen -l prints it."""
-        blob = base64.b64decode(self.public_line.split()[1])
-        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-        return f"SHA256:{digest}"
 
 
 def public_key(line: str) -> paramiko.PKey:

@@ -72,7 +72,6 @@ DEVICES_ALLOWED = (
     "c 10:200 rwm",
 )
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
-READY_STATES = ("running", "degraded")
 
 
 class MachineError(BuildError):
@@ -351,17 +350,6 @@ class Machine:
             raise MachineError(self.name, f"{shlex.join(argv)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
         return done
 
-    def wait_until_booted(self, timeout: float = 120) -> str:
-        """Wait until systemd has finished booting; return its state (running or degraded)."""
-        deadline = time.monotonic() + timeout
-        state = "unknown"
-        while time.monotonic() < deadline:
-            state = self.exec("systemctl", "is-system-running", check=False, timeout=30).stdout.strip()
-            if state in READY_STATES:
-                return state
-            time.sleep(0.2)
-        raise MachineError(self.name, f"systemd still {state!r} after {timeout:.0f} s", self.console_tail())
-
     # ------------------------------------------------------------ volumes
 
     def attach(self, disk: Disk) -> str:
@@ -573,10 +561,3 @@ def _slirp_api(sock_path: Path, request: dict[str, object]) -> dict[str, object]
             data += chunk
     reply: dict[str, object] = json.loads(data or b"{}")
     return reply
-
-
-def machines(state_root: Path = STATE_ROOT) -> list[Machine]:
-    """Return every machine that has a state directory under ``state_root``."""
-    if not state_root.is_dir():
-        return []
-    return [Machine(p.name, p) for p in sorted(state_root.iterdir()) if p.is_dir()]
