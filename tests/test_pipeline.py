@@ -97,6 +97,19 @@ def intercepting(before_run: Callable[[str, dict[str, Any]], None]) -> Callable[
     return connect
 
 
+def failing_build(
+    ec2: EC2, role: Any, plane: DataPlane, tmp_path: Path, error: type[BaseException], **extra: Any
+) -> Any:
+    """Run a build that must fail with ``error``; stop the plane's machines; return the error."""
+    plane.install(ec2.client)
+    try:
+        with pytest.raises(error) as caught:
+            build(role, ec2, options(plane, tmp_path, **extra))
+    finally:
+        plane.stop_all()
+    return caught.value
+
+
 # ---------------------------------------------------------------- pure parts
 
 
@@ -233,14 +246,9 @@ def test_failure_at_any_ec2_call_leaves_nothing(
 ) -> None:
     plane = DataPlane(rootfs, tmp_path)
     plane.fail[operation] = nth
-    plane.install(ec2.client)
-    try:
-        with pytest.raises(CloudError) as caught:
-            build(mini, ec2, options(plane, tmp_path))
-    finally:
-        plane.stop_all()
-    assert caught.value.exit_code == ExitCode.CLOUD
-    assert "InjectedFault" in caught.value.render()
+    error = failing_build(ec2, mini, plane, tmp_path, CloudError)
+    assert error.exit_code == ExitCode.CLOUD
+    assert "InjectedFault" in error.render()
     assert nothing_left(ec2), everything(ec2)
     doc = json.loads((tmp_path / "manifest.json").read_text())
     assert doc["status"] == "failed"
@@ -252,14 +260,9 @@ def test_failure_at_any_ec2_call_leaves_nothing(
 def test_host_key_mismatch_is_refused_and_leaves_nothing(ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path) -> None:
     plane = DataPlane(rootfs, tmp_path)
     plane.host_key_override = builder_user_data(KeyPair.generate("x"), KeyPair.generate("impostor"))
-    plane.install(ec2.client)
-    try:
-        with pytest.raises((HostKeyMismatch, BuildError)) as caught:
-            build(mini, ec2, options(plane, tmp_path))
-    finally:
-        plane.stop_all()
-    assert isinstance(caught.value, HostKeyMismatch), caught.value
-    assert caught.value.exit_code == ExitCode.CONNECTION
+    error = failing_build(ec2, mini, plane, tmp_path, BuildError)
+    assert isinstance(error, HostKeyMismatch), error
+    assert error.exit_code == ExitCode.CONNECTION
     assert nothing_left(ec2)
 
 
@@ -270,15 +273,10 @@ def test_failing_script_fails_the_build_with_its_output(
 ) -> None:
     write_role("broken", dict(MINI_ROLE, packages=["no-such-package-ebsrole"]))
     plane = DataPlane(rootfs, tmp_path)
-    plane.install(ec2.client)
-    try:
-        with pytest.raises(RemoteCommandFailed) as caught:
-            build(load_role("broken", roles_dir), ec2, options(plane, tmp_path))
-    finally:
-        plane.stop_all()
-    assert caught.value.exit_code == ExitCode.REMOTE
-    assert "provision.sh exited" in caught.value.render()
-    assert "no-such-package-ebsrole" in caught.value.render()
+    error = failing_build(ec2, load_role("broken", roles_dir), plane, tmp_path, RemoteCommandFailed)
+    assert error.exit_code == ExitCode.REMOTE
+    assert "provision.sh exited" in error.render()
+    assert "no-such-package-ebsrole" in error.render()
     assert nothing_left(ec2)
 
 
@@ -397,20 +395,14 @@ def test_a_failing_verify_or_hygiene_fails_the_build(
     ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path, script: str
 ) -> None:
     plane = DataPlane(rootfs, tmp_path)
-    plane.install(ec2.client)
 
     def break_machine(command: str, _kw: dict[str, Any]) -> None:
         if command.startswith("sudo") and script in command:
             next(iter(plane.machines.values())).exec("bash", "-c", BREAK_BEFORE[script])
 
-    connect = intercepting(break_machine)
-    try:
-        with pytest.raises(RemoteCommandFailed) as caught:
-            build(mini, ec2, options(plane, tmp_path, connect=connect))
-    finally:
-        plane.stop_all()
-    assert caught.value.exit_code == ExitCode.REMOTE
-    assert f"{script} exited 1" in caught.value.render()
+    error = failing_build(ec2, mini, plane, tmp_path, RemoteCommandFailed, connect=intercepting(break_machine))
+    assert error.exit_code == ExitCode.REMOTE
+    assert f"{script} exited 1" in error.render()
     assert nothing_left(ec2)
 
 
