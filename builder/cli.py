@@ -16,14 +16,17 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from builder import __version__
 from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid
 
+if TYPE_CHECKING:
+    from builder.ec2 import EC2
+
 log = logging.getLogger("builder")
 
-VERBS = ("validate", "render", "audit", "sweep")
+VERBS = ("validate", "render", "audit", "sweep", "sandbox")
 VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
 
 EPILOG = """\
@@ -41,7 +44,7 @@ exit codes:
 
 
 BUILD_USAGE = """build.py ROLE [ROLE...] [options]
-       build.py {validate,render,audit} ... (see build.py COMMAND --help)"""
+       build.py {validate,render,audit,sweep,sandbox} ... (see build.py COMMAND --help)"""
 BUILD_DESCRIPTION = """\
 Build the role AMI of each ROLE, paired with the seed snapshot of its data volume.
 
@@ -50,6 +53,10 @@ commands:
   render     print or write a role's scripts (no cloud access)
   audit      which paths each role puts on its volume
   sweep      remove what killed builds left behind (found by tag)
+  sandbox    start|status|stop|reset the local sandbox (EC2 endpoint + real machines)
+
+--sandbox on a build or sweep runs it against the local sandbox, started when needed:
+no AWS account, same code path.
 """
 
 
@@ -201,6 +208,24 @@ def _verb_parser() -> _Parser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     _aws_options(p)
     p.set_defaults(run=cmd_sweep)
+
+    p = sub.add_parser(
+        "sandbox",
+        parents=[common],
+        help="the local sandbox: an EC2 endpoint with real machines behind it",
+        description="Run the local sandbox in the background (state kept on disk until reset): "
+        "an EC2 endpoint on 127.0.0.1 whose instances are local Debian machines and whose "
+        "volumes and snapshots are files.",
+    )
+    p.add_argument("action", choices=("start", "status", "stop", "reset"))
+    p.add_argument(
+        "--release",
+        action="append",
+        choices=("bookworm", "trixie"),
+        help="prepare this Debian tree at start (repeatable; default bookworm)",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(run=cmd_sandbox)
     return parser
 
 
@@ -245,6 +270,9 @@ def _aws_options(parser: argparse.ArgumentParser) -> None:
     )
     aws.add_argument("--profile", help="named profile from ~/.aws/config (default: the standard credential chain)")
     aws.add_argument("--endpoint-url", help="any EC2-compatible endpoint instead of AWS's")
+    aws.add_argument(
+        "--sandbox", action="store_true", help="use the local sandbox (started when needed) instead of AWS"
+    )
 
 
 def _script_names() -> tuple[str, ...]:
@@ -317,7 +345,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build the role AMIs, one after the other; print a summary line per role."""
-    from builder.ec2 import EC2
     from builder.pipeline import BuildOptions, build, ssh_cidr
     from builder.roles import load_roles
 
@@ -325,7 +352,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.manifest and len(roles) > 1:
         raise InvalidInput("--manifest names one file: give it with one role only")
     _check_writable_dir(args.manifest.parent if args.manifest else Path("manifests"), f"--manifest {args.manifest}")
-    ec2 = EC2.connect(args.region, args.profile, args.endpoint_url)
+    ec2 = _connect(args)
     # Settled before anything is created: a CIDR that cannot be found stops the build here.
     cidr = None if args.security_group_id else ssh_cidr(args.ssh_cidr, args.endpoint_url)
     options = BuildOptions(
@@ -355,11 +382,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """List (and unless --dry-run remove) leftovers of builds."""
     from dataclasses import asdict
 
-    from builder.ec2 import EC2
     from builder.sweep import find_leftovers, parse_age, remove
 
     older_than = parse_age(args.older_than)
-    ec2 = EC2.connect(args.region, args.profile, args.endpoint_url)
+    ec2 = _connect(args)
     found = find_leftovers(ec2, older_than)
     if not args.dry_run:
         remove(ec2, found)
@@ -375,7 +401,67 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return ExitCode.LEFTOVERS if left else ExitCode.OK
 
 
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    """Start, show, stop or reset the local sandbox."""
+    from builder.sandbox import control
+
+    if args.action == "start":
+        current = control.start(releases=tuple(args.release or ("bookworm",)))
+        result: dict[str, object] = {"running": True, "endpoint": current.endpoint, "pid": current.pid}
+        text = f"sandbox running: EC2 endpoint {current.endpoint} (pid {current.pid}, state {control.STATE_DIR})"
+    elif args.action == "stop":
+        was = control.stop()
+        result = {"running": False, "was_running": was}
+        text = "sandbox stopped (state kept; reset deletes it)" if was else "sandbox was not running"
+    elif args.action == "reset":
+        control.reset()
+        result = {"running": False, "reset": True}
+        text = f"sandbox reset: {control.STATE_DIR} removed"
+    else:
+        result = control.status()
+        text = _sandbox_text(result)
+    _print(json.dumps(result, indent=2) if args.format == "json" else text)
+    return ExitCode.OK
+
+
+def _sandbox_text(status: dict[str, Any]) -> str:
+    lines = [
+        f"sandbox: {'running, EC2 endpoint ' + str(status['endpoint']) if status['running'] else 'not running'}"
+        f" (state {status['state']})"
+    ]
+    for region, view in status.get("ec2", {}).items():
+        states: dict[str, int] = {}
+        for state in view["instances"].values():
+            states[state] = states.get(state, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
+        lines.append(
+            f"  {region}: instances {summary}; volumes {len(view['volumes'])}; "
+            f"snapshots {len(view['snapshots'])}; images {len(view['images'])}"
+        )
+    lines.append(f"  machines running: {' '.join(status['machines']) or 'none'}")
+    lines.append(f"  loop devices: {' '.join(status['loop_devices']) or 'none'}")
+    lines.append(f"  mounts: {' '.join(status['mounts']) or 'none'}")
+    lines.append(f"  disk used: {status['bytes_on_disk'] / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- helpers
+
+
+def _connect(args: argparse.Namespace) -> EC2:
+    """Return the EC2 the command works against: AWS (standard chain), --endpoint-url, or the sandbox."""
+    from builder.ec2 import EC2
+
+    if not args.sandbox:
+        return EC2.connect(args.region, args.profile, args.endpoint_url)
+    if args.endpoint_url or args.profile:
+        raise InvalidInput("--sandbox is its own endpoint and credentials: drop --endpoint-url and --profile")
+    from builder.sandbox import control
+
+    current = control.ensure_started()
+    args.endpoint_url = current.endpoint
+    args.region = args.region or control.REGION
+    return EC2.connect(args.region, None, current.endpoint, credentials=control.CREDENTIALS)
 
 
 def _check_writable_dir(path: Path, what: str) -> None:

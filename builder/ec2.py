@@ -112,10 +112,20 @@ class EC2:
         self.calls: Counter[str] = Counter()
 
     @classmethod
-    def connect(cls, region: str | None, profile: str | None = None, endpoint_url: str | None = None) -> EC2:
-        """Return an EC2 for the standard credential chain (or ``profile``)."""
+    def connect(
+        cls,
+        region: str | None,
+        profile: str | None = None,
+        endpoint_url: str | None = None,
+        *,
+        credentials: tuple[str, str] | None = None,
+    ) -> EC2:
+        """Return an EC2 for the standard credential chain (or ``profile``, or fixed ``credentials``)."""
+        key, secret = credentials or (None, None)
         try:
-            session = boto3.session.Session(profile_name=profile, region_name=region)
+            session = boto3.session.Session(
+                profile_name=profile, region_name=region, aws_access_key_id=key, aws_secret_access_key=secret
+            )
         except botocore.exceptions.ProfileNotFound as exc:
             raise InvalidInput(str(exc), hint="profiles come from ~/.aws/config") from None
         region = region or session.region_name

@@ -6,7 +6,7 @@ import os
 from pathlib import Path as _Path
 
 # moto reads the AMI catalogue once, before its first EC2 call: the official Debian AMIs.
-os.environ["MOTO_AMIS_PATH"] = str(_Path(__file__).with_name("data") / "debian-amis.json")
+os.environ["MOTO_AMIS_PATH"] = str(_Path(__file__).parent.parent / "builder/sandbox/debian-amis.json")
 # Fake credentials: no test can reach a real AWS account.
 for _name, _value in {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ TOOLS = {
     "script": "bsdutils",
     "slirp4netns": "slirp4netns",
     "mkfs.ext4": "e2fsprogs",
+    "blkid": "util-linux",
 }
 # systemd-nspawn's default set, less CAP_MKNOD (the host makes every device node) and
 # CAP_NET_ADMIN beyond the machine's own network namespace is harmless.
@@ -112,9 +113,15 @@ def free_port(address: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def nocloud_seed(name: str, user_data: str) -> dict[str, str]:
-    """Return NoCloud seed files (meta-data, user-data) for a new instance of ``name``."""
+def nocloud_seed(name: str, user_data: str, public_keys: Sequence[str] = ()) -> dict[str, str]:
+    """Return NoCloud seed files (meta-data, user-data) for a new instance of ``name``.
+
+    ``public_keys`` play the part of the EC2 key pair (instance metadata ``public-keys``):
+    cloud-init installs them for the default user.
+    """
     meta = f"instance-id: {name}-{uuid.uuid4().hex[:12]}\nlocal-hostname: {name}\n"
+    if public_keys:
+        meta += f"public-keys: {json.dumps(list(public_keys))}\n"
     return {"meta-data": meta, "user-data": user_data}
 
 
@@ -137,6 +144,7 @@ class Machine:
         ssh_address: str = "127.0.0.1",
         ssh_port: int | None = None,
         disks: Sequence[Disk] = (),
+        public_keys: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
         timeout: float = 20.0,
     ) -> Machine:
@@ -153,19 +161,72 @@ class Machine:
         if state.exists():
             raise MachineError(name, f"already exists ({state}); stop it first")
         machine = cls(name, state)
-        try:
-            machine._prepare(layers, user_data, ssh_address, ssh_port or free_port(ssh_address), disks)
-            machine._launch(timeout)
-        except BaseException as exc:
-            console = machine.console_tail()
-            machine.stop()
-            if isinstance(exc, BuildError) or not isinstance(exc, Exception):
-                raise
-            raise MachineError(name, f"failed to start: {exc}", console) from exc
-        log.debug("machine %s: started (leader pid %s)", name, machine.leader)
+        machine._boot(
+            lambda: machine._prepare(
+                layers,
+                user_data=user_data,
+                address=ssh_address,
+                port=ssh_port or free_port(ssh_address),
+                disks=disks,
+                public_keys=public_keys,
+            ),
+            timeout,
+            keep_state=False,
+        )
         return machine
 
-    def _prepare(self, layers: Sequence[Path], user_data: str, address: str, port: int, disks: Sequence[Disk]) -> None:
+    @classmethod
+    def resume(
+        cls, name: str, *, disks: Sequence[Disk] = (), state_root: Path = STATE_ROOT, timeout: float = 20.0
+    ) -> Machine:
+        """Start again a machine stopped with ``keep_state``: same root (upper layer), same address.
+
+        Like an EC2 instance's start after a stop: cloud-init sees the same instance id, so
+        per-instance steps do not run again. A failed start keeps the state for another try.
+        """
+        require_root("a local machine")
+        require_tools(**TOOLS)
+        machine = cls(name, state_root / name)
+        if not (machine.state / "rw" / "upper").is_dir():
+            raise MachineError(name, f"no kept state in {machine.state} to start from")
+        if machine.running:
+            raise MachineError(name, "already running")
+
+        def prepare() -> None:
+            fifo = machine.state / "go"
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo)
+            (machine.state / "root").mkdir(exist_ok=True)
+            machine._save_loops([])
+            machine._make_cgroups()
+            for disk in disks:
+                machine._record_loop(disk)
+
+        machine._boot(prepare, timeout, keep_state=True)
+        return machine
+
+    def _boot(self, prepare: Callable[[], None], timeout: float, *, keep_state: bool) -> None:
+        try:
+            prepare()
+            self._launch(timeout)
+        except BaseException as exc:
+            console = self.console_tail()
+            self.stop(keep_state=keep_state)
+            if isinstance(exc, BuildError) or not isinstance(exc, Exception):
+                raise
+            raise MachineError(self.name, f"failed to start: {exc}", console) from exc
+        log.debug("machine %s: started (leader pid %s)", self.name, self.leader)
+
+    def _prepare(
+        self,
+        layers: Sequence[Path],
+        *,
+        user_data: str,
+        address: str,
+        port: int,
+        disks: Sequence[Disk],
+        public_keys: Sequence[str],
+    ) -> None:
         for layer in layers:
             if not (layer / "sbin/init").exists() and not (layer / "etc").is_dir():
                 raise MachineError(self.name, f"{layer} is not a root tree")
@@ -182,7 +243,7 @@ class Machine:
         )
         seed = upper / "var/lib/cloud/seed/nocloud"
         seed.mkdir(parents=True)
-        for file_name, text in nocloud_seed(self.name, user_data).items():
+        for file_name, text in nocloud_seed(self.name, user_data, public_keys).items():
             (seed / file_name).write_text(text)
             (seed / file_name).chmod(0o600)
         self._make_cgroups()
@@ -364,8 +425,12 @@ class Machine:
             raise MachineError(self.name, f"/dev/{disk.node} is already attached")
         os.mknod(node, 0o660 | 0o060000, os.makedev(major, minor))
         os.chown(node, 0, 6)
-        if disk.by_id:
-            link = dev / "disk/by-id" / disk.by_id
+        links = [dev / "disk/by-id" / disk.by_id] if disk.by_id else []
+        uuid_ = _fs_uuid(loop)
+        if uuid_:
+            (dev / "disk/by-uuid").mkdir(exist_ok=True)
+            links.append(dev / "disk/by-uuid" / uuid_)
+        for link in links:
             link.unlink(missing_ok=True)
             link.symlink_to(f"../../{disk.node}")
         return loop
@@ -380,9 +445,10 @@ class Machine:
         if leader is not None:
             dev = Path(f"/proc/{leader}/root/dev")
             (dev / node).unlink(missing_ok=True)
-            for link in (dev / "disk/by-id").iterdir():
-                if os.readlink(link) == f"../../{node}":
-                    link.unlink()
+            for links in (dev / "disk/by-id", dev / "disk/by-uuid"):
+                for link in links.iterdir() if links.is_dir() else ():
+                    if os.readlink(link) == f"../../{node}":
+                        link.unlink()
         _, devices = _cgroup_dirs(self.name)
         if devices and (devices / "payload").is_dir():
             for level in (devices / "payload", devices):
@@ -410,6 +476,7 @@ class Machine:
                     "major": major,
                     "minor": minor,
                     "by_id": disk.by_id or "",
+                    "uuid": _fs_uuid(path),
                     "image": str(disk.image),
                 },
             ]
@@ -423,7 +490,7 @@ class Machine:
 
     def _disk_specs(self) -> Iterator[str]:
         for entry in self._loops():
-            yield f"{entry['node']}:{entry['major']}:{entry['minor']}:{entry['by_id']}"
+            yield f"{entry['node']}:{entry['major']}:{entry['minor']}:{entry['by_id']}:{entry.get('uuid', '')}"
 
     def _loops(self) -> list[dict[str, str | int]]:
         text = self._read("loops.json", "")
@@ -526,6 +593,18 @@ def _remove_cgroups(name: str) -> None:
             time.sleep(0.1)
         with contextlib.suppress(OSError):
             top.parent.rmdir()
+
+
+def _fs_uuid(device: str) -> str:
+    """Return the UUID of the filesystem on ``device`` ("" when it has none).
+
+    Machines have no udev, so the host makes the /dev/disk/by-uuid link that fstab
+    lines by UUID (and systemd's mount units made from them) need at boot.
+    """
+    done = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "UUID", device], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _detach_loop(loop: str) -> None:

@@ -8,7 +8,7 @@
 #                   the attached volumes), waits for the host to wire the network, then
 #                   pivots into it and executes systemd with a reduced capability set.
 # Environment: STATE (machine state dir), LOWER (cached tree), NAME, CGROUP (payload
-# cgroup2 dir on the host), CAPS (setpriv bounding set), DISKS ("node:maj:min:byid ...").
+# cgroup2 dir on the host), CAPS (setpriv bounding set), DISKS ("node:maj:min:byid:uuid ...").
 set -euo pipefail
 
 stage_ns() {
@@ -17,7 +17,7 @@ stage_ns() {
 }
 
 make_dev() {
-  local dev=$1 spec node maj min byid
+  local dev=$1 spec node maj min byid uuid
   mount -t tmpfs -o mode=755,size=4m,nosuid,noexec tmpfs "$dev"
   mknod -m 666 "$dev/null" c 1 3
   mknod -m 666 "$dev/zero" c 1 5
@@ -39,11 +39,45 @@ make_dev() {
   touch "$dev/console"
   if tty -s; then mount --bind "$(tty)" "$dev/console"; else mount --bind /dev/null "$dev/console"; fi
   for spec in ${DISKS:-}; do
-    IFS=: read -r node maj min byid <<<"$spec"
+    IFS=: read -r node maj min byid uuid <<<"$spec"
     mknod -m 660 "$dev/$node" b "$maj" "$min"
     chgrp 6 "$dev/$node"
     if [[ -n $byid ]]; then ln -sf "../../$node" "$dev/disk/by-id/$byid"; fi
+    if [[ -n $uuid ]]; then mkdir -p "$dev/disk/by-uuid" && ln -sf "../../$node" "$dev/disk/by-uuid/$uuid"; fi
   done
+}
+
+# systemd's fstab generator ignores device lines (UUID=..., /dev/...) in a container, so a
+# volume listed in /etc/fstab would never be mounted at boot, unlike on an EC2 instance. This
+# generator, on the machine's /run (not on its disk, so never in a snapshot or an image), does
+# for those lines what the stock generator does on a VM: a mount unit, wanted (nofail) or
+# required by local-fs.target.
+install_fstab_generator() {
+  local dir=$1
+  mkdir -p "$dir"
+  cat >"$dir/ebsrole-fstab-devices" <<'GENERATOR'
+#!/bin/bash
+out=${1:?}
+while read -r what where type options _; do
+  case $what in UUID=* | LABEL=* | PARTUUID=* | PARTLABEL=* | /dev/*) ;; *) continue ;; esac
+  [[ $where == / || $type == swap || $where != /* ]] && continue
+  case $what in
+    UUID=*) dev=/dev/disk/by-uuid/${what#UUID=} ;;
+    LABEL=*) dev=/dev/disk/by-label/${what#LABEL=} ;;
+    PARTUUID=*) dev=/dev/disk/by-partuuid/${what#PARTUUID=} ;;
+    PARTLABEL=*) dev=/dev/disk/by-partlabel/${what#PARTLABEL=} ;;
+    *) dev=$what ;;
+  esac
+  unit=$(systemd-escape --path --suffix=mount "$where")
+  [[ -e $out/$unit ]] && continue
+  printf '[Unit]\nSourcePath=/etc/fstab\nBefore=local-fs.target\n\n[Mount]\nWhat=%s\nWhere=%s\nType=%s\nOptions=%s\n' \
+    "$dev" "$where" "$type" "${options:-defaults}" >"$out/$unit"
+  if [[ ,$options, == *,nofail,* ]]; then wants=local-fs.target.wants; else wants=local-fs.target.requires; fi
+  mkdir -p "$out/$wants"
+  ln -sf "../$unit" "$out/$wants/$unit"
+done < <(grep -v '^[[:space:]]*#' /etc/fstab 2>/dev/null)
+GENERATOR
+  chmod 755 "$dir/ebsrole-fstab-devices"
 }
 
 stage_root() {
@@ -65,6 +99,7 @@ stage_root() {
   make_dev "$root/dev"
   mount -t tmpfs -o mode=755,size=256m,nosuid,nodev tmpfs "$root/run"
   mount -t tmpfs -o mode=1777,size=1g,nosuid,nodev tmpfs "$root/tmp"
+  install_fstab_generator "$root/run/systemd/system-generators"
   hostname "$NAME"
   read -r _ <"$STATE/go"
   cd "$root"

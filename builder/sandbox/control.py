@@ -1,0 +1,168 @@
+"""Start, inspect, stop and reset the sandbox: a local EC2 endpoint with real machines behind it.
+
+The sandbox runs in the background (``builder.sandbox.server``) with its state in one
+directory (``EBSROLE_SANDBOX``, default /var/lib/ebsrole/sandbox) until ``reset``, so
+separate commands see the same world. ``ensure_started`` is what ``--sandbox`` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.errors import EnvironmentProblem
+from builder.sandbox.dataplane import DataPlane
+from builder.sandbox.host import require_root, require_tools
+from builder.sandbox.machine import TOOLS, Machine
+from builder.sandbox.rootfs import DEFAULT_CACHE, ensure_rootfs
+from builder.sandbox.server import SERVER_FILE, STATUS_PATH
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = Path(os.environ.get("EBSROLE_SANDBOX", "/var/lib/ebsrole/sandbox"))
+REGION = "us-east-1"
+CREDENTIALS = ("sandbox", "sandbox")  # the sandbox checks no signature; never real keys
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Running:
+    """A running sandbox: its process and its EC2 endpoint."""
+
+    pid: int
+    endpoint: str
+
+
+def running(state: Path = STATE_DIR) -> Running | None:
+    """Return the running sandbox of ``state``, or None."""
+    try:
+        info = json.loads((state / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(info.get("pid", 0))
+    if not _is_server(pid):
+        return None
+    return Running(pid, str(info["endpoint"]))
+
+
+def check_host() -> None:
+    """Raise EnvironmentProblem (one line with the fix) when this host cannot run the sandbox."""
+    require_root("the sandbox (it runs local machines with namespaces and loop devices)")
+    require_tools(**TOOLS)
+    if not Path("/dev/loop-control").exists():
+        raise EnvironmentProblem(
+            "no loop devices on this host (/dev/loop-control is missing)", hint="run: modprobe loop"
+        )
+    if not Path("/proc/self/ns/user").exists():
+        raise EnvironmentProblem(
+            "this kernel has no namespaces", hint="the sandbox needs a Linux kernel with namespaces"
+        )
+
+
+def start(state: Path = STATE_DIR, releases: tuple[str, ...] = ("bookworm",), cache: Path = DEFAULT_CACHE) -> Running:
+    """Start the sandbox unless it runs; prepare the Debian trees it boots first (with progress)."""
+    check_host()
+    for release in releases:
+        ensure_rootfs(release, "amd64", cache)
+    current = running(state)
+    if current:
+        return current
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)
+    (state / SERVER_FILE).unlink(missing_ok=True)
+    log_path = state / "server.log"
+    started = time.monotonic()
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "builder.sandbox.server", "--state", str(state), "--cache", str(cache)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    while time.monotonic() - started < START_TIMEOUT:
+        current = running(state)
+        if current and current.pid == proc.pid:
+            log.info("sandbox: started, EC2 endpoint %s (%.1f s)", current.endpoint, time.monotonic() - started)
+            return current
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+    raise EnvironmentProblem(f"the sandbox did not start; last lines of {log_path}:\n{tail}")
+
+
+def ensure_started(state: Path = STATE_DIR) -> Running:
+    """Return the running sandbox, starting it (and preparing its Debian tree) when needed."""
+    return running(state) or start(state)
+
+
+def stop(state: Path = STATE_DIR, timeout: float = 60.0) -> bool:
+    """Stop the sandbox, keeping its state; return False when it was not running."""
+    current = running(state)
+    if current is None:
+        _stop_machines(state, keep_state=True)
+        return False
+    os.kill(current.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _is_server(current.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _is_server(current.pid):
+        os.kill(current.pid, signal.SIGKILL)
+    _stop_machines(state, keep_state=True)
+    log.info("sandbox: stopped (state kept in %s)", state)
+    return True
+
+
+def reset(state: Path = STATE_DIR) -> None:
+    """Stop the sandbox and delete its whole state: instances, volumes, snapshots, images."""
+    stop(state)
+    _stop_machines(state, keep_state=False)
+    shutil.rmtree(state, ignore_errors=True)
+    log.info("sandbox: reset (%s removed)", state)
+
+
+def status(state: Path = STATE_DIR) -> dict[str, Any]:
+    """Return what the sandbox holds: EC2's view when it runs, and the host resources it uses."""
+    current = running(state)
+    if current is None:
+        plane = DataPlane(state / "data") if (state / "data").is_dir() else None
+        usage = plane.usage() if plane else DataPlane.empty_usage()
+        return {"running": False, "state": str(state), **usage}
+    with urllib.request.urlopen(current.endpoint + STATUS_PATH, timeout=30) as answer:  # noqa: S310 - loopback http
+        view: dict[str, Any] = json.loads(answer.read())
+    return {"running": True, "state": str(state), "endpoint": current.endpoint, "pid": current.pid, **view}
+
+
+def _stop_machines(state: Path, *, keep_state: bool) -> None:
+    """Stop machines a dead sandbox process left running (and free their loop devices)."""
+    machines = state / "data" / "machines"
+    if not machines.is_dir():
+        return
+    for path in machines.iterdir():
+        if path.is_dir():
+            Machine(path.name, path).stop(keep_state=keep_state, grace=10)
+
+
+def _is_server(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"builder.sandbox.server" in cmdline and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

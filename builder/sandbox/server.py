@@ -1,0 +1,654 @@
+"""The sandbox's EC2 endpoint: moto's EC2 API with a data plane behind it.
+
+moto answers the EC2 API (its control plane: ids, states, attachments). A WSGI layer in
+front of it watches the calls that change the world and makes them real in the data
+plane (``dataplane.DataPlane``): RunInstances starts machines, AttachVolume plugs a
+volume in, CreateSnapshot copies bytes, RegisterImage and CreateImage record what a later
+RunInstances boots. It also makes moto tell the truth where it is fake: images keep the
+block-device mappings they were given, instances report the loopback address their
+machine answers on, a stopping instance is ``stopping`` until its machine has halted, and
+a machine that dies turns its instance ``stopped`` or ``terminated`` as its shutdown
+behaviour says. Any EC2 client works against it: the tool itself, or Packer.
+
+This module runs as its own process (``python -m builder.sandbox.server``), started by
+``builder.sandbox.control``. moto's EC2 state is pickled into the state directory after
+every change and loaded at start, so a stopped sandbox comes back with the same world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from builder.files import write_atomic
+from builder.sandbox.dataplane import Attachment, DataPlane, DataPlaneError
+from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
+
+log = logging.getLogger("builder.sandbox.server")
+
+AMIS = Path(__file__).with_name("debian-amis.json")
+ACCOUNT = "123456789012"  # moto's default account
+MOTO_STATE = "moto-ec2.pickle"
+SERVER_FILE = "server.json"
+STATUS_PATH = "/ebsrole-sandbox/status"
+DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
+READ_ONLY = re.compile(r"^(Describe|Get|List)")
+REGION = re.compile(r"Credential=[^/]+/\d{8}/([a-z0-9-]+)/ec2/")
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+
+
+class EC2Error(Exception):
+    """An error to answer the current EC2 call with, as AWS would."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def error_response(code: str, message: str, status: int) -> tuple[str, list[tuple[str, str]], bytes]:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        f"<Code>{_xml(code)}</Code><Message>{_xml(message)}</Message>"
+        f"</Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
+    reason = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
+    return f"{status} {reason}", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def response_ids(body: bytes, tag: str) -> list[str]:
+    """Return the text of every ``tag`` element of an EC2 XML answer, in order, without repeats."""
+    ids: list[str] = []
+    for element in ET.fromstring(body).iter():  # noqa: S314 - moto's answer, made in this process
+        if element.tag.rsplit("}", 1)[-1] == tag and element.text and element.text not in ids:
+            ids.append(element.text)
+    return ids
+
+
+def mappings_from_params(params: dict[str, str]) -> list[dict[str, Any]]:
+    """Return the BlockDeviceMapping.N.* query parameters as API-shaped dicts, in N order."""
+    found: dict[int, dict[str, Any]] = {}
+    for key, value in params.items():
+        match = re.fullmatch(r"BlockDeviceMapping\.(\d+)\.(.+)", key)
+        if not match:
+            continue
+        entry = found.setdefault(int(match.group(1)), {})
+        field = match.group(2)
+        if field.startswith("Ebs."):
+            entry.setdefault("Ebs", {})[field[4:]] = _typed(value)
+        else:
+            entry[field] = value
+    return [found[n] for n in sorted(found)]
+
+
+def mappings_to_params(params: dict[str, str], mappings: list[dict[str, Any]]) -> dict[str, str]:
+    """Return ``params`` with its BlockDeviceMapping.N.* replaced by ``mappings``."""
+    out = {k: v for k, v in params.items() if not k.startswith("BlockDeviceMapping.")}
+    for n, mapping in enumerate(mappings, 1):
+        for field, value in mapping.items():
+            if field == "Ebs":
+                for sub, sub_value in value.items():
+                    out[f"BlockDeviceMapping.{n}.Ebs.{sub}"] = _wire(sub_value)
+            else:
+                out[f"BlockDeviceMapping.{n}.{field}"] = _wire(value)
+    return out
+
+
+def _typed(value: str) -> Any:
+    if value in ("true", "false"):
+        return value == "true"
+    return int(value) if value.isdigit() else value
+
+
+def _wire(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def merge_mappings(image: list[dict[str, Any]], request: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge a launch's mappings over its image's, by device, as EC2 does."""
+    merged: dict[str, dict[str, Any]] = {m["DeviceName"]: json.loads(json.dumps(m)) for m in image}
+    for mapping in request:
+        device = mapping["DeviceName"]
+        if "NoDevice" in mapping:
+            merged.pop(device, None)
+        elif device in merged and "Ebs" in mapping:
+            merged[device]["Ebs"] = {**merged[device].get("Ebs", {}), **mapping["Ebs"]}
+        else:
+            merged[device] = mapping
+    return list(merged.values())
+
+
+class Sandbox:
+    """The WSGI layer between EC2 clients and moto, and the owner of the data plane."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], state: Path, cache: Path = DEFAULT_CACHE) -> None:
+        self.app = app
+        self.state = state
+        self.cache = cache
+        self.plane = DataPlane(state / "data")
+        self.lock = threading.RLock()
+        self.calls = 0
+        self._stop_watch = threading.Event()
+
+    # ------------------------------------------------------------ moto's state
+
+    @staticmethod
+    def backends() -> Any:
+        from moto.ec2.models import ec2_backends
+
+        return ec2_backends[ACCOUNT]
+
+    def backend(self, region: str) -> Any:
+        return self.backends()[region]
+
+    def load(self) -> None:
+        """Load moto's EC2 state saved by an earlier run, and start the machines that were running."""
+        path = self.state / MOTO_STATE
+        if path.exists():
+            regions: dict[str, Any] = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, root-only dir
+            for region, backend in regions.items():
+                self.backends()[region] = backend
+        for region in list(self.backends().keys()):
+            backend = self.backend(region)
+            for instance in list(backend.all_instances()):
+                if instance.id not in self.plane.instances:
+                    continue
+                if instance.state in ("running", "pending", "stopping"):
+                    if instance.state == "stopping":
+                        instance._state.name, instance._state.code = "stopped", 80
+                        continue
+                    self._start_machine(backend, instance)
+
+    def save(self) -> None:
+        """Pickle moto's EC2 state (every region used) next to the data plane's index."""
+        backends = self.backends()
+        data = pickle.dumps({region: backends[region] for region in list(backends.keys())})
+        part = self.state / f".{MOTO_STATE}.part"
+        part.write_bytes(data)
+        part.chmod(0o600)
+        part.replace(self.state / MOTO_STATE)
+
+    # ------------------------------------------------------------ WSGI
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == STATUS_PATH:
+            with self.lock:
+                body = json.dumps(self.status(), indent=1).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        match = REGION.search(auth)
+        if environ.get("REQUEST_METHOD") != "POST" or not match:
+            return self.app(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        raw = environ["wsgi.input"].read(length) if length else b""
+        params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+        action = params.get("Action", "")
+        with self.lock:
+            self.calls += 1
+            status, headers, body = self._handle(environ, match.group(1), action, params, raw)
+        start_response(status, headers)
+        return [body]
+
+    def _handle(
+        self, environ: Environ, region: str, action: str, params: dict[str, str], raw: bytes
+    ) -> tuple[str, list[tuple[str, str]], bytes]:
+        backend = self.backend(region)
+        before = getattr(self, f"_before_{action}", None)
+        after = getattr(self, f"_after_{action}", None)
+        try:
+            if before is not None:
+                new = before(backend, params)
+                if new is not None:
+                    params = new
+                    raw = urlencode(params).encode()
+            status, headers, body = self._call_moto(environ, raw)
+            if after is not None and status.startswith("200"):
+                after(backend, params, body)
+        except EC2Error as exc:
+            return error_response(exc.code, exc.message, exc.status)
+        except DataPlaneError as exc:
+            log.warning("%s: %s", action, exc)
+            return error_response(exc.code, str(exc), 500)
+        finally:
+            if not READ_ONLY.match(action):
+                self.save()
+        return status, headers, body
+
+    def _call_moto(self, environ: Environ, raw: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+        inner = dict(environ)
+        inner["wsgi.input"] = io.BytesIO(raw)
+        inner["CONTENT_LENGTH"] = str(len(raw))
+        answer: dict[str, Any] = {}
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answer["status"], answer["headers"] = status, headers
+
+        chunks = self.app(inner, start)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close:
+                close()
+        headers = [(k, v) for k, v in answer["headers"] if k.lower() != "content-length"]
+        headers.append(("Content-Length", str(len(body))))
+        return answer["status"], headers, body
+
+    # ------------------------------------------------------------ instances
+
+    def _before_RunInstances(self, backend: Any, params: dict[str, str]) -> dict[str, str]:
+        image = self._image(backend, params.get("ImageId", ""))
+        if image.architecture != "x86_64":
+            raise EC2Error("Unsupported", f"the sandbox runs x86_64 images only; {image.id} is {image.architecture}")
+        recorded = getattr(image, "sandbox_mappings", None)
+        if recorded is None:
+            self._base_tree(image)
+            recorded = [
+                {
+                    "DeviceName": image.root_device_name,
+                    "Ebs": {"VolumeSize": 8, "DeleteOnTermination": True, "VolumeType": "gp3"},
+                }
+            ]
+        mappings = merge_mappings(recorded, mappings_from_params(params))
+        return mappings_to_params(params, mappings)
+
+    def _after_RunInstances(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        user_data = params.get("UserData", "")
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError):
+            user_data = base64.b64decode(user_data, validate=True).decode()
+        keys: list[str] = []
+        if params.get("KeyName"):
+            pair = backend.key_pairs.get(params["KeyName"])
+            if pair is not None:
+                keys.append(pair.material_public.decode().strip())
+        for instance_id in response_ids(body, "instanceId"):
+            instance = backend.get_instance(instance_id)
+            instance.sandbox_user_data = user_data
+            instance.sandbox_keys = keys
+            self._make_volumes(backend, instance)
+            self._start_machine(backend, instance, first=True)
+
+    def _make_volumes(self, backend: Any, instance: Any) -> None:
+        for device, block in instance.get_block_device_mapping:
+            volume = backend.get_volume(block.volume_id)
+            if device == instance.root_device_name:
+                layers = self.plane.root_layers(volume.snapshot_id)
+                if layers is None:
+                    image = backend.describe_images(ami_ids=[instance.image_id])[0]
+                    layers = [str(self._base_tree(image))]
+                self.plane.create_root_volume(volume.id, layers)
+            else:
+                self.plane.create_volume(volume.id, volume.size, volume.snapshot_id)
+
+    def _start_machine(self, backend: Any, instance: Any, *, first: bool = False) -> None:
+        root = None
+        attachments = []
+        for device, block in instance.get_block_device_mapping:
+            if device == instance.root_device_name:
+                root = block.volume_id
+            else:
+                attachments.append(Attachment(block.volume_id, device))
+        try:
+            if root is None or not self.plane.is_root_volume(root):
+                raise DataPlaneError("Server.InternalError", f"{instance.id} has no root filesystem to boot")
+            if first:
+                self.plane.launch(
+                    instance.id,
+                    root,
+                    attachments,
+                    getattr(instance, "sandbox_user_data", ""),
+                    getattr(instance, "sandbox_keys", []),
+                )
+            else:
+                self.plane.start(instance.id, attachments)
+        except DataPlaneError as exc:
+            log.warning("%s", exc)
+            if first:
+                self._terminate(backend, [instance.id])
+            else:
+                instance.stop()
+            instance.state_reason.code = "Server.InternalError"
+            instance.state_reason.message = f"Server.InternalError: {exc}"
+            return
+        self._show_address(instance)
+
+    def _show_address(self, instance: Any) -> None:
+        address = self.plane.address(instance.id)
+        if not address:
+            return
+        for nic in instance.nics.values():
+            nic.public_ip = address
+            nic.private_ip_address = address
+
+    def _before_StartInstances(self, backend: Any, params: dict[str, str]) -> None:
+        for instance_id in _indexed(params, "InstanceId"):
+            if self.plane.is_stopping(instance_id):
+                raise EC2Error(
+                    "IncorrectInstanceState",
+                    f"The instance '{instance_id}' is not in a state from which it can be started.",
+                )
+
+    def _after_StartInstances(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        running = self.plane.running()
+        for instance_id in _indexed(params, "InstanceId"):
+            if instance_id in running and not running[instance_id]:
+                self._start_machine(backend, backend.get_instance(instance_id))
+
+    def _after_StopInstances(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        running = self.plane.running()
+        for instance_id in _indexed(params, "InstanceId"):
+            if not running.get(instance_id):
+                continue
+            instance = backend.get_instance(instance_id)
+            instance._state.name, instance._state.code = "stopping", 64
+            self.plane.begin_stop(instance_id)
+            threading.Thread(target=self._halt, args=(backend, instance), daemon=True).start()
+
+    def _halt(self, backend: Any, instance: Any) -> None:
+        try:
+            self.plane.stop(instance.id)
+        finally:
+            with self.lock:
+                if instance.state == "stopping":
+                    instance._state.name, instance._state.code = "stopped", 80
+                self.save()
+
+    def _after_TerminateInstances(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        self._terminate(backend, _indexed(params, "InstanceId"), moto_done=True)
+
+    def _terminate(self, backend: Any, instance_ids: list[str], *, moto_done: bool = False) -> None:
+        if not moto_done:
+            backend.terminate_instances(instance_ids)
+        for instance_id in instance_ids:
+            if instance_id in self.plane.instances:
+                self.plane.terminate(instance_id)
+        self._forget_deleted_volumes()
+
+    def _forget_deleted_volumes(self) -> None:
+        alive: set[str] = set()
+        for region in list(self.backends().keys()):
+            alive.update(self.backend(region).volumes)
+        for volume_id in [v for v in self.plane.volumes if v not in alive]:
+            self.plane.delete_volume(volume_id)
+
+    # ------------------------------------------------------------ volumes
+
+    def _after_CreateVolume(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        for volume_id in response_ids(body, "volumeId"):
+            volume = backend.get_volume(volume_id)
+            try:
+                self.plane.create_volume(volume_id, volume.size, volume.snapshot_id)
+            except (OSError, DataPlaneError) as exc:
+                backend.delete_volume(volume_id)
+                raise EC2Error("InternalError", f"creating {volume_id}: {exc}", 500) from exc
+
+    def _after_DeleteVolume(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        self._forget_deleted_volumes()
+
+    def _before_AttachVolume(self, backend: Any, params: dict[str, str]) -> None:
+        self.plane.check_attachable(params.get("VolumeId", ""))
+
+    def _after_AttachVolume(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        instance_id, volume_id, device = params["InstanceId"], params["VolumeId"], params["Device"]
+        try:
+            self.plane.attach(instance_id, volume_id, device)
+        except DataPlaneError:
+            backend.detach_volume(volume_id, instance_id, device)
+            raise
+
+    def _before_DetachVolume(self, backend: Any, params: dict[str, str]) -> dict[str, str]:
+        volume = backend.get_volume(params.get("VolumeId", ""))
+        if volume.attachment is None:
+            raise EC2Error("IncorrectState", f"Volume '{volume.id}' is in the 'available' state.")
+        params = dict(params)
+        params.setdefault("InstanceId", volume.attachment.instance.id)
+        params.setdefault("Device", volume.attachment.device)
+        return params
+
+    def _after_DetachVolume(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        self.plane.detach(params["InstanceId"], params["Device"])
+
+    # ------------------------------------------------------------ snapshots and images
+
+    def _after_CreateSnapshot(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        for snapshot_id in response_ids(body, "snapshotId"):
+            try:
+                self.plane.snapshot(params["VolumeId"], snapshot_id)
+            except DataPlaneError:
+                backend.snapshots.pop(snapshot_id, None)
+                raise
+
+    def _after_CopySnapshot(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        for snapshot_id in response_ids(body, "snapshotId"):
+            self.plane.copy_snapshot(params["SourceSnapshotId"], snapshot_id)
+
+    def _after_DeleteSnapshot(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        self.plane.delete_snapshot(params["SnapshotId"])
+
+    def _before_RegisterImage(self, backend: Any, params: dict[str, str]) -> None:
+        for mapping in mappings_from_params(params):
+            snapshot_id = mapping.get("Ebs", {}).get("SnapshotId")
+            if snapshot_id and snapshot_id not in backend.snapshots:
+                raise EC2Error("InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist.")
+
+    def _after_RegisterImage(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        for image_id in response_ids(body, "imageId"):
+            image = backend.amis[image_id]
+            image.root_device_name = params.get("RootDeviceName", image.root_device_name)
+            image.architecture = params.get("Architecture", "x86_64")
+            if params.get("ImdsSupport"):
+                image.imds_support = params["ImdsSupport"]
+            if params.get("BootMode"):
+                image.boot_mode = params["BootMode"]
+            self._record_mappings(backend, image, mappings_from_params(params))
+            keys = [k.removesuffix(".Key") for k in params if re.fullmatch(r"TagSpecification\.\d+\.Tag\.\d+\.Key", k)]
+            tags = {params[f"{key}.Key"]: params.get(f"{key}.Value", "") for key in keys}
+            if tags:
+                backend.create_tags([image_id], tags)
+
+    def _after_CreateImage(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        instance = backend.get_instance(params["InstanceId"])
+        for image_id in response_ids(body, "imageId"):
+            image = backend.amis[image_id]
+            image.root_device_name = instance.root_device_name
+            mappings = []
+            for device, block in instance.get_block_device_mapping:
+                snapshot = backend.create_snapshot(
+                    block.volume_id, f"Created by CreateImage({instance.id}) for {image_id}", from_ami=image_id
+                )
+                try:
+                    self.plane.snapshot(block.volume_id, snapshot.id)
+                except DataPlaneError:
+                    backend.snapshots.pop(snapshot.id, None)
+                    backend.amis.pop(image_id, None)
+                    raise
+                mappings.append(
+                    {
+                        "DeviceName": device,
+                        "Ebs": {"SnapshotId": snapshot.id, "DeleteOnTermination": bool(block.delete_on_termination)},
+                    }
+                )
+            self._record_mappings(backend, image, mappings)
+
+    def _record_mappings(self, backend: Any, image: Any, mappings: list[dict[str, Any]]) -> None:
+        """Keep an image's mappings (moto drops them) and drop moto's made-up snapshot."""
+        shown = []
+        for mapping in mappings:
+            ebs = dict(mapping.get("Ebs", {}))
+            snapshot = backend.snapshots.get(ebs.get("SnapshotId", ""))
+            if snapshot is not None:
+                snapshot.from_ami = image.id
+                ebs.setdefault("VolumeSize", snapshot.volume.size)
+                ebs.setdefault("Encrypted", bool(snapshot.encrypted))
+            ebs.setdefault("DeleteOnTermination", True)
+            ebs.setdefault("VolumeType", "gp3")
+            shown.append({**mapping, "Ebs": ebs} if "Ebs" in mapping else mapping)
+        fake = getattr(image, "ebs_snapshot", None)
+        if fake is not None and fake.id not in {m.get("Ebs", {}).get("SnapshotId") for m in shown}:
+            backend.snapshots.pop(fake.id, None)
+        image.sandbox_mappings = shown
+
+    # ------------------------------------------------------------ helpers
+
+    def _image(self, backend: Any, image_id: str) -> Any:
+        images = backend.amis
+        if image_id not in images:
+            raise EC2Error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist")
+        return images[image_id]
+
+    def _base_tree(self, image: Any) -> Path:
+        match = re.match(r"debian-(\d+)-", image.name or "")
+        release = DEBIAN_RELEASES.get(match.group(1)) if match else None
+        if release is None:
+            raise EC2Error(
+                "Unsupported", f"the sandbox boots Debian 12 and 13 images only; {image.id} is {image.name!r}"
+            )
+        tree = rootfs_path(release, "amd64", self.cache)
+        if not is_ready(tree):
+            raise EC2Error(
+                "Unsupported",
+                f"no Debian {release} tree is prepared for {image.id}; "
+                f"run: python build.py sandbox start --release {release}",
+            )
+        return tree
+
+    def status(self) -> dict[str, Any]:
+        """Return EC2's view (per region) and the data plane's use of this host."""
+        regions = {}
+        for region in list(self.backends().keys()):
+            backend = self.backend(region)
+            regions[region] = {
+                "instances": {i.id: i.state for i in backend.all_instances()},
+                "volumes": sorted(backend.volumes),
+                "snapshots": sorted(i for i, snap in backend.snapshots.items() if snap.owner_id == ACCOUNT),
+                "images": sorted(i for i, image in backend.amis.items() if image.owner_id == ACCOUNT),
+            }
+        return {"ec2": regions, "api_calls": self.calls, **self.plane.usage()}
+
+    def watch(self, interval: float = 0.5) -> None:
+        """Turn machines that died on their own into stopped or terminated instances (a thread)."""
+        while not self._stop_watch.wait(interval):
+            with self.lock:
+                self._check_machines()
+
+    def _check_machines(self) -> None:
+        dead = [i for i, up in self.plane.running().items() if not up and not self.plane.is_stopping(i)]
+        for region in list(self.backends().keys()):
+            backend = self.backend(region)
+            for instance in list(backend.all_instances()):
+                if instance.id not in dead or instance.state != "running":
+                    continue
+                log.info(
+                    "%s: its machine halted; instance shutdown behaviour: %s",
+                    instance.id,
+                    instance.instance_initiated_shutdown_behavior,
+                )
+                if instance.instance_initiated_shutdown_behavior == "terminate":
+                    self._terminate(backend, [instance.id])
+                else:
+                    self.plane.stop(instance.id, clean=False)
+                    instance.stop()
+                instance.state_reason.code = "Client.InstanceInitiatedShutdown"
+                instance.state_reason.message = "Client.InstanceInitiatedShutdown: Instance initiated shutdown"
+                self.save()
+
+    def shutdown(self) -> None:
+        """Stop watching, halt every machine (keeping state) and save moto's state."""
+        self._stop_watch.set()
+        with self.lock:
+            self.plane.shutdown()
+            self.save()
+
+
+def _indexed(params: dict[str, str], name: str) -> list[str]:
+    return [v for k, v in sorted(params.items()) if re.fullmatch(rf"{name}\.\d+", k)]
+
+
+def _patch_moto() -> None:
+    """Make moto's images show the block-device mappings the sandbox recorded for them."""
+    from moto.ec2.models.amis import Ami
+
+    original: Any = Ami.__dict__["block_device_mappings"]
+
+    def mappings(self: Any) -> Any:
+        recorded = getattr(self, "sandbox_mappings", None)
+        return recorded if recorded is not None else original.fget(self)
+
+    Ami.block_device_mappings = property(mappings)  # type: ignore[method-assign,assignment]
+
+
+def serve(state: Path, address: str, port: int, cache: Path) -> None:
+    """Run the sandbox endpoint until SIGTERM or SIGINT; write ``server.json`` once it listens."""
+    os.environ.setdefault("MOTO_AMIS_PATH", str(AMIS))
+    os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    _patch_moto()
+    sandbox = Sandbox(DomainDispatcherApplication(create_backend_app), state, cache)
+    sandbox.load()
+    server = make_server(address, port, sandbox, threaded=True, request_handler=MotoRequestHandler)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    watcher = threading.Thread(target=sandbox.watch, daemon=True)
+    watcher.start()
+    host, bound = str(server.server_address[0]), int(server.server_address[1])
+    info = {"pid": os.getpid(), "endpoint": f"http://{host}:{bound}", "started": time.time()}
+    write_atomic(state / SERVER_FILE, json.dumps(info) + "\n")
+    log.info("sandbox: EC2 endpoint %s (state in %s)", info["endpoint"], state)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        sandbox.shutdown()
+        (state / SERVER_FILE).unlink(missing_ok=True)
+        log.info("sandbox: stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m builder.sandbox.server")
+    parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    serve(args.state, args.address, args.port, args.cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
