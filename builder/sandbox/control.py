@@ -58,7 +58,7 @@ def running(state: Path = STATE_DIR) -> Running | None:
 
 def check_host() -> None:
     """Raise EnvironmentProblem (one line with the fix) when this host cannot run the sandbox."""
-    require_root("the sandbox (it runs local machines with namespaces and loop devices)")
+    require_root("the sandbox")
     require_tools(**TOOLS)
     if not Path("/dev/loop-control").exists():
         raise EnvironmentProblem(

@@ -255,6 +255,23 @@ class DataPlane:
             raise DataPlaneError("Server.InternalError", f"{instance_id} failed to start: {exc}") from exc
         return address
 
+    def forward(self, instance_id: str, ports: set[int]) -> None:
+        """Make the machine's ``ports`` answer on its address (what its security groups admit)."""
+        entry = self.instances.get(instance_id)
+        machine = self._machine(instance_id)
+        if entry is None or not machine.running:
+            return
+        done = set(entry.get("forwarded", [22]))
+        for port in sorted(ports - done):
+            try:
+                machine.forward(port, port)
+            except MachineError as exc:
+                log.warning("%s", exc)
+                continue
+            done.add(port)
+        entry["forwarded"] = sorted(done)
+        self.save()
+
     def address(self, instance_id: str) -> str | None:
         return self.instances.get(instance_id, {}).get("address")
 
@@ -275,6 +292,7 @@ class DataPlane:
 
     def start(self, instance_id: str, attachments: Sequence[Attachment]) -> None:
         """Start a stopped instance's machine again, with the data volumes now attached to it."""
+        self.instances[instance_id]["forwarded"] = [22]
         try:
             Machine.resume(
                 instance_id,

@@ -49,6 +49,7 @@ ACCOUNT = "123456789012"  # moto's default account
 MOTO_STATE = "moto-ec2.pickle"
 SERVER_FILE = "server.json"
 STATUS_PATH = "/ebsrole-sandbox/status"
+MAX_RANGE = 64  # a wider port range of a security group rule is not forwarded
 DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
 READ_ONLY = re.compile(r"^(Describe|Get|List)")
 REGION = re.compile(r"Credential=[^/]+/\d{8}/([a-z0-9-]+)/ec2/")
@@ -337,6 +338,12 @@ class Sandbox:
             instance.state_reason.message = f"Server.InternalError: {exc}"
             return
         self._show_address(instance)
+        self.plane.forward(instance.id, _open_ports(instance))
+
+    def _after_AuthorizeSecurityGroupIngress(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        for instance in backend.all_instances():
+            if instance.state == "running" and params.get("GroupId") in {g.id for g in instance.security_groups}:
+                self.plane.forward(instance.id, _open_ports(instance))
 
     def _show_address(self, instance: Any) -> None:
         address = self.plane.address(instance.id)
@@ -584,6 +591,17 @@ class Sandbox:
         with self.lock:
             self.plane.shutdown()
             self.save()
+
+
+def _open_ports(instance: Any) -> set[int]:
+    """Return the TCP ports an instance's security groups admit (small ranges only), and 22."""
+    ports = {22}
+    for group in instance.security_groups:
+        for rule in group.ingress_rules:
+            low, high = rule.from_port, rule.to_port
+            if rule.ip_protocol in ("tcp", "6") and low is not None and high is not None and high - low < MAX_RANGE:
+                ports.update(range(low, high + 1))
+    return ports
 
 
 def _indexed(params: dict[str, str], name: str) -> list[str]:

@@ -1,0 +1,320 @@
+"""The sandbox: a local EC2 endpoint whose instances, volumes and snapshots are real.
+
+Every test here goes through the sandbox's HTTP endpoint, as the tool and any other EC2
+client do, with real machines, loop devices and file copies behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+import pytest
+import yaml
+
+from builder.sandbox import control
+from builder.sandbox.server import mappings_from_params, mappings_to_params, merge_mappings, response_ids
+from tests.conftest import MINI_ROLE, PROJECT
+from tests.machines import needs_root
+from tests.sandbox import World, clean, wait_until
+
+pytestmark = needs_root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state)
+    try:
+        yield world
+    finally:
+        control.reset(state)
+        assert not state.exists()
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+        assert str(state) not in loops
+
+
+@pytest.fixture
+def mini_dir(tmp_path: Path) -> Path:
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+    return roles
+
+
+def manifest_of(result: subprocess.CompletedProcess[str], role: str) -> dict[str, Any]:
+    line = next(line for line in result.stdout.splitlines() if line.startswith(f"{role}: AMI "))
+    path = line.rsplit("(manifest ", 1)[1].rstrip(")")
+    return dict(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------- the WSGI layer's pieces
+
+
+def test_launch_mappings_merge_over_the_image_by_device() -> None:
+    image = [
+        {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-root", "VolumeSize": 8}},
+        {"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": "snap-seed", "VolumeSize": 10}},
+        {"DeviceName": "/dev/sdg", "Ebs": {"SnapshotId": "snap-other", "VolumeSize": 1}},
+    ]
+    request = [
+        {"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 20}},
+        {"DeviceName": "/dev/sdg", "NoDevice": ""},
+        {"DeviceName": "/dev/sdh", "Ebs": {"VolumeSize": 5}},
+    ]
+    merged = merge_mappings(image, request)
+    assert merged == [
+        {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": "snap-root", "VolumeSize": 20}},
+        {"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": "snap-seed", "VolumeSize": 10}},
+        {"DeviceName": "/dev/sdh", "Ebs": {"VolumeSize": 5}},
+    ]
+    params = mappings_to_params({"Action": "RunInstances", "BlockDeviceMapping.9.DeviceName": "/dev/old"}, merged)
+    assert "BlockDeviceMapping.9.DeviceName" not in params
+    assert params["BlockDeviceMapping.1.Ebs.VolumeSize"] == "20"
+    assert mappings_from_params(params) == merged
+
+
+def test_ids_are_read_from_ec2_answers() -> None:
+    body = (
+        b'<RunInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><instancesSet>'
+        b"<item><instanceId>i-1</instanceId></item><item><instanceId>i-2</instanceId></item>"
+        b"</instancesSet></RunInstancesResponse>"
+    )
+    assert response_ids(body, "instanceId") == ["i-1", "i-2"]
+
+
+# ---------------------------------------------------------------- bad hosts
+
+
+def test_not_root_is_one_clear_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        # Debian's python3 (the venv's may live under /root, which nobody cannot read).
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "build.py",
+            "sandbox",
+            "start",
+        ],
+        cwd=PROJECT,
+        env={**os.environ, "EBSROLE_SANDBOX": str(tmp_path / "s"), "PYTHONPATH": os.pathsep.join(_site())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 7, done.stderr
+    assert done.stderr.startswith("error: the sandbox needs root"), done.stderr
+    assert done.stderr.count("\n") <= 2, done.stderr  # the error, and a hint
+
+
+def test_missing_tool_names_the_debian_package(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("nsenter", "setpriv", "losetup", "script", "mkfs.ext4", "blkid", "unshare"):
+        found = subprocess.run(["which", tool], capture_output=True, text=True, check=False).stdout.strip()
+        (bin_dir / tool).symlink_to(found)
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "build.py", "sandbox", "start"],
+        cwd=PROJECT,
+        env={**os.environ, "EBSROLE_SANDBOX": str(tmp_path / "s"), "PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 7, done.stderr
+    assert "slirp4netns" in done.stderr and "apt-get install" in done.stderr, done.stderr
+    assert done.stderr.count("\n") <= 2, done.stderr
+
+
+def _site() -> list[str]:
+    import sys
+
+    return [str(PROJECT), *[p for p in sys.path if p.endswith("-packages")]]
+
+
+# ---------------------------------------------------------------- builds and restores
+
+
+def test_build_restore_and_sandbox_restart(world: World, mini_dir: Path) -> None:
+    built = world.cli("mini", "--roles-dir", str(mini_dir), "--sandbox", timeout=300)
+    assert built.returncode == 0, built.stderr
+    manifest = manifest_of(built, "mini")
+    assert manifest["ami"].startswith("ami-") and manifest["seed_snapshot"].startswith("snap-")
+    assert not clean(world.status())
+
+    image = world.client().describe_images(ImageIds=[manifest["ami"]])["Images"][0]
+    devices = {m["DeviceName"]: m["Ebs"] for m in image["BlockDeviceMappings"]}
+    assert devices["/dev/sdf"]["SnapshotId"] == manifest["seed_snapshot"]
+    assert image["ImdsSupport"] == "v2.0"
+
+    # A restore: the role AMI, its data volume made from the seed snapshot, mounted at boot.
+    restored = world.launch(manifest["ami"])
+    mounts = restored.sh("findmnt -n -o SOURCE,TARGET /data")
+    assert mounts.split() == ["/dev/xvdf", "/data"]
+    assert restored.sh("readlink /srv/app").strip() == "/data/srv/app"
+    volume = _volume_at(world, restored.id, "/dev/sdf")
+    assert volume["SnapshotId"] == manifest["seed_snapshot"]
+    restored.sh("echo on-root > /root/marker && echo on-data > /srv/app/marker && sync")
+
+    # The sandbox stops and starts: same instance, same address, same bytes.
+    assert world.cli("sandbox", "stop").returncode == 0
+    assert world.status()["machines"] == [] and world.status()["loop_devices"] == []
+    again = world.cli("sandbox", "start")
+    assert again.returncode == 0, again.stderr
+    world.endpoint = control.running(world.state).endpoint  # type: ignore[union-attr]
+    assert world.describe(restored.id)["State"]["Name"] == "running"
+    restored.reconnect()
+    assert restored.sh("cat /root/marker /srv/app/marker").split() == ["on-root", "on-data"]
+
+    world.client().terminate_instances(InstanceIds=[restored.id])
+    assert restored.id not in world.status()["machines"]
+    # The seed volume outlives the instance (DeleteOnTermination false), as on EC2.
+    assert world.client().describe_volumes(VolumeIds=[volume["VolumeId"]])["Volumes"][0]["State"] == "available"
+
+
+def _volume_at(world: World, instance_id: str, device: str) -> dict[str, Any]:
+    described = world.describe(instance_id)
+    volume_id = next(m["Ebs"]["VolumeId"] for m in described["BlockDeviceMappings"] if m["DeviceName"] == device)
+    return dict(world.client().describe_volumes(VolumeIds=[volume_id])["Volumes"][0])
+
+
+@pytest.mark.slow
+def test_shipped_roles_build_and_web_serves_from_the_restored_volume(world: World, tmp_path: Path) -> None:
+    built = world.cli("web", "database", "management", "--sandbox", timeout=1800)
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifests = {role: manifest_of(built, role) for role in ("web", "database", "management")}
+    assert not clean(world.status())
+
+    web = world.launch(manifests["web"]["ami"], open_ports=(80,))
+    volume = _volume_at(world, web.id, "/dev/sdf")
+    assert volume["SnapshotId"] == manifests["web"]["seed_snapshot"]
+    wait_until(lambda: web.sh("systemctl is-active apache2", check=False).strip() == "active", 90, "apache2")
+    assert web.sh("readlink /var/www").strip() == "/data/var/www"
+    with urllib.request.urlopen(f"http://{web.address}/", timeout=30) as page:
+        assert page.status == 200
+        body = page.read().decode()
+    served = web.sh("cat /data/var/www/html/index.html")
+    assert body == served
+    world.client().terminate_instances(InstanceIds=[web.id])
+
+
+# ---------------------------------------------------------------- failures leave nothing
+
+
+def _ec2_view(world: World) -> dict[str, Any]:
+    view = world.status()["ec2"][world.client().meta.region_name]
+    running = sorted(i for i, s in view["instances"].items() if s != "terminated")
+    return {"instances": running, "volumes": view["volumes"], "snapshots": view["snapshots"], "images": view["images"]}
+
+
+def test_failing_script_leaves_nothing(world: World, mini_dir: Path) -> None:
+    before = _ec2_view(world)
+    (mini_dir / "broken.yaml").write_text(yaml.safe_dump({**MINI_ROLE, "packages": ["ebsrole-no-such-package"]}))
+    failed = world.cli("broken", "--roles-dir", str(mini_dir), "--sandbox", timeout=300)
+    assert failed.returncode == 4, failed.stderr
+    assert "provision.sh" in failed.stderr
+    assert not clean(world.status())
+    assert _ec2_view(world) == before
+
+
+def test_ctrl_c_mid_build_leaves_nothing(world: World, mini_dir: Path, tmp_path: Path) -> None:
+    before = _ec2_view(world)
+    log = tmp_path / "build.log"
+    proc = world.popen("mini", "--roles-dir", str(mini_dir), "--sandbox", log=log)
+    wait_until(lambda: "provision, verify, image hygiene ..." in log.read_text(), 120, "provisioning")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert not clean(world.status())
+    assert _ec2_view(world) == before
+
+
+def test_stopping_the_sandbox_fails_a_running_build_cleanly(world: World, mini_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    proc = world.popen("mini", "--roles-dir", str(mini_dir), "--sandbox", log=log)
+    wait_until(lambda: "provision, verify, image hygiene ..." in log.read_text(), 120, "provisioning")
+    assert world.cli("sandbox", "stop").returncode == 0
+    code = proc.wait(timeout=300)
+    output = log.read_text()
+    # The build fails, says so, and names what it could not remove with the endpoint gone.
+    assert code == 6, output
+    assert "left behind" in output or "could not remove" in output, output
+    assert world.cli("sandbox", "start").returncode == 0
+    world.endpoint = control.running(world.state).endpoint  # type: ignore[union-attr]
+    swept = world.cli("sweep", "--sandbox", "--older-than", "0s")
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert not clean(world.status())
+    view = _ec2_view(world)
+    leftover = [i for i in view["instances"] if "ebsrole" in json.dumps(world.describe(i).get("Tags", []))]
+    assert leftover == []
+
+
+# ---------------------------------------------------------------- EC2 behaviour of the machines
+
+
+def test_a_machine_that_powers_off_follows_its_shutdown_behaviour(world: World, rootfs: Path) -> None:
+    base = "ami-000000000000000d2"
+    stays = world.launch(base, InstanceInitiatedShutdownBehavior="stop")
+    goes = world.launch(base, InstanceInitiatedShutdownBehavior="terminate")
+    for instance in (stays, goes):
+        instance.remote.run("sudo -n systemctl poweroff --no-block", timeout=30, on_line=lambda *_: None)
+    wait_until(lambda: world.describe(stays.id)["State"]["Name"] == "stopped", 60, "stopped")
+    wait_until(lambda: world.describe(goes.id)["State"]["Name"] == "terminated", 60, "terminated")
+    assert world.describe(goes.id)["StateReason"]["Code"] == "Client.InstanceInitiatedShutdown"
+    assert goes.id not in world.status()["machines"]
+
+    world.client().start_instances(InstanceIds=[stays.id])
+    assert world.describe(stays.id)["State"]["Name"] == "running"
+    assert world.describe(stays.id)["PublicIpAddress"] == stays.address
+    assert stays.id in world.status()["machines"]
+    world.client().terminate_instances(InstanceIds=[stays.id])
+
+
+def test_stop_is_stopping_until_the_machine_has_halted(world: World) -> None:
+    instance = world.launch("ami-000000000000000d2")
+    world.client().stop_instances(InstanceIds=[instance.id])
+    states = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states.add(world.describe(instance.id)["State"]["Name"])
+        if "stopped" in states:
+            break
+    assert states <= {"stopping", "stopped"} and "stopped" in states
+    assert instance.id not in world.status()["machines"]
+    world.client().terminate_instances(InstanceIds=[instance.id])
+
+
+def test_data_plane_limits_answer_as_ec2_errors(world: World) -> None:
+    ec2 = world.client()
+    with pytest.raises(botocore.exceptions.ClientError) as arm:
+        ec2.run_instances(ImageId="ami-000000000000000d4", MinCount=1, MaxCount=1, InstanceType="t4g.small")
+    assert arm.value.response["Error"]["Code"] == "Unsupported"
+
+    # A snapshot whose bytes cannot be written is an InternalError, and no snapshot appears.
+    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{world.client().meta.region_name}a")["VolumeId"]
+    snapshots = world.state / "data" / "snapshots"
+    subprocess.run(["chattr", "+i", str(snapshots)], check=True)
+    try:
+        with pytest.raises(botocore.exceptions.ClientError) as failed:
+            ec2.create_snapshot(VolumeId=volume)
+    finally:
+        subprocess.run(["chattr", "-i", str(snapshots)], check=True)
+    assert failed.value.response["Error"]["Code"] == "InternalError"
+    owned = ec2.describe_snapshots(Filters=[{"Name": "volume-id", "Values": [volume]}])["Snapshots"]
+    assert owned == []
+    ec2.delete_volume(VolumeId=volume)
+    assert volume not in world.status()["volumes"]
