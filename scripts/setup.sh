@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 # Debian machines (builder/sandbox); qemu for the boot check of provisioned roots.
 DEBIAN_PACKAGES=(python3 python3-venv rsync acl attr debootstrap slirp4netns util-linux mount
   e2fsprogs qemu-system-x86)
+# The tests also drive Debian's Packer (1.6.6) against the sandbox, as another EC2 client.
+[[ ${1:-} == --dev ]] && DEBIAN_PACKAGES+=(packer)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -1,9 +1,10 @@
 #!/bin/bash
-# Install what the tool needs, then run its main job on the shipped roles: validate
-# them, audit what each puts on its volume, and render the web role's scripts.
+# The quick start: install what the tool needs, then build the web role's AMI end to end in
+# the local sandbox (no AWS account): the Debian tree is prepared on first use, a local
+# EC2 endpoint starts in the background, and the build runs through the same code as
+# against AWS. Extra arguments go to build.py (e.g. -v to stream the scripts' output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/python build.py validate
-.venv/bin/python build.py audit
-.venv/bin/python build.py render web --out out/web
+.venv/bin/python build.py web --sandbox "$@"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,7 @@ from builder.sandbox import control
 from builder.sandbox.server import mappings_from_params, mappings_to_params, merge_mappings, response_ids
 from tests.conftest import MINI_ROLE, PROJECT
 from tests.machines import needs_root
-from tests.sandbox import World, clean, wait_until
+from tests.sandbox import REGION, World, clean, wait_until
 
 pytestmark = needs_root
 
@@ -318,3 +319,84 @@ def test_data_plane_limits_answer_as_ec2_errors(world: World) -> None:
     assert owned == []
     ec2.delete_volume(VolumeId=volume)
     assert volume not in world.status()["volumes"]
+
+
+# ---------------------------------------------------------------- another EC2 client
+
+
+def test_packer_amazon_ebs_builds_against_the_sandbox(world: World, tmp_path: Path) -> None:
+    """Debian's Packer 1.6.6 (aws-sdk-go) builds an AMI here as against EC2, and the AMI boots."""
+    packer = shutil.which("packer")
+    assert packer, "Debian's packer is missing: scripts/setup.sh --dev installs it"
+    template = {
+        "builders": [
+            {
+                "type": "amazon-ebs",
+                "region": "us-east-1",
+                "access_key": "sandbox",
+                "secret_key": "sandbox",
+                "custom_endpoint_ec2": world.endpoint,
+                "source_ami": "ami-000000000000000d2",
+                "instance_type": "t3.small",
+                "ssh_username": "admin",
+                "ssh_timeout": "120s",
+                "ami_name": f"packer-{tmp_path.name}",
+                "temporary_security_group_source_cidrs": ["127.0.0.0/8"],
+            }
+        ],
+        "provisioners": [
+            {"type": "shell", "inline": ["echo packer-was-here | sudo tee /etc/packer-marker"]},
+        ],
+    }
+    (tmp_path / "template.json").write_text(json.dumps(template))
+    dead = "http://127.0.0.1:9"  # anything not on loopback would go here, and fail
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "CHECKPOINT_DISABLE": "1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_POLL_DELAY_SECONDS": "1",
+        **{name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+        **{name: "127.0.0.1,localhost,127.0.0.0/8" for name in ("NO_PROXY", "no_proxy")},
+    }
+    done = subprocess.run(
+        [packer, "build", "-machine-readable", "template.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:]
+    artifact = next(line for line in done.stdout.splitlines() if ",artifact,0,id," in line)
+    image_id = artifact.rsplit(":", 1)[1].strip()
+    assert not clean(world.status())
+
+    # Packer's AMI (CreateImage of its stopped instance) boots with what the provisioner wrote.
+    launched = world.launch(image_id)
+    assert launched.sh("cat /etc/packer-marker").strip() == "packer-was-here"
+    world.client().terminate_instances(InstanceIds=[launched.id])
+
+
+def test_an_instance_that_cannot_boot_is_terminated_with_a_reason(world: World) -> None:
+    """An image whose root device holds a data snapshot cannot boot: terminated, Server.InternalError."""
+    ec2 = world.client()
+    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    image = ec2.register_image(
+        Name=f"no-root-{volume}",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot}}],
+    )["ImageId"]
+    instance = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    described = world.describe(instance)
+    assert described["State"]["Name"] == "terminated"
+    assert described["StateReason"]["Code"] == "Server.InternalError"
+    assert "no root filesystem" in described["StateReason"]["Message"]
+    assert not clean(world.status())
+    ec2.deregister_image(ImageId=image)
+    ec2.delete_snapshot(SnapshotId=snapshot)
+    ec2.delete_volume(VolumeId=volume)
+    assert snapshot not in world.status()["snapshots"]

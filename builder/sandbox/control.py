@@ -95,7 +95,11 @@ def start(state: Path = STATE_DIR, releases: tuple[str, ...] = ("bookworm",), ca
     while time.monotonic() - started < START_TIMEOUT:
         current = running(state)
         if current and current.pid == proc.pid:
-            log.info("sandbox: started, EC2 endpoint %s (%.1f s)", current.endpoint, time.monotonic() - started)
+            log.info(
+                "sandbox: started in the background, EC2 endpoint %s (%.1f s); stop it with: build.py sandbox stop",
+                current.endpoint,
+                time.monotonic() - started,
+            )
             return current
         if proc.poll() is not None:
             break

@@ -292,7 +292,11 @@ class Sandbox:
             instance = backend.get_instance(instance_id)
             instance.sandbox_user_data = user_data
             instance.sandbox_keys = keys
-            self._make_volumes(backend, instance)
+            try:
+                self._make_volumes(backend, instance)
+            except (DataPlaneError, EC2Error, OSError) as exc:
+                self._failed_launch(backend, instance, str(exc))
+                continue
             self._start_machine(backend, instance, first=True)
 
     def _make_volumes(self, backend: Any, instance: Any) -> None:
@@ -300,10 +304,11 @@ class Sandbox:
             volume = backend.get_volume(block.volume_id)
             if device == instance.root_device_name:
                 layers = self.plane.root_layers(volume.snapshot_id)
-                if layers is None:
-                    image = backend.describe_images(ami_ids=[instance.image_id])[0]
+                image = backend.amis.get(instance.image_id)
+                if layers is None and image is not None and getattr(image, "sandbox_mappings", None) is None:
                     layers = [str(self._base_tree(image))]
-                self.plane.create_root_volume(volume.id, layers)
+                if layers is not None:
+                    self.plane.create_root_volume(volume.id, layers)
             else:
                 self.plane.create_volume(volume.id, volume.size, volume.snapshot_id)
 
@@ -329,13 +334,12 @@ class Sandbox:
             else:
                 self.plane.start(instance.id, attachments)
         except DataPlaneError as exc:
-            log.warning("%s", exc)
             if first:
-                self._terminate(backend, [instance.id])
+                self._failed_launch(backend, instance, str(exc))
             else:
+                log.warning("%s", exc)
                 instance.stop()
-            instance.state_reason.code = "Server.InternalError"
-            instance.state_reason.message = f"Server.InternalError: {exc}"
+                _set_reason(instance, "Server.InternalError", f"Server.InternalError: {exc}")
             return
         self._show_address(instance)
         self.plane.forward(instance.id, _open_ports(instance))
@@ -344,6 +348,12 @@ class Sandbox:
         for instance in backend.all_instances():
             if instance.state == "running" and params.get("GroupId") in {g.id for g in instance.security_groups}:
                 self.plane.forward(instance.id, _open_ports(instance))
+
+    def _failed_launch(self, backend: Any, instance: Any, why: str) -> None:
+        """An instance that cannot boot ends terminated with Server.InternalError, as on EC2."""
+        log.warning("%s: launch failed: %s", instance.id, why)
+        self._terminate(backend, [instance.id])
+        _set_reason(instance, "Server.InternalError", f"Server.InternalError: {why}")
 
     def _show_address(self, instance: Any) -> None:
         address = self.plane.address(instance.id)
@@ -581,8 +591,11 @@ class Sandbox:
                 else:
                     self.plane.stop(instance.id, clean=False)
                     instance.stop()
-                instance.state_reason.code = "Client.InstanceInitiatedShutdown"
-                instance.state_reason.message = "Client.InstanceInitiatedShutdown: Instance initiated shutdown"
+                _set_reason(
+                    instance,
+                    "Client.InstanceInitiatedShutdown",
+                    "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+                )
                 self.save()
 
     def shutdown(self) -> None:
@@ -591,6 +604,12 @@ class Sandbox:
         with self.lock:
             self.plane.shutdown()
             self.save()
+
+
+def _set_reason(instance: Any, code: str, message: str) -> None:
+    from moto.ec2.models.instances import StateReason
+
+    instance.state_reason = StateReason(message, code)
 
 
 def _open_ports(instance: Any) -> set[int]:
