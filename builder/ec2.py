@@ -303,13 +303,13 @@ class EC2:
                 hint="check base.owner / base.name in the role, or pin base.ami",
             )
         best = max(images, key=lambda i: (i.get("CreationDate", ""), i.get("Name", "")))
-        return _image(best)
+        return image_from(best)
 
     def image(self, image_id: str) -> Image:
         images = self.call("describe_images", ImageIds=[image_id])["Images"]
         if not images:
             raise CloudError("describe_images", "InvalidAMIID.NotFound", f"no AMI {image_id} in {self.region}")
-        return _image(images[0])
+        return image_from(images[0])
 
     def find_tagged(self, kind: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Return resources of ``kind`` (instances, volumes, snapshots, images, key_pairs, security_groups)."""
@@ -327,7 +327,8 @@ class EC2:
         return list(self.call("describe_security_groups", Filters=filters)["SecurityGroups"])
 
 
-def _image(raw: Mapping[str, Any]) -> Image:
+def image_from(raw: Mapping[str, Any]) -> Image:
+    """Return the Image of a DescribeImages entry."""
     return Image(
         image_id=str(raw["ImageId"]),
         name=str(raw.get("Name", "")),

@@ -27,9 +27,10 @@ class Manifest:
     path: Path
     started_at: str
     tool: str = f"ebsrole {__version__}"
-    status: str = "running"  # running | complete | failed | interrupted
+    status: str = "running"  # running | complete | unchanged | failed | interrupted
     error: str | None = None
     base_ami: str | None = None
+    fingerprint: str | None = None
     ami: str | None = None
     seed_snapshot: str | None = None
     root_snapshot: str | None = None

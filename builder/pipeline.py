@@ -27,8 +27,10 @@ from builder.cleanup import Resource, UndoStack
 from builder.ec2 import EC2, CloudError, Image, tag, tag_list, tag_specs
 from builder.errors import BuildError, ExitCode, InvalidInput
 from builder.files import write_atomic
+from builder.fingerprint import fingerprint
 from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
+from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.render import render_role
 from builder.roles import Role
@@ -39,6 +41,13 @@ log = logging.getLogger(__name__)
 
 Connector = Callable[..., Remote]
 CHECKIP_URL = "https://checkip.amazonaws.com"
+
+
+class _Unchanged(Exception):
+    """An AMI of this fingerprint exists (--if-changed): nothing to build."""
+
+    def __init__(self, image: RoleImage) -> None:
+        self.image = image
 
 
 class LeftBehind(BuildError):
@@ -71,6 +80,7 @@ class BuildOptions:
     ssh_timeout: float = 600.0
     manifest_path: Path | None = None
     endpoint_url: str | None = None
+    if_changed: bool = False  # skip the build when an AMI of the role's fingerprint exists
     connect: Connector = Remote.connect
 
 
@@ -131,6 +141,15 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
             with _step(state, name):
                 stage(state)
         manifest.status = "complete"
+    except _Unchanged as unchanged:
+        manifest.status = "unchanged"
+        image = unchanged.image
+        manifest.ami, manifest.seed_snapshot, manifest.root_snapshot = (
+            image.image_id,
+            image.seed_snapshot,
+            image.root_snapshot,
+        )
+        log.info("%s: unchanged: AMI %s has fingerprint %s", role.name, image.image_id, manifest.fingerprint)
     except BaseException as exc:  # noqa: BLE001 - Ctrl-C and SIGTERM too: clean up, then re-raise
         error = exc
         manifest.status = "interrupted" if not isinstance(exc, Exception) else "failed"
@@ -179,7 +198,18 @@ def resolve_base(state: _Build) -> None:
     else:
         state.base = state.ec2.newest_image(base.owner, base.name_pattern, base.ec2_architecture)
     state.manifest.base_ami = state.base.image_id
-    log.info("%s: base image %s (%s)", state.role.name, state.base.image_id, state.base.name)
+    state.manifest.fingerprint = fingerprint(state.role, state.base.image_id).value
+    log.info(
+        "%s: base image %s (%s), fingerprint %s",
+        state.role.name,
+        state.base.image_id,
+        state.base.name,
+        state.manifest.fingerprint,
+    )
+    if state.options.if_changed:
+        existing = role_images(state.ec2, values=[state.manifest.fingerprint])
+        if existing:
+            raise _Unchanged(existing[0])
 
 
 def temporary_credentials(state: _Build) -> None:
@@ -527,6 +557,7 @@ def _artefact_tags(state: _Build) -> dict[str, str]:
     paths = " ".join(p.path for p in role.externalize)
     tags = {
         "base-ami": state.manifest.base_ami or "",
+        "fingerprint": state.manifest.fingerprint or "",
         "mount-point": role.volume.mount_point,
         "device": role.volume.device,
     }

@@ -91,7 +91,9 @@ def context(role: Role) -> dict[str, Any]:
     return {
         "version": __version__,
         "role": role.name,
-        "role_file": role.file,
+        # The role by its name, not by where this process found it: the same role renders
+        # the same scripts from any directory (and so has one fingerprint).
+        "role_file": f"roles/{role.name}.yaml",
         "packages": list(role.packages),
         "services": list(role.services),
         "device": role.volume.device,
