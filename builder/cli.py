@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("builder")
 
-VERBS = ("validate", "render", "audit", "sweep", "sandbox")
+VERBS = ("validate", "render", "audit", "sweep", "sandbox", "fingerprint", "changed", "prune")
 VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
 
 EPILOG = """\
@@ -43,20 +43,23 @@ exit codes:
 """
 
 
-BUILD_USAGE = """build.py ROLE [ROLE...] [options]
-       build.py {validate,render,audit,sweep,sandbox} ... (see build.py COMMAND --help)"""
+BUILD_USAGE = """build.py ROLE [ROLE...] | --all [options]
+       build.py {validate,render,audit,fingerprint,changed,prune,sweep,sandbox} ... (see build.py COMMAND --help)"""
 BUILD_DESCRIPTION = """\
 Build the role AMI of each ROLE, paired with the seed snapshot of its data volume.
 
 commands:
   validate   check role files; every problem at once
   render     print or write a role's scripts (no cloud access)
-  audit      which paths each role puts on its volume
+  audit      which paths each role puts on its volume (--registered: its AMIs; --instance: live)
+  fingerprint  the hash of everything that decides what a role's build produces
+  changed    the roles whose fingerprint has no AMI yet (what CI must build)
+  prune      deregister a role's older AMIs and delete their snapshots
   sweep      remove what killed builds left behind (found by tag)
   sandbox    start|status|stop|reset the local sandbox (EC2 endpoint + real machines)
 
---sandbox on a build or sweep runs it against the local sandbox, started when needed:
-no AWS account, same code path.
+--sandbox on any command that talks to EC2 runs it against the local sandbox, started
+when needed: no AWS account, same code path.
 """
 
 
@@ -194,7 +197,26 @@ def _verb_parser() -> _Parser:
     )
     p.add_argument("roles", nargs="*", metavar="ROLE")
     p.add_argument("--format", choices=("table", "json", "csv", "markdown"), default="table")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--registered",
+        action="store_true",
+        help="audit the AMIs in the region instead: current AMI per role, its fingerprint, drift, "
+        "the paths it externalizes (from its own tags), AMIs whose role file is gone",
+    )
+    where.add_argument("--instance", metavar="ID", help="check a running instance live over SSH (the verify script)")
+    _aws_options(p)
+    ssh = p.add_argument_group("SSH, with --instance")
+    ssh.add_argument("--identity", type=Path, help="private key file to log in with")
+    ssh.add_argument(
+        "--known-hosts", type=Path, help="known_hosts holding the instance's host key (default ~/.ssh/known_hosts)"
+    )
+    ssh.add_argument("--ssh-user", default="admin", help="login user (default admin)")
+    ssh.add_argument("--ssh-host", help="reach the instance at this address instead of its EC2 address")
+    ssh.add_argument("--ssh-port", type=int, default=22)
     p.set_defaults(run=cmd_audit)
+
+    _registry_parsers(sub, common)
 
     p = sub.add_parser(
         "sweep",
@@ -229,6 +251,50 @@ def _verb_parser() -> _Parser:
     return parser
 
 
+def _registry_parsers(sub: Any, common: _Parser) -> None:
+    """fingerprint, changed, prune: questions about what is registered in the region."""
+    p = sub.add_parser(
+        "fingerprint",
+        parents=[common],
+        help="the hash of everything that decides what a role's build produces",
+        description="Print each role's fingerprint: a hash of the role after defaults, the templates, "
+        "the rendered scripts, the resolved base AMI and the tool version. The base AMI is looked "
+        "up in the region unless --base-ami gives it.",
+    )
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--base-ami", help="fingerprint on this base AMI id (no cloud access)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _aws_options(p)
+    p.set_defaults(run=cmd_fingerprint)
+
+    p = sub.add_parser(
+        "changed",
+        parents=[common],
+        help="the roles whose fingerprint has no AMI yet",
+        description="List the roles (all by default) whose current fingerprint has no available AMI "
+        "in the region: what CI must build. A fixed number of EC2 calls, however many roles.",
+    )
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--format", choices=("names", "json", "github-matrix"), default="names")
+    _aws_options(p)
+    p.set_defaults(run=cmd_changed)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="deregister a role's older AMIs and delete their snapshots",
+        description="Deregister the role's AMIs but the newest --keep, and delete their snapshots; "
+        "never one that an instance (running or stopped) was launched from, never a snapshot "
+        "another kept AMI uses.",
+    )
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--keep", type=int, required=True, help="how many of the newest AMIs to keep (at least 1)")
+    p.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    _aws_options(p)
+    p.set_defaults(run=cmd_prune)
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="build.py",
@@ -238,7 +304,17 @@ def _build_parser() -> _Parser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("roles", nargs="+", metavar="ROLE", help="role names (files roles/ROLE.yaml)")
+    parser.add_argument("roles", nargs="*", metavar="ROLE", help="role names (files roles/ROLE.yaml)")
+    parser.add_argument("--all", action="store_true", help="every role of the roles directory")
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="with several roles: build N at a time (default 1)"
+    )
+    parser.add_argument(
+        "--if-changed",
+        action="store_true",
+        help="skip a role whose fingerprint already has an AMI; print that AMI instead",
+    )
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="the result lines (or summary)")
     parser.add_argument("--version", action="version", version=f"ebsrole {__version__}")
     _aws_options(parser)
     ssh = parser.add_argument_group("the builder")
@@ -253,7 +329,9 @@ def _build_parser() -> _Parser:
     )
     ssh.add_argument("--ssh-timeout", type=float, default=600, help="how long to wait for SSH (s)")
     out = parser.add_argument_group("results")
-    out.add_argument("--manifest", type=Path, help="write the manifest here (default manifests/ROLE-BUILD.json)")
+    out.add_argument(
+        "--manifest", type=Path, help="write the manifest here (one role only; default manifests/ROLE-BUILD.json)"
+    )
     out.add_argument(
         "--keep-on-failure", action="store_true", help="keep the builder when the build fails, to debug it"
     )
@@ -335,23 +413,56 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Print which paths each role externalizes."""
-    from builder.audit import format_audit
+    """Print which paths each role externalizes: from the role files, the AMIs, or a live instance."""
+    from builder import audit
     from builder.roles import load_roles
 
-    sys.stdout.write(format_audit(load_roles(args.roles, _roles_dir(args)), args.format))
+    if args.instance:
+        from builder.live import check_instance
+
+        if not args.identity:
+            raise InvalidInput("--instance needs --identity KEY_FILE (the key the instance admits)")
+        report = check_instance(
+            _connect(args),
+            args.instance,
+            _roles_dir(args),
+            identity=args.identity,
+            known_hosts=args.known_hosts or Path.home() / ".ssh" / "known_hosts",
+            user=args.ssh_user,
+            host=args.ssh_host,
+            port=args.ssh_port,
+        )
+        sys.stdout.write(audit.format_instance(report, args.format))
+        return ExitCode.OK if report["passed"] else ExitCode.FAILED
+    if args.registered:
+        from builder.registry import registered
+
+        roles = load_roles(args.roles, _roles_dir(args))
+        ec2 = _connect(args)
+        records = registered(ec2, roles)
+        if args.roles:  # only the named roles (and no orphans) when roles are named
+            records = [r for r in records if r.role in set(args.roles)]
+        sys.stdout.write(audit.format_registered(records, ec2.region, args.format))
+        return ExitCode.OK
+    sys.stdout.write(audit.format_audit(load_roles(args.roles, _roles_dir(args)), args.format))
     return ExitCode.OK
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build the role AMIs, one after the other; print a summary line per role."""
+    """Build the role AMIs: one in this process, several as one process each (--jobs at a time)."""
     from builder.pipeline import BuildOptions, build, ssh_cidr
     from builder.roles import load_roles
 
-    roles = load_roles(args.roles, _roles_dir(args))
+    if args.all == bool(args.roles):
+        raise InvalidInput("name the roles to build, or give --all (not both)")
+    if args.jobs < 1:
+        raise InvalidInput(f"--jobs {args.jobs}: must be at least 1")
+    roles = load_roles(None if args.all else args.roles, _roles_dir(args))
     if args.manifest and len(roles) > 1:
         raise InvalidInput("--manifest names one file: give it with one role only")
     _check_writable_dir(args.manifest.parent if args.manifest else Path("manifests"), f"--manifest {args.manifest}")
+    if len(roles) > 1:
+        return _build_many(args, [r.name for r in roles])
     ec2 = _connect(args)
     # Settled before anything is created: a CIDR that cannot be found stops the build here.
     cidr = None if args.security_group_id else ssh_cidr(args.ssh_cidr, args.endpoint_url)
@@ -367,14 +478,151 @@ def cmd_build(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         ssh_timeout=args.ssh_timeout,
         manifest_path=args.manifest,
+        if_changed=args.if_changed,
     )
-    if not options.ssh_cidr and not options.security_group_id:
-        from builder.pipeline import ssh_cidr
+    manifest = build(roles[0], ec2, options)
+    if args.format == "json":
+        record = {
+            "role": manifest.role,
+            "result": manifest.status,
+            "ami": manifest.ami,
+            "seed_snapshot": manifest.seed_snapshot,
+            "fingerprint": manifest.fingerprint,
+            "manifest": str(manifest.path),
+        }
+        _print(json.dumps({"builds": [record]}, indent=2))
+    elif manifest.status == "unchanged":
+        _print(
+            f"{manifest.role}: unchanged: AMI {manifest.ami} seed snapshot {manifest.seed_snapshot} "
+            f"(fingerprint {manifest.fingerprint})"
+        )
+    else:
+        _print(f"{manifest.role}: AMI {manifest.ami} seed snapshot {manifest.seed_snapshot} (manifest {manifest.path})")
+    return ExitCode.OK
 
-        ssh_cidr(None)  # raises the explanation before anything is created
-    for role in roles:
-        manifest = build(role, ec2, options)
-        _print(f"{role.name}: AMI {manifest.ami} seed snapshot {manifest.seed_snapshot} (manifest {manifest.path})")
+
+def _build_many(args: argparse.Namespace, names: list[str]) -> int:
+    """Build several roles, each in its own build.py process; print the summary table."""
+    from builder import batch
+    from builder.pipeline import new_build_id
+
+    if args.sandbox:
+        _connect(args)  # start the sandbox once, before the builds look for it
+    batch_id = new_build_id()
+    manifests = {name: Path("manifests") / f"{name}-{batch_id}.json" for name in names}
+    passed = _passthrough(args)
+    argv_for = {name: [name, *passed, "--manifest", str(manifests[name])] for name in names}
+    log.info("building %d roles, %d at a time: %s", len(names), args.jobs, " ".join(names))
+    outcomes, interrupted = batch.run(names, argv_for, manifests, args.jobs, sys.stderr)
+    _print(batch.summary_json(outcomes) if args.format == "json" else batch.summary_table(outcomes))
+    if interrupted is not None:
+        raise interrupted
+    return batch.exit_code(outcomes)
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    """Return the options a one-role build.py needs to build as this command would."""
+    argv: list[str] = []
+    valued = {
+        "--roles-dir": args.roles_dir,
+        "--region": args.region,
+        "--profile": args.profile,
+        "--endpoint-url": None if args.sandbox else args.endpoint_url,
+        "--ssh-user": args.ssh_user,
+        "--ssh-host": args.ssh_host,
+        "--ssh-port": args.ssh_port,
+        "--ssh-cidr": args.ssh_cidr,
+        "--subnet-id": args.subnet_id,
+        "--security-group-id": args.security_group_id,
+        "--timeout": args.timeout,
+        "--ssh-timeout": args.ssh_timeout,
+    }
+    for flag, value in valued.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    flags = {
+        "--sandbox": args.sandbox,
+        "--keep-on-failure": args.keep_on_failure,
+        "--if-changed": args.if_changed,
+        "--verbose": args.verbose,
+        "--debug": args.debug,
+    }
+    return argv + [flag for flag, on in flags.items() if on]
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """Print each role's fingerprint."""
+    from builder.fingerprint import fingerprint
+    from builder.registry import fingerprints
+    from builder.roles import load_roles
+
+    roles = load_roles(args.roles, _roles_dir(args))
+    if args.base_ami:
+        found = {r.name: fingerprint(r, args.base_ami) for r in roles}
+    else:
+        found = fingerprints(_connect(args), roles)
+    if args.format == "json":
+        doc = [{"role": f.role, "fingerprint": f.value, "base_ami": f.base_ami} for f in found.values()]
+        _print(json.dumps({"fingerprints": doc}, indent=2))
+    else:
+        for f in found.values():
+            _print(f"{f.role}  {f.value}  base {f.base_ami}")
+    return ExitCode.OK
+
+
+def cmd_changed(args: argparse.Namespace) -> int:
+    """Print the roles whose fingerprint has no AMI in the region."""
+    from builder.registry import changes
+    from builder.roles import load_roles
+
+    roles = load_roles(args.roles, _roles_dir(args))
+    ec2 = _connect(args)
+    found = changes(ec2, roles)
+    names = [c.role for c in found if c.changed]
+    if args.format == "github-matrix":
+        # `strategy.matrix: ${{ fromJSON(...) }}`; an empty list means there is nothing to build.
+        _print(json.dumps({"role": names}, separators=(",", ":")))
+    elif args.format == "json":
+        doc = {
+            "changed": names,
+            "roles": [
+                {
+                    "role": c.role,
+                    "fingerprint": c.fingerprint.value,
+                    "base_ami": c.fingerprint.base_ami,
+                    "changed": c.changed,
+                    "ami": c.image.image_id if c.image else None,
+                }
+                for c in found
+            ],
+            "api_calls": ec2.total_calls,
+        }
+        _print(json.dumps(doc, indent=2))
+    else:
+        for name in names:
+            _print(name)
+    return ExitCode.OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Deregister older AMIs of a role and delete their snapshots."""
+    from dataclasses import asdict
+
+    from builder.registry import prune
+    from builder.roles import ROLE_NAME
+
+    if not ROLE_NAME.match(args.role):
+        raise InvalidInput(f"prune {args.role!r}: not a role name (lower-case letters, digits, -)")
+    if args.keep < 1:
+        raise InvalidInput(f"--keep {args.keep}: keep at least the newest AMI (1)")
+    rows = prune(_connect(args), args.role, args.keep, dry_run=args.dry_run)
+    if args.format == "json":
+        _print(json.dumps({"dry_run": args.dry_run, "images": [asdict(r) for r in rows]}, indent=2))
+    elif not rows:
+        _print(f"{args.role}: no AMIs")
+    else:
+        for r in rows:
+            _print(f"{r.fate:18} {r.image_id:24} {r.created:26} {r.detail}".rstrip())
     return ExitCode.OK
 
 

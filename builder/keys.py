@@ -1,14 +1,17 @@
-"""Temporary ed25519 keys, made and kept in memory only (never written to disk)."""
+"""Temporary ed25519 keys, made and kept in memory only (never written to disk); and the user's own."""
 
 from __future__ import annotations
 
 import base64
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from builder.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,29 @@ class KeyPair:
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return cls(private, f"{public.decode()} {comment}".strip())
 
+    @classmethod
+    def from_file(cls, path: Path) -> KeyPair:
+        """Return the user's own key pair from a private key file (for logging in to an instance)."""
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidInput(f"--identity {path}: {exc.strerror}") from None
+        pair = cls(text, "")
+        try:
+            pair.pkey()
+        except (paramiko.SSHException, ValueError) as exc:
+            raise InvalidInput(f"--identity {path}: not a private key paramiko can read ({exc})") from None
+        return pair
+
     def pkey(self) -> paramiko.PKey:
-        """Return the private key as paramiko wants it."""
-        return paramiko.Ed25519Key(file_obj=io.StringIO(self.private_openssh))
+        """Return the private key as paramiko wants it (ed25519, ECDSA or RSA)."""
+        last: Exception | None = None
+        for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                return kind.from_private_key(io.StringIO(self.private_openssh))
+            except (paramiko.SSHException, ValueError) as exc:
+                last = exc
+        raise paramiko.SSHException(f"unreadable private key: {last}")
 
 
 def public_key(line: str) -> paramiko.PKey:

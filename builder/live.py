@@ -1,0 +1,92 @@
+"""audit --instance: check a running instance of a role live, over SSH, with the verify script.
+
+The instance is found by id; its role comes from its AMI's tags; the verify script is
+rendered from that role's file and run with sudo. The host key must already be in a
+known_hosts file (pinned: never trusted on first use).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from builder.ec2 import EC2, CloudError, tag, tags_of
+from builder.errors import BuildError, InvalidInput, SSHError
+from builder.keys import KeyPair
+from builder.remote import Remote, known_host_name
+from builder.render import render_role
+from builder.roles import load_role
+
+log = logging.getLogger(__name__)
+
+WORKDIR = "/var/tmp/ebsrole-audit"  # noqa: S108 - on the instance, removed after the check
+
+
+def check_instance(
+    ec2: EC2,
+    instance_id: str,
+    roles_dir: Path,
+    *,
+    identity: Path,
+    known_hosts: Path,
+    user: str = "admin",
+    host: str | None = None,
+    port: int = 22,
+) -> dict[str, Any]:
+    """Run the role's verify script on the instance; return its checks (state, check, subject, detail)."""
+    instance = ec2.instance(instance_id)
+    if instance.get("State", {}).get("Name") != "running":
+        raise CloudError("describe_instances", "IncorrectInstanceState", f"{instance_id} is not running")
+    images = ec2.call("describe_images", ImageIds=[instance["ImageId"]])["Images"]
+    role_name = tags_of(images[0]).get(tag("role")) if images else None
+    if not role_name:
+        raise InvalidInput(f"{instance_id} runs {instance['ImageId']}, which is not a role AMI of this tool")
+    role = load_role(role_name, roles_dir)
+    address = host or instance.get("PublicIpAddress") or instance.get("PrivateIpAddress")
+    if not address:
+        raise CloudError("describe_instances", "NoAddress", f"instance {instance_id} has no IP address")
+    host_key = _known_host_key(known_hosts, address, port)
+    verify = next(s for s in render_role(role) if s.name == "verify.sh")
+    remote = Remote.connect(address, port, user, KeyPair.from_file(identity), host_key, deadline=60)
+    try:
+        remote.check(f"mkdir -p -m 0700 {WORKDIR}")
+        remote.put(verify.text, f"{WORKDIR}/verify.sh", 0o700)
+        result = remote.run(f"sudo -n bash {WORKDIR}/verify.sh", timeout=300, on_line=lambda *_: None)
+        remote.run(f"rm -rf {WORKDIR}", timeout=60, on_line=lambda *_: None)
+    finally:
+        remote.close()
+    checks = []
+    for line in result.stdout.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 4 and fields[0] in ("ok", "FAIL"):
+            checks.append(dict(zip(("state", "check", "subject", "detail"), fields, strict=True)))
+    if not checks:
+        raise BuildError(f"verify.sh on {instance_id} reported nothing (exit {result.exit_status}): {result.tail()}")
+    return {
+        "instance": instance_id,
+        "image": instance["ImageId"],
+        "role": role.name,
+        "address": address,
+        "passed": result.exit_status == 0 and all(c["state"] == "ok" for c in checks),
+        "checks": checks,
+    }
+
+
+def _known_host_key(known_hosts: Path, address: str, port: int) -> str:
+    """Return the pinned host key line for ``address`` from ``known_hosts``."""
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(str(known_hosts))
+    except OSError as exc:
+        raise InvalidInput(f"--known-hosts {known_hosts}: {exc.strerror}") from None
+    entry = keys.lookup(known_host_name(address, port))
+    if not entry:
+        raise SSHError(
+            f"no host key for {address} in {known_hosts}: the instance's key must be pinned before the check",
+            hint="take it from the instance's console output (aws ec2 get-console-output) and add it there",
+        )
+    kind = next(iter(entry.keys()))
+    return f"{kind} {entry[kind].get_base64()}"
