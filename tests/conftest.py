@@ -101,3 +101,20 @@ MINI_ROLE: dict[str, Any] = {
     "volume": {"device": "/dev/sdf", "mount_point": "/data", "size_gib": 2},
     "externalize": [{"path": "/srv/app", "owner": "root", "group": "root", "mode": "0755"}],
 }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Any:
+    """A sandbox of this test module's own (tests/sandbox.py), reset afterwards: nothing may stay."""
+    from builder.sandbox import control
+    from tests.sandbox import World
+
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state)
+    try:
+        yield world
+    finally:
+        control.reset(state)
+        assert not state.exists()
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
+        assert str(state) not in loops

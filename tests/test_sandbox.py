@@ -13,7 +13,6 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,6 @@ from tests.machines import needs_root
 from tests.sandbox import REGION, World, clean, wait_until
 
 pytestmark = needs_root
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
-    state = tmp_path_factory.mktemp("sandbox")
-    world = World.start(state)
-    try:
-        yield world
-    finally:
-        control.reset(state)
-        assert not state.exists()
-        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-        assert str(state) not in loops
 
 
 @pytest.fixture

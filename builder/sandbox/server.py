@@ -628,8 +628,16 @@ def _indexed(params: dict[str, str], name: str) -> list[str]:
 
 
 def _patch_moto() -> None:
-    """Make moto's images show the block-device mappings the sandbox recorded for them."""
+    """Two fixes to moto's models, in this process only.
+
+    Images show the block-device mappings the sandbox recorded for them. And a
+    resource's tags are looked up by its id: moto scans every tag of the region for
+    each resource, so a DescribeImages over thousands of tagged images took minutes
+    (EC2 answers it at once; the tool's `changed` relies on that).
+    """
     from moto.ec2.models.amis import Ami
+    from moto.ec2.models.core import TaggedEC2Resource
+    from moto.ec2.utils import EC2_PREFIX_TO_RESOURCE, get_prefix
 
     original: Any = Ami.__dict__["block_device_mappings"]
 
@@ -637,18 +645,33 @@ def _patch_moto() -> None:
         recorded = getattr(self, "sandbox_mappings", None)
         return recorded if recorded is not None else original.fget(self)
 
+    def get_tags(self: Any) -> list[dict[str, str]]:
+        if not self.id:
+            return []
+        kind = EC2_PREFIX_TO_RESOURCE.get(get_prefix(self.id), "")
+        found = self.ec2_backend.tags.get(self.id, {})
+        return [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in found.items()]
+
     Ami.block_device_mappings = property(mappings)  # type: ignore[method-assign,assignment]
+    TaggedEC2Resource.get_tags = get_tags  # type: ignore[method-assign]
+
+
+def make_app(state: Path, cache: Path = DEFAULT_CACHE) -> Sandbox:
+    """Return the sandbox's WSGI application over a fresh moto (moto's settings from the environment)."""
+    os.environ.setdefault("MOTO_AMIS_PATH", str(AMIS))
+    os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    _patch_moto()
+    return Sandbox(DomainDispatcherApplication(create_backend_app), state, cache)
 
 
 def serve(state: Path, address: str, port: int, cache: Path) -> None:
     """Run the sandbox endpoint until SIGTERM or SIGINT; write ``server.json`` once it listens."""
-    os.environ.setdefault("MOTO_AMIS_PATH", str(AMIS))
-    os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    sandbox = make_app(state, cache)
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
     from werkzeug.serving import make_server
 
-    _patch_moto()
-    sandbox = Sandbox(DomainDispatcherApplication(create_backend_app), state, cache)
     sandbox.load()
     server = make_server(address, port, sandbox, threaded=True, request_handler=MotoRequestHandler)
     stopping = threading.Event()
