@@ -26,7 +26,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("builder")
 
-VERBS = ("validate", "render", "audit", "sweep", "sandbox", "fingerprint", "changed", "prune")
+VERBS = (
+    "validate",
+    "render",
+    "audit",
+    "sweep",
+    "sandbox",
+    "fingerprint",
+    "changed",
+    "prune",
+    "snapshot",
+    "schedule",
+    "launch",
+    "drill",
+    "copy",
+)
 VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
 
 EPILOG = """\
@@ -44,7 +58,7 @@ exit codes:
 
 
 BUILD_USAGE = """build.py ROLE [ROLE...] | --all [options]
-       build.py {validate,render,audit,fingerprint,changed,prune,sweep,sandbox} ... (see build.py COMMAND --help)"""
+       build.py COMMAND ... (see the commands below, and build.py COMMAND --help)"""
 BUILD_DESCRIPTION = """\
 Build the role AMI of each ROLE, paired with the seed snapshot of its data volume.
 
@@ -55,6 +69,11 @@ commands:
   fingerprint  the hash of everything that decides what a role's build produces
   changed    the roles whose fingerprint has no AMI yet (what CI must build)
   prune      deregister a role's older AMIs and delete their snapshots
+  snapshot   nightly snapshots of the role instances' data volumes, with retention
+  schedule   the same policy as an Amazon Data Lifecycle Manager policy
+  launch     instances of a role, the data volume restored from a snapshot, in any AZ
+  drill      a restore drill: restore into another AZ, check it, remove it, report
+  copy       copy a role AMI and its snapshots to another region, pairing kept
   sweep      remove what killed builds left behind (found by tag)
   sandbox    start|status|stop|reset the local sandbox (EC2 endpoint + real machines)
 
@@ -217,6 +236,7 @@ def _verb_parser() -> _Parser:
     p.set_defaults(run=cmd_audit)
 
     _registry_parsers(sub, common)
+    _backup_parsers(sub, common)
 
     p = sub.add_parser(
         "sweep",
@@ -295,6 +315,97 @@ def _registry_parsers(sub: Any, common: _Parser) -> None:
     p.set_defaults(run=cmd_prune)
 
 
+def _backup_parsers(sub: Any, common: _Parser) -> None:
+    """snapshot, schedule, launch, drill, copy: backups and restores."""
+    p = sub.add_parser(
+        "snapshot",
+        parents=[common],
+        help="nightly snapshots of the role instances' data volumes",
+        description="Snapshot the data volume of every running instance of the roles (all when none are "
+        "named), one per volume and date; then apply the retention policy if given. Meant for cron.",
+    )
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--env", help="only instances of this environment (the ebsrole:env tag)")
+    p.add_argument("--freeze", action="store_true", help="fsfreeze the volume over SSH around the snapshot start")
+    p.add_argument("--keep-daily", type=int, metavar="N", help="retention: keep the N newest nightly snapshots")
+    p.add_argument("--keep-weekly", type=int, default=0, metavar="M", help="and the newest of each of M weeks")
+    p.add_argument("--dry-run", action="store_true", help="retention: list what it would delete, delete nothing")
+    p.add_argument("--as-of", metavar="YYYY-MM-DD", help="the night to record (default: today, UTC)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    _ssh_login_options(p)
+    _aws_options(p)
+    p.set_defaults(run=cmd_snapshot)
+
+    p = sub.add_parser(
+        "schedule",
+        parents=[common],
+        help="the snapshot policy as an Amazon Data Lifecycle Manager policy",
+        description="Print (or with --apply create) a DLM policy that snapshots the role's data volumes "
+        "daily and weekly, with the tool's tags, optionally copying to another region.",
+    )
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--time", default="03:00", help="daily snapshot time, HH:MM UTC (default 03:00)")
+    p.add_argument("--keep-daily", type=int, default=7)
+    p.add_argument("--keep-weekly", type=int, default=4)
+    p.add_argument("--copy-to", metavar="REGION", help="also copy each snapshot to this region")
+    p.add_argument("--execution-role-arn", help="the IAM role DLM uses (default: the account's DLM default role)")
+    p.add_argument("--apply", action="store_true", help="create the policy (dlm:CreateLifecyclePolicy)")
+    _aws_options(p)
+    p.set_defaults(run=cmd_schedule)
+
+    for verb, helptext in (
+        ("launch", "instances of a role with the data volume restored from a snapshot"),
+        ("drill", "a restore drill: restore into another AZ, check over SSH, remove, report"),
+    ):
+        p = sub.add_parser(verb, parents=[common], help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p.add_argument("role", metavar="ROLE")
+        p.add_argument(
+            "--from",
+            dest="source",
+            default="latest",
+            help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
+        )
+        p.add_argument("--source-env", help="with --from latest: the newest snapshot of this environment")
+        p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
+        p.add_argument("--ssh-user", default="admin")
+        p.add_argument("--format", choices=("table", "json"), default="table")
+        _aws_options(p)
+    p.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address)")
+    p.set_defaults(run=cmd_drill)
+    p = sub.choices["launch"]
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--env", default="", help="environment name, tagged (production, staging, ...)")
+    p.add_argument("--instance-type", help="default: the role's instance_type")
+    p.add_argument("--key-name", help="EC2 key pair for your own logins")
+    p.add_argument("--subnet-id")
+    p.add_argument("--security-group-id", action="append", help="repeatable")
+    p.add_argument("--wait", action="store_true", help="wait until each instance passes the verify script over SSH")
+    p.set_defaults(run=cmd_launch)
+
+    p = sub.add_parser(
+        "copy",
+        parents=[common],
+        help="copy a role AMI and its snapshots to another region",
+        description="Copy the role's current AMI (or --ami) with its snapshots to another region; tags and "
+        "the AMI/seed-snapshot pairing are kept.",
+    )
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--to", required=True, action="append", metavar="REGION", help="repeatable")
+    p.add_argument("--ami", help="this AMI of the role instead of the current one")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _aws_options(p)
+    p.set_defaults(run=cmd_copy)
+
+
+def _ssh_login_options(p: argparse.ArgumentParser) -> None:
+    ssh = p.add_argument_group("SSH to existing instances (host keys pinned from known_hosts)")
+    ssh.add_argument("--identity", type=Path, help="private key file to log in with")
+    ssh.add_argument(
+        "--known-hosts", type=Path, help="known_hosts holding the instances' host keys (default ~/.ssh/known_hosts)"
+    )
+    ssh.add_argument("--ssh-user", default="admin", help="login user (default admin)")
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="build.py",
@@ -334,6 +445,9 @@ def _build_parser() -> _Parser:
     )
     out.add_argument(
         "--keep-on-failure", action="store_true", help="keep the builder when the build fails, to debug it"
+    )
+    out.add_argument(
+        "--copy-to", action="append", metavar="REGION", help="then copy the AMI and its snapshots there (repeatable)"
     )
     parser.set_defaults(run=cmd_build)
     return parser
@@ -481,6 +595,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if_changed=args.if_changed,
     )
     manifest = build(roles[0], ec2, options)
+    copies = _copy_to(args, ec2, roles[0].name, manifest.ami) if args.copy_to else []
     if args.format == "json":
         record = {
             "role": manifest.role,
@@ -489,6 +604,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             "seed_snapshot": manifest.seed_snapshot,
             "fingerprint": manifest.fingerprint,
             "manifest": str(manifest.path),
+            "copies": copies,
         }
         _print(json.dumps({"builds": [record]}, indent=2))
     elif manifest.status == "unchanged":
@@ -498,7 +614,30 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
     else:
         _print(f"{manifest.role}: AMI {manifest.ami} seed snapshot {manifest.seed_snapshot} (manifest {manifest.path})")
+    if args.format != "json":
+        for copy in copies:
+            _print(
+                f"{manifest.role}: copied to {copy['region']}: AMI {copy['ami']} seed snapshot {copy['seed_snapshot']}"
+            )
     return ExitCode.OK
+
+
+def _copy_to(args: argparse.Namespace, ec2: EC2, role: str, ami: str | None) -> list[dict[str, str]]:
+    """Copy ``ami`` (the role's) to each --copy-to region; return what was made."""
+    from dataclasses import asdict
+
+    from builder.registry import RoleImage
+    from builder.restore import copy_image
+
+    raw = ec2.call("describe_images", ImageIds=[str(ami)])["Images"]
+    if not raw:
+        raise InvalidInput(f"{role}: no AMI {ami} in {ec2.region}")
+    image = RoleImage.of(raw[0])
+    made = []
+    for region in args.copy_to:
+        log.info("%s: copying %s to %s ...", role, image.image_id, region)
+        made.append(asdict(copy_image(ec2, _connect(args, region), image)))
+    return made
 
 
 def _build_many(args: argparse.Namespace, names: list[str]) -> int:
@@ -540,6 +679,8 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
     for flag, value in valued.items():
         if value is not None:
             argv += [flag, str(value)]
+    for region in args.copy_to or ():
+        argv += ["--copy-to", region]
     flags = {
         "--sandbox": args.sandbox,
         "--keep-on-failure": args.keep_on_failure,
@@ -696,20 +837,222 @@ def _sandbox_text(status: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _connect(args: argparse.Namespace) -> EC2:
-    """Return the EC2 the command works against: AWS (standard chain), --endpoint-url, or the sandbox."""
+def _connect(args: argparse.Namespace, region: str | None = None) -> EC2:
+    """Return the EC2 the command works against: AWS (standard chain), --endpoint-url, or the sandbox.
+
+    ``region`` overrides --region (for a second region, as copies need).
+    """
     from builder.ec2 import EC2
 
     if not args.sandbox:
-        return EC2.connect(args.region, args.profile, args.endpoint_url)
-    if args.endpoint_url or args.profile:
+        return EC2.connect(region or args.region, args.profile, args.endpoint_url)
+    if args.profile or (args.endpoint_url and args.endpoint_url != getattr(args, "sandbox_endpoint", None)):
         raise InvalidInput("--sandbox is its own endpoint and credentials: drop --endpoint-url and --profile")
     from builder.sandbox import control
 
     current = control.ensure_started()
-    args.endpoint_url = current.endpoint
+    args.endpoint_url = args.sandbox_endpoint = current.endpoint
     args.region = args.region or control.REGION
-    return EC2.connect(args.region, None, current.endpoint, credentials=control.CREDENTIALS)
+    return EC2.connect(region or args.region, None, current.endpoint, credentials=control.CREDENTIALS)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Snapshot the data volumes of running role instances; apply retention."""
+    import datetime as dt
+    from dataclasses import asdict
+
+    from builder.backups import apply_retention, role_instances, snapshot_instances, ssh_connector
+
+    try:
+        date = dt.date.fromisoformat(args.as_of) if args.as_of else dt.datetime.now(dt.UTC).date()
+    except ValueError:
+        raise InvalidInput(f"--as-of {args.as_of!r}: give a date as YYYY-MM-DD") from None
+    if args.keep_daily is not None and args.keep_daily < 1:
+        raise InvalidInput(f"--keep-daily {args.keep_daily}: keep at least 1")
+    if (args.freeze or args.known_hosts) and not args.identity:
+        raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    ec2 = _connect(args)
+    instances = role_instances(ec2, args.roles or None, args.env)
+    connect = None
+    if args.identity:
+        connect = ssh_connector(args.identity, args.known_hosts or Path.home() / ".ssh/known_hosts", args.ssh_user)
+    results = snapshot_instances(ec2, instances, date, freeze=args.freeze, connect=connect)
+    retention = []
+    if args.keep_daily is not None:
+        volumes = [i.volume_id for i in instances]
+        retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
+    failed = any(r.result == "failed" for r in results) or any(r.fate == "left" for r in retention)
+    if args.format == "json":
+        doc = {
+            "date": date.isoformat(),
+            "snapshots": [asdict(r) for r in results],
+            "retention": [asdict(r) for r in retention],
+        }
+        _print(json.dumps(doc, indent=2))
+    else:
+        if not results:
+            _print("no running role instances")
+        for r in results:
+            extra = (" frozen" if r.frozen else "") + (f": {r.error}" if r.error else "")
+            _print(f"{r.result:8} {r.role:16} {r.instance_id:20} {r.volume_id:22} {r.snapshot_id or '-'}{extra}")
+        for k in retention:
+            _print(f"{k.fate:14} {k.snapshot_id:24} {k.volume_id:22} {k.date}{': ' + k.error if k.error else ''}")
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Print or create the role's DLM policy."""
+    from builder.roles import load_role
+    from builder.schedule import default_role_arn, dlm_policy
+
+    load_role(args.role, _roles_dir(args))  # the role must exist
+    if args.apply and args.sandbox:
+        raise InvalidInput("the sandbox has no Data Lifecycle Manager: print the policy without --apply")
+    ec2 = None
+    arn = args.execution_role_arn
+    if not arn:
+        ec2 = _connect(args)
+        arn = default_role_arn(ec2.account_id())
+    policy = dlm_policy(
+        args.role,
+        execution_role_arn=arn,
+        time=args.time,
+        keep_daily=args.keep_daily,
+        keep_weekly=args.keep_weekly,
+        copy_to=args.copy_to,
+    )
+    if not args.apply:
+        _print(json.dumps(policy, indent=2))
+        return ExitCode.OK
+    ec2 = ec2 or _connect(args)
+    policy_id = ec2.create_lifecycle_policy(policy)
+    _print(f"{args.role}: DLM policy {policy_id} created")
+    return ExitCode.OK
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Launch instances of a role from a snapshot; with --wait, verify each over SSH."""
+    from dataclasses import asdict
+
+    from builder.keys import KeyPair
+    from builder.live import verify_checks
+    from builder.restore import choose_source, connect, current_image, drop_login, launch, login_user_data
+    from builder.roles import load_role
+
+    role = load_role(args.role, _roles_dir(args))
+    if args.count < 1:
+        raise InvalidInput(f"--count {args.count}: at least 1")
+    ec2 = _connect(args)
+    image = current_image(ec2, role.name)
+    source = choose_source(ec2, role.name, image, args.source, args.source_env)
+    login = KeyPair.generate(f"ebsrole-launch-{role.name}") if args.wait else None
+    launched = launch(
+        ec2,
+        role,
+        image,
+        source,
+        count=args.count,
+        az=args.az,
+        env=args.env,
+        instance_type=args.instance_type,
+        key_name=args.key_name,
+        subnet_id=args.subnet_id,
+        security_group_ids=args.security_group_id,
+        user_data=login_user_data(login) if login else None,
+    )
+    failed = False
+    for instance in launched:
+        if login is None:
+            continue
+        remote = connect(ec2, instance, login, args.ssh_user)
+        try:
+            checks = verify_checks(remote, role)
+            instance.verified = all(c["state"] == "ok" for c in checks)
+            for check in checks:
+                if check["state"] != "ok":
+                    log.warning(
+                        "%s: %s %s: %s", instance.instance_id, check["check"], check["subject"], check["detail"]
+                    )
+            drop_login(remote, login)
+        finally:
+            remote.close()
+        failed = failed or not instance.verified
+    if args.format == "json":
+        _print(
+            json.dumps(
+                {
+                    "role": role.name,
+                    "image": image.image_id,
+                    "source": asdict(source),
+                    "instances": [asdict(i) for i in launched],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for i in launched:
+            state = {None: "", True: " verified", False: " FAILED verify"}[i.verified]
+            _print(f"{role.name}: {i.instance_id} {i.az} {i.address} data from {i.snapshot_id}{state}")
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    """Run a restore drill; exit 0 when it passed."""
+    from builder.pipeline import new_build_id, ssh_cidr
+    from builder.restore import choose_source, current_image, drill
+    from builder.roles import load_role
+
+    role = load_role(args.role, _roles_dir(args))
+    ec2 = _connect(args)
+    cidr = ssh_cidr(args.ssh_cidr, ec2.endpoint_url)
+    image = current_image(ec2, role.name)
+    source = choose_source(ec2, role.name, image, args.source, args.source_env)
+    report = drill(ec2, role, image, source, az=args.az, ssh_cidr=cidr, user=args.ssh_user, drill_id=new_build_id())
+    if args.format == "json":
+        _print(json.dumps(report.to_dict(), indent=2))
+    else:
+        verdict = "PASSED" if report.passed else "FAILED"
+        _print(
+            f"{role.name}: restore drill {verdict}: {source.kind} snapshot {source.snapshot_id} ({source.date}) "
+            f"restored in {report.az} (from {report.source_az or '?'})"
+        )
+        if report.seconds_to_verified is not None:
+            _print(f"  restored and verified in {report.seconds_to_verified} s; {report.seconds_total} s in all")
+        for check in report.checks:
+            _print(f"  {check['state']:4} {check['check']:10} {check['subject']} {check['detail']}".rstrip())
+        for reason in report.reasons:
+            _print(f"  reason: {reason}")
+        for left in report.left_behind:
+            _print(f"  LEFT BEHIND: {left}")
+    if report.left_behind:
+        return ExitCode.LEFTOVERS
+    return ExitCode.OK if report.passed else ExitCode.FAILED
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """Copy the role's AMI to other regions."""
+    from builder.registry import role_images
+    from builder.roles import ROLE_NAME
+
+    if not ROLE_NAME.match(args.role):
+        raise InvalidInput(f"copy {args.role!r}: not a role name")
+    ec2 = _connect(args)
+    ami = args.ami
+    if not ami:
+        images = role_images(ec2, roles=[args.role])
+        if not images:
+            raise InvalidInput(
+                f"no AMI of role {args.role} in {ec2.region}", hint=f"build it: python build.py {args.role}"
+            )
+        ami = images[0].image_id
+    copies = _copy_to(argparse.Namespace(**{**vars(args), "copy_to": args.to}), ec2, args.role, ami)
+    if args.format == "json":
+        _print(json.dumps(copies[0] if len(copies) == 1 else copies, indent=2))
+    else:
+        for c in copies:
+            source = f"{c['source_ami']} ({c['source_region']})"
+            _print(f"{args.role}: {source} -> {c['ami']} in {c['region']}, seed snapshot {c['seed_snapshot']}")
+    return ExitCode.OK
 
 
 def _check_writable_dir(path: Path, what: str) -> None:

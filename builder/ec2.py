@@ -107,8 +107,10 @@ class Image:
 class EC2:
     """A counted, error-translating EC2 client."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, session: Any = None, endpoint_url: str | None = None) -> None:
         self.client = client
+        self.session = session
+        self.endpoint_url = endpoint_url
         self.calls: Counter[str] = Counter()
 
     @classmethod
@@ -135,11 +137,33 @@ class EC2:
             raise InvalidInput(
                 "no AWS credentials found", hint="use --profile, AWS_ACCESS_KEY_ID/..., or an instance role"
             )
-        return cls(client)
+        return cls(client, session, endpoint_url)
 
     @property
     def region(self) -> str:
         return str(self.client.meta.region_name)
+
+    def account_id(self) -> str:
+        """Return the account the credentials belong to (sts:GetCallerIdentity)."""
+        sts = self.session.client("sts", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
+        try:
+            return str(sts.get_caller_identity()["Account"])
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise CloudError("get_caller_identity", str(error.get("Code")), str(error.get("Message"))) from None
+
+    def create_lifecycle_policy(self, policy: dict[str, Any]) -> str:
+        """Create a Data Lifecycle Manager policy; return its id."""
+        dlm = self.session.client("dlm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
+        self.calls["create_lifecycle_policy"] += 1
+        try:
+            return str(dlm.create_lifecycle_policy(**policy)["PolicyId"])
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(
+                "create_lifecycle_policy", code, str(error.get("Message") or code), HINTS.get(code)
+            ) from None
 
     def call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call EC2 ``operation`` (snake_case) and return the response; raise CloudError."""

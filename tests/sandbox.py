@@ -93,9 +93,11 @@ class World:
     def status(self) -> dict[str, Any]:
         return control.status(self.state)
 
-    def launch(self, image_id: str, *, open_ports: tuple[int, ...] = (), **params: Any) -> Instance:
+    def launch(
+        self, image_id: str, *, open_ports: tuple[int, ...] = (), region: str = REGION, **params: Any
+    ) -> Instance:
         """Launch ``image_id`` with a fresh login and host key (as user-data); return it logged in."""
-        ec2 = self.client()
+        ec2 = self.client(region)
         login, host_key = KeyPair.generate("sandbox-test"), KeyPair.generate("sandbox-test-host")
         if open_ports:
             group = ec2.create_security_group(GroupName=f"test-{time.monotonic_ns()}", Description="test")["GroupId"]
@@ -113,14 +115,20 @@ class World:
             **params,
         )
         instance_id = reply["Instances"][0]["InstanceId"]
-        described = self.describe(instance_id)
+        described = self.describe(instance_id, region)
         assert described["State"]["Name"] == "running", described.get("StateReason")
         address = described["PublicIpAddress"]
         remote = Remote.connect(address, 22, "admin", login, host_key, deadline=120)
         return Instance(instance_id, address, remote, login, host_key)
 
-    def describe(self, instance_id: str) -> dict[str, Any]:
-        reservations = self.client().describe_instances(InstanceIds=[instance_id])["Reservations"]
+    def ec2_view(self) -> dict[str, Any]:
+        """Return the instances (not terminated), volumes, snapshots and images the sandbox's EC2 holds."""
+        view = self.status()["ec2"][REGION]
+        live = sorted(i for i, s in view["instances"].items() if s != "terminated")
+        return {"instances": live, "volumes": view["volumes"], "snapshots": view["snapshots"], "images": view["images"]}
+
+    def describe(self, instance_id: str, region: str = REGION) -> dict[str, Any]:
+        reservations = self.client(region).describe_instances(InstanceIds=[instance_id])["Reservations"]
         return dict(reservations[0]["Instances"][0])
 
 

@@ -134,3 +134,11 @@ def test_audit_csv_and_markdown_and_table() -> None:
     assert markdown[0].startswith("| role | path |") and len(markdown) == 5
     table = run_cli("audit", "web").stdout.splitlines()
     assert table[0].split()[:3] == ["role", "path", "target"] and len(table) == 4
+
+
+def test_every_command_is_a_reserved_role_name() -> None:
+    """A role named like a command could never be built: validation refuses those names."""
+    from builder.cli import VERBS
+    from builder.roles import CLI_VERBS
+
+    assert set(VERBS) <= CLI_VERBS

@@ -164,7 +164,7 @@ def test_changed_lists_exactly_the_roles_without_an_ami(world: World, roles: Pat
 def test_parallel_builds_one_failing(world: World, roles: Path) -> None:
     broken = yaml.safe_load((roles / "gamma.yaml").read_text())
     (roles / "gamma.yaml").write_text(yaml.safe_dump({**broken, "packages": ["ebsrole-no-such-package"]}))
-    images_before = world.client().describe_images(Owners=["self"])["Images"]
+    before = world.ec2_view()
     done = cli(
         world, "alpha", "beta", "gamma", "--jobs", "3", "--roles-dir", str(roles), "--sandbox", "--format", "json"
     )
@@ -174,9 +174,11 @@ def test_parallel_builds_one_failing(world: World, roles: Path) -> None:
     assert builds["gamma"]["result"] == "failed" and builds["gamma"]["ami"] is None
     for line in done.stderr.splitlines():
         assert line.startswith(("[alpha] ", "[beta] ", "[gamma] ", "building 3 roles")), line
-    images = world.client().describe_images(Owners=["self"])["Images"]
-    made = {i["ImageId"] for i in images} - {i["ImageId"] for i in images_before}
-    assert made == {builds["alpha"]["ami"], builds["beta"]["ami"]}
+    after = world.ec2_view()
+    # Exactly two AMIs and their snapshots more; the failed build left no instance or volume.
+    assert set(after["images"]) - set(before["images"]) == {builds["alpha"]["ami"], builds["beta"]["ami"]}
+    assert len(set(after["snapshots"]) - set(before["snapshots"])) == 4
+    assert after["instances"] == before["instances"] and after["volumes"] == before["volumes"]
     assert not clean(world.status())
     text = cli(world, "alpha", "beta", "--if-changed", "--roles-dir", str(roles), "--sandbox")
     assert text.returncode == 0

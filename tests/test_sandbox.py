@@ -182,9 +182,11 @@ def _volume_at(world: World, instance_id: str, device: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_shipped_roles_build_and_web_serves_from_the_restored_volume(world: World, tmp_path: Path) -> None:
-    built = world.cli("web", "database", "management", "--sandbox", timeout=1800)
+    built = world.cli("web", "database", "management", "--sandbox", "--format", "json", timeout=1800)
     assert built.returncode == 0, built.stderr[-3000:]
-    manifests = {role: manifest_of(built, role) for role in ("web", "database", "management")}
+    builds = json.loads(built.stdout)["builds"]
+    assert [b["result"] for b in builds] == ["complete"] * 3
+    manifests = {b["role"]: json.loads(Path(b["manifest"]).read_text()) for b in builds}
     assert not clean(world.status())
 
     web = world.launch(manifests["web"]["ami"], open_ports=(80,))
@@ -203,31 +205,25 @@ def test_shipped_roles_build_and_web_serves_from_the_restored_volume(world: Worl
 # ---------------------------------------------------------------- failures leave nothing
 
 
-def _ec2_view(world: World) -> dict[str, Any]:
-    view = world.status()["ec2"][world.client().meta.region_name]
-    running = sorted(i for i, s in view["instances"].items() if s != "terminated")
-    return {"instances": running, "volumes": view["volumes"], "snapshots": view["snapshots"], "images": view["images"]}
-
-
 def test_failing_script_leaves_nothing(world: World, mini_dir: Path) -> None:
-    before = _ec2_view(world)
+    before = world.ec2_view()
     (mini_dir / "broken.yaml").write_text(yaml.safe_dump({**MINI_ROLE, "packages": ["ebsrole-no-such-package"]}))
     failed = world.cli("broken", "--roles-dir", str(mini_dir), "--sandbox", timeout=300)
     assert failed.returncode == 4, failed.stderr
     assert "provision.sh" in failed.stderr
     assert not clean(world.status())
-    assert _ec2_view(world) == before
+    assert world.ec2_view() == before
 
 
 def test_ctrl_c_mid_build_leaves_nothing(world: World, mini_dir: Path, tmp_path: Path) -> None:
-    before = _ec2_view(world)
+    before = world.ec2_view()
     log = tmp_path / "build.log"
     proc = world.popen("mini", "--roles-dir", str(mini_dir), "--sandbox", log=log)
     wait_until(lambda: "provision, verify, image hygiene ..." in log.read_text(), 120, "provisioning")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, log.read_text()
     assert not clean(world.status())
-    assert _ec2_view(world) == before
+    assert world.ec2_view() == before
 
 
 def test_stopping_the_sandbox_fails_a_running_build_cleanly(world: World, mini_dir: Path, tmp_path: Path) -> None:
@@ -245,7 +241,7 @@ def test_stopping_the_sandbox_fails_a_running_build_cleanly(world: World, mini_d
     swept = world.cli("sweep", "--sandbox", "--older-than", "0s")
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert not clean(world.status())
-    view = _ec2_view(world)
+    view = world.ec2_view()
     leftover = [i for i in view["instances"] if "ebsrole" in json.dumps(world.describe(i).get("Tags", []))]
     assert leftover == []
 

@@ -322,7 +322,7 @@ class DataPlane:
         return {i: self._machine(i).running for i in self.instances}
 
     def console(self, instance_id: str) -> str:
-        return self._machine(instance_id).console_tail(200) if instance_id in self.instances else ""
+        return self._machine(instance_id).console_tail(5000) if instance_id in self.instances else ""
 
     def shutdown(self) -> None:
         """Stop every machine, keeping their state (the sandbox is being stopped)."""

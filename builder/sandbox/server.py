@@ -52,6 +52,7 @@ STATUS_PATH = "/ebsrole-sandbox/status"
 MAX_RANGE = 64  # a wider port range of a security group rule is not forwarded
 DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
 READ_ONLY = re.compile(r"^(Describe|Get|List)")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REGION = re.compile(r"Credential=[^/]+/\d{8}/([a-z0-9-]+)/ec2/")
 
 Environ = dict[str, Any]
@@ -230,7 +231,11 @@ class Sandbox:
                     raw = urlencode(params).encode()
             status, headers, body = self._call_moto(environ, raw)
             if after is not None and status.startswith("200"):
-                after(backend, params, body)
+                changed = after(backend, params, body)
+                if isinstance(changed, bytes):
+                    body = changed
+                    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+                    headers.append(("Content-Length", str(len(body))))
         except EC2Error as exc:
             return error_response(exc.code, exc.message, exc.status)
         except DataPlaneError as exc:
@@ -460,6 +465,33 @@ class Sandbox:
             except DataPlaneError:
                 backend.snapshots.pop(snapshot_id, None)
                 raise
+
+    def _after_GetConsoleOutput(self, backend: Any, params: dict[str, str], body: bytes) -> bytes:
+        """The machine's console (EC2 keeps the last 64 KiB), not moto's canned text."""
+        text = ANSI.sub("", self.plane.console(params.get("InstanceId", ""))).replace("\r", "")
+        encoded = base64.b64encode(text.encode()[-65536:]).decode()
+        return re.sub(rb"<output>.*?</output>", f"<output>{encoded}</output>".encode(), body, flags=re.S)
+
+    def _after_CopyImage(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        """A copied image gets copies of the source image's snapshots, as EC2 makes them."""
+        source_region = params["SourceRegion"]
+        source = self.backend(source_region).amis[params["SourceImageId"]]
+        for image_id in response_ids(body, "imageId"):
+            image = backend.amis[image_id]
+            image.root_device_name = source.root_device_name
+            image.architecture = source.architecture
+            image.imds_support = getattr(source, "imds_support", None)
+            mappings = []
+            for mapping in json.loads(json.dumps(source.block_device_mappings)):
+                snapshot_id = mapping.get("Ebs", {}).get("SnapshotId")
+                if snapshot_id:
+                    copy = backend.copy_snapshot(
+                        snapshot_id, source_region, f"Copied for {image_id} from {source_region}", None
+                    )
+                    self.plane.copy_snapshot(snapshot_id, copy.id)
+                    mapping["Ebs"]["SnapshotId"] = copy.id
+                mappings.append(mapping)
+            self._record_mappings(backend, image, mappings)
 
     def _after_CopySnapshot(self, backend: Any, params: dict[str, str], body: bytes) -> None:
         for snapshot_id in response_ids(body, "snapshotId"):

@@ -1,0 +1,342 @@
+"""Nightly snapshots of the data volumes of running role instances, and their retention.
+
+An instance belongs to a role when it carries the tool's ``ebsrole:role`` tag (``launch``
+puts it there) or runs one of the tool's role AMIs; its data volume is the one attached at
+the device the AMI was built for. A nightly snapshot is tagged with the role, the source
+instance, volume and AZ, the environment, kind ``nightly`` and its date; one per volume
+and date, so running twice in a night makes nothing twice.
+
+With ``--freeze`` the filesystem is frozen over SSH (``fsfreeze``) around the snapshot's
+start and always thawed, also when the snapshot call fails. Over SSH a marker file is also
+written onto the volume first and its token tagged on the snapshot, so that a restore drill
+can check that the data it finds is the data that was snapshotted.
+
+Retention (``--keep-daily N --keep-weekly M``), per source volume: the N newest nightly
+snapshots, and the newest of each of the M most recent ISO weeks. Only ``nightly``
+snapshots are ever considered; a seed snapshot, or any snapshot an AMI names, never.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import secrets
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.ec2 import EC2, CloudError, tag, tag_specs, tags_of
+from builder.errors import BuildError
+from builder.keys import KeyPair
+from builder.live import known_host_key
+from builder.registry import RoleImage, role_images
+from builder.remote import Remote
+
+log = logging.getLogger(__name__)
+
+MARKER = ".ebsrole-snapshot-marker"  # on the volume, at its mount point
+
+
+@dataclass(frozen=True)
+class RoleInstance:
+    """A running instance of a role and its data volume."""
+
+    instance_id: str
+    role: str
+    env: str
+    az: str
+    address: str
+    volume_id: str
+    device: str
+    mount_point: str
+
+
+@dataclass
+class SnapshotResult:
+    role: str
+    instance_id: str
+    volume_id: str
+    snapshot_id: str | None
+    result: str  # created | exists | failed
+    frozen: bool = False
+    marker: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Retained:
+    snapshot_id: str
+    volume_id: str
+    date: str
+    fate: str  # kept (daily) | kept (weekly) | deleted | would delete | protected
+    error: str | None = None
+
+
+@dataclass
+class SnapshotRun:
+    snapshots: list[SnapshotResult] = field(default_factory=list)
+    retention: list[Retained] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(s.result == "failed" for s in self.snapshots) or any(r.error for r in self.retention)
+
+
+# ---------------------------------------------------------------- finding instances
+
+
+def role_instances(ec2: EC2, roles: Sequence[str] | None = None, env: str | None = None) -> list[RoleInstance]:
+    """Return the running instances of ``roles`` (all roles when None) with their data volumes."""
+    images = {i.image_id: i for i in role_images(ec2, roles=roles)}
+    running = {"Name": "instance-state-name", "Values": ["running"]}
+    by_tag = (
+        {"Name": f"tag:{tag('role')}", "Values": list(roles)}
+        if roles is not None
+        else {
+            "Name": "tag-key",
+            "Values": [tag("role")],
+        }
+    )
+    queries = [[running, by_tag]]
+    ids = sorted(images)
+    queries += [[running, {"Name": "image-id", "Values": ids[n : n + 200]}] for n in range(0, len(ids), 200)]
+    raw: dict[str, dict[str, Any]] = {}
+    for filters in queries:
+        for reservation in ec2.call("describe_instances", Filters=filters)["Reservations"]:
+            for instance in reservation["Instances"]:
+                raw[instance["InstanceId"]] = instance
+    found = []
+    for instance in raw.values():
+        tags = tags_of(instance)
+        if tags.get(tag("build-id")):  # a builder, not an instance of the role
+            continue
+        image = images.get(instance["ImageId"])
+        role = tags.get(tag("role")) or (image.role if image else "")
+        if not role or (roles is not None and role not in roles):
+            continue
+        if env is not None and tags.get(tag("env"), "") != env:
+            continue
+        if image is None:
+            image = _image_of(ec2, instance["ImageId"])
+        device = image.device if image else ""
+        volume = next(
+            (m["Ebs"]["VolumeId"] for m in instance.get("BlockDeviceMappings", []) if m["DeviceName"] == device), None
+        )
+        if not volume or image is None:
+            log.warning("%s (%s): no data volume at %s; skipped", instance["InstanceId"], role, device or "?")
+            continue
+        found.append(
+            RoleInstance(
+                instance_id=instance["InstanceId"],
+                role=role,
+                env=tags.get(tag("env"), ""),
+                az=instance.get("Placement", {}).get("AvailabilityZone", ""),
+                address=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress") or "",
+                volume_id=volume,
+                device=device,
+                mount_point=image.mount_point,
+            )
+        )
+    return sorted(found, key=lambda i: (i.role, i.instance_id))
+
+
+def _image_of(ec2: EC2, image_id: str) -> RoleImage | None:
+    raw = ec2.call("describe_images", ImageIds=[image_id])["Images"]
+    return RoleImage.of(raw[0]) if raw else None
+
+
+# ---------------------------------------------------------------- snapshots
+
+Connector = Callable[[RoleInstance], Remote]
+
+
+def snapshot_instances(
+    ec2: EC2,
+    instances: Sequence[RoleInstance],
+    date: dt.date,
+    *,
+    freeze: bool = False,
+    connect: Connector | None = None,
+) -> list[SnapshotResult]:
+    """Snapshot each instance's data volume for ``date`` (skipped when that night's exists)."""
+    existing = nightly_snapshots(ec2, volumes=[i.volume_id for i in instances])
+    done_tonight = {s["volume"] for s in existing if s["date"] == date.isoformat() and s["state"] != "error"}
+    results = []
+    for instance in instances:
+        if instance.volume_id in done_tonight:
+            snapshot = next(s for s in existing if s["volume"] == instance.volume_id and s["date"] == date.isoformat())
+            results.append(
+                SnapshotResult(instance.role, instance.instance_id, instance.volume_id, snapshot["id"], "exists")
+            )
+            continue
+        try:
+            results.append(_snapshot_one(ec2, instance, date, freeze=freeze, connect=connect))
+        except (BuildError, OSError) as exc:
+            log.warning("%s: snapshot of %s failed: %s", instance.instance_id, instance.volume_id, exc)
+            results.append(
+                SnapshotResult(instance.role, instance.instance_id, instance.volume_id, None, "failed", error=str(exc))
+            )
+    return results
+
+
+def _snapshot_one(
+    ec2: EC2, instance: RoleInstance, date: dt.date, *, freeze: bool, connect: Connector | None
+) -> SnapshotResult:
+    result = SnapshotResult(instance.role, instance.instance_id, instance.volume_id, None, "created")
+    remote = connect(instance) if connect else None
+    try:
+        if remote is not None:
+            result.marker = f"{date.isoformat()}-{secrets.token_hex(8)}"
+            path = shlex.quote(f"{instance.mount_point.rstrip('/')}/{MARKER}")
+            remote.check(f"echo {shlex.quote(result.marker)} | sudo -n tee {path} >/dev/null && sudo -n sync")
+        if freeze:
+            if remote is None:
+                raise BuildError("--freeze needs SSH to the instance (--identity)")
+            remote.check(f"sudo -n fsfreeze --freeze {shlex.quote(instance.mount_point)}")
+            result.frozen = True
+        try:
+            result.snapshot_id = _create(ec2, instance, date, result.marker)
+        finally:
+            if result.frozen and remote is not None:
+                remote.check(f"sudo -n fsfreeze --unfreeze {shlex.quote(instance.mount_point)}")
+    finally:
+        if remote is not None:
+            remote.close()
+    log.info(
+        "%s: %s of %s (%s)%s",
+        instance.role,
+        result.snapshot_id,
+        instance.volume_id,
+        instance.instance_id,
+        " frozen" if result.frozen else "",
+    )
+    return result
+
+
+def _create(ec2: EC2, instance: RoleInstance, date: dt.date, marker: str | None) -> str:
+    tags = {
+        "Name": f"{instance.role}{'-' + instance.env if instance.env else ''} nightly {date.isoformat()}",
+        tag("role"): instance.role,
+        tag("kind"): "nightly",
+        tag("date"): date.isoformat(),
+        tag("source-instance"): instance.instance_id,
+        tag("source-volume"): instance.volume_id,
+        tag("source-az"): instance.az,
+        tag("env"): instance.env,
+        tag("device"): instance.device,
+        tag("created-by"): f"ebsrole {__version__}",
+    }
+    if marker:
+        tags[tag("marker")] = marker
+    reply = ec2.call(
+        "create_snapshot",
+        VolumeId=instance.volume_id,
+        Description=f"ebsrole nightly {instance.role} {instance.volume_id} {date.isoformat()}",
+        TagSpecifications=tag_specs("snapshot", tags),
+    )
+    return str(reply["SnapshotId"])
+
+
+def nightly_snapshots(
+    ec2: EC2, *, volumes: Sequence[str] | None = None, role: str | None = None, env: str | None = None
+) -> list[dict[str, Any]]:
+    """Return the tool's nightly snapshots (id, volume, date, role, env, state, start, tags), newest first."""
+    filters = [{"Name": f"tag:{tag('kind')}", "Values": ["nightly"]}]
+    if volumes is not None:
+        if not volumes:
+            return []
+        filters.append({"Name": f"tag:{tag('source-volume')}", "Values": sorted(set(volumes))})
+    if role is not None:
+        filters.append({"Name": f"tag:{tag('role')}", "Values": [role]})
+    found = []
+    for raw in ec2.call("describe_snapshots", OwnerIds=["self"], Filters=filters)["Snapshots"]:
+        tags = tags_of(raw)
+        if env is not None and tags.get(tag("env"), "") != env:
+            continue
+        found.append(
+            {
+                "id": raw["SnapshotId"],
+                "volume": tags.get(tag("source-volume"), ""),
+                "date": tags.get(tag("date"), ""),
+                "role": tags.get(tag("role"), ""),
+                "env": tags.get(tag("env"), ""),
+                "state": raw.get("State", ""),
+                "start": str(raw.get("StartTime", "")),
+                "tags": tags,
+            }
+        )
+    return sorted(found, key=lambda s: (s["date"], s["start"]), reverse=True)
+
+
+# ---------------------------------------------------------------- retention
+
+
+def plan_retention(snapshots: Sequence[dict[str, Any]], keep_daily: int, keep_weekly: int) -> dict[str, str]:
+    """Return each snapshot's fate under the policy: ``kept (daily)``, ``kept (weekly)`` or ``delete``.
+
+    ``snapshots`` are one volume's nightly snapshots. Daily: the ``keep_daily`` newest
+    dates. Weekly: the newest snapshot of each of the ``keep_weekly`` most recent ISO weeks.
+    """
+    ordered = sorted(snapshots, key=lambda s: (s["date"], s["start"]), reverse=True)
+    fates = {s["id"]: "delete" for s in ordered}
+    for snap in ordered[:keep_daily]:
+        fates[snap["id"]] = "kept (daily)"
+    weeks: list[tuple[int, int]] = []
+    for snap in ordered:
+        week = tuple(dt.date.fromisoformat(snap["date"]).isocalendar()[:2])
+        if week in weeks:
+            continue
+        weeks.append(week)  # type: ignore[arg-type]
+        if len(weeks) > keep_weekly:
+            break
+        if fates[snap["id"]] == "delete":
+            fates[snap["id"]] = "kept (weekly)"
+    return fates
+
+
+def apply_retention(
+    ec2: EC2, volumes: Sequence[str], keep_daily: int, keep_weekly: int, *, dry_run: bool = False
+) -> list[Retained]:
+    """Delete the nightly snapshots of ``volumes`` the policy does not keep; never one an AMI names."""
+    protected = {s for image in ec2.call("describe_images", Owners=["self"])["Images"] for s in _snapshots_of(image)}
+    rows = []
+    snapshots = nightly_snapshots(ec2, volumes=volumes)
+    for volume in sorted(set(volumes)):
+        mine = [s for s in snapshots if s["volume"] == volume and s["date"]]
+        fates = plan_retention(mine, keep_daily, keep_weekly)
+        for snap in mine:
+            fate = fates[snap["id"]]
+            row = Retained(snap["id"], volume, snap["date"], fate)
+            if fate == "delete":
+                if snap["id"] in protected:
+                    row.fate = "protected"
+                elif dry_run:
+                    row.fate = "would delete"
+                else:
+                    try:
+                        ec2.call("delete_snapshot", SnapshotId=snap["id"])
+                        row.fate = "deleted"
+                    except CloudError as exc:
+                        row.fate, row.error = "left", str(exc).splitlines()[0]
+            rows.append(row)
+    return rows
+
+
+def _snapshots_of(image: dict[str, Any]) -> list[str]:
+    return [
+        m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings") or [] if m.get("Ebs", {}).get("SnapshotId")
+    ]
+
+
+def ssh_connector(identity: Path, known_hosts: Path, user: str) -> Connector:
+    """Return a connector that logs in to an instance with ``identity``, its host key pinned from ``known_hosts``."""
+    key = KeyPair.from_file(identity)
+
+    def connect(instance: RoleInstance) -> Remote:
+        host_key = known_host_key(known_hosts, instance.address, 22)
+        return Remote.connect(instance.address, 22, user, key, host_key, deadline=60, prefix=f"[{instance.role}] ")
+
+    return connect

@@ -1,0 +1,466 @@
+"""Restores: launch a role from a snapshot, prove a restore works (drill), copy AMIs across regions.
+
+Bringing up an instance of a role *is* a restore: the role AMI with its data device made
+from a snapshot (the newest nightly, the seed, or one named), in any AZ of the region.
+SSH to instances the tool launches is pinned the EC2 way: the host keys come from the
+instance's console output (cloud-init prints them there), never trusted on first use; the
+login key is a temporary in-memory key handed over in user-data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from builder import __version__
+from builder.backups import MARKER, nightly_snapshots
+from builder.cleanup import UndoStack
+from builder.ec2 import EC2, CloudError, tag, tag_list, tag_specs, tags_of
+from builder.errors import BuildError, InvalidInput, SSHError
+from builder.keys import KeyPair
+from builder.live import verify_checks
+from builder.registry import RoleImage, role_images
+from builder.remote import Remote
+from builder.roles import Role
+
+log = logging.getLogger(__name__)
+
+HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
+KEY_LINE = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) ([A-Za-z0-9+/]+=*)")
+WEB_SERVICES = ("apache2", "nginx", "httpd")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The snapshot a restore starts from."""
+
+    snapshot_id: str
+    kind: str  # seed | nightly | given
+    date: str
+    source_az: str
+    marker: str | None
+    env: str
+
+
+def current_image(ec2: EC2, role: str) -> RoleImage:
+    """Return the role's newest complete AMI."""
+    images = role_images(ec2, roles=[role])
+    if not images:
+        raise CloudError(
+            "describe_images",
+            "NoRoleImage",
+            f"no AMI of role {role} in {ec2.region}",
+            hint=f"build it: python build.py {role}",
+        )
+    return images[0]
+
+
+def choose_source(ec2: EC2, role: str, image: RoleImage, choice: str, source_env: str | None = None) -> Source:
+    """Return the snapshot ``choice`` (latest | seed | snap-...) names for ``role``."""
+    if choice == "seed":
+        return Source(image.seed_snapshot, "seed", image.created[:10], "", None, "")
+    if choice == "latest":
+        found = [s for s in nightly_snapshots(ec2, role=role, env=source_env) if s["state"] == "completed"]
+        if not found:
+            where = f" of environment {source_env}" if source_env else ""
+            raise CloudError(
+                "describe_snapshots",
+                "NoNightlySnapshot",
+                f"no completed nightly snapshot of role {role}{where} in {ec2.region}",
+                hint="take one with: python build.py snapshot ROLE, or restore the seed with --from seed",
+            )
+        snap = found[0]
+        tags = snap["tags"]
+        return Source(
+            snap["id"], "nightly", snap["date"], tags.get(tag("source-az"), ""), tags.get(tag("marker")), snap["env"]
+        )
+    if not re.fullmatch(r"snap-[0-9a-f]{8,17}", choice):
+        raise InvalidInput(f"--from {choice!r}: give latest, seed or a snapshot id (snap-...)")
+    raw = ec2.call("describe_snapshots", SnapshotIds=[choice])["Snapshots"]
+    if not raw:
+        raise CloudError("describe_snapshots", "InvalidSnapshot.NotFound", f"no snapshot {choice} in {ec2.region}")
+    tags = tags_of(raw[0])
+    return Source(
+        choice,
+        tags.get(tag("kind"), "given"),
+        tags.get(tag("date"), ""),
+        tags.get(tag("source-az"), ""),
+        tags.get(tag("marker")),
+        tags.get(tag("env"), ""),
+    )
+
+
+def zones(ec2: EC2) -> list[str]:
+    raw = ec2.call("describe_availability_zones", Filters=[{"Name": "state", "Values": ["available"]}])
+    return sorted(z["ZoneName"] for z in raw["AvailabilityZones"])
+
+
+@dataclass
+class Launched:
+    instance_id: str
+    az: str
+    address: str
+    snapshot_id: str
+    volume_id: str = ""
+    verified: bool | None = None
+
+
+def launch(
+    ec2: EC2,
+    role: Role,
+    image: RoleImage,
+    source: Source,
+    *,
+    count: int = 1,
+    az: str | None = None,
+    env: str = "",
+    instance_type: str | None = None,
+    key_name: str | None = None,
+    subnet_id: str | None = None,
+    security_group_ids: list[str] | None = None,
+    user_data: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    delete_data_on_termination: bool = False,
+    undo: UndoStack | None = None,
+) -> list[Launched]:
+    """Launch ``count`` instances of the role AMI with the data device made from ``source``."""
+    vol = role.volume
+    ebs: dict[str, Any] = {
+        "SnapshotId": source.snapshot_id,
+        "DeleteOnTermination": delete_data_on_termination,
+        "VolumeType": vol.type,
+        "Encrypted": True,
+    }
+    ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
+    name = f"{role.name}-{env}" if env else role.name
+    tags = {
+        "Name": name,
+        tag("role"): role.name,
+        tag("env"): env,
+        tag("restored-from"): source.snapshot_id,
+        tag("created-by"): f"ebsrole {__version__}",
+        **(extra_tags or {}),
+    }
+    params: dict[str, Any] = {
+        "ImageId": image.image_id,
+        "MinCount": count,
+        "MaxCount": count,
+        "InstanceType": instance_type or role.instance_type,
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+        "BlockDeviceMappings": [{"DeviceName": image.device or vol.device, "Ebs": ebs}],
+        "TagSpecifications": [
+            *tag_specs("instance", {**tags, tag("kind"): "instance"}),
+            *tag_specs("volume", {**tags, tag("kind"): "volume"}),
+        ],
+    }
+    if az:
+        params["Placement"] = {"AvailabilityZone": az}
+    if key_name:
+        params["KeyName"] = key_name
+    if subnet_id:
+        params["SubnetId"] = subnet_id
+    if security_group_ids:
+        params["SecurityGroupIds"] = security_group_ids
+    if user_data:
+        params["UserData"] = user_data
+    if undo is not None:
+        with undo.creating():
+            reply = ec2.call("run_instances", **params)
+            ids = [i["InstanceId"] for i in reply["Instances"]]
+            for instance_id in ids:
+                undo.push("instance", instance_id, _terminator(ec2, instance_id))
+    else:
+        reply = ec2.call("run_instances", **params)
+        ids = [i["InstanceId"] for i in reply["Instances"]]
+    launched = []
+    for instance_id in ids:
+        ec2.wait_for(
+            f"instance {instance_id}",
+            _state_of(ec2, instance_id),
+            "running",
+            timeout=900,
+            failed=("terminated", "shutting-down", "stopped"),
+        )
+        described = ec2.instance(instance_id)
+        device = image.device or vol.device
+        volume = next(
+            (m["Ebs"]["VolumeId"] for m in described.get("BlockDeviceMappings", []) if m["DeviceName"] == device), ""
+        )
+        if volume:
+            # The target of `schedule` (DLM) and of `snapshot`: this instance's data volume only.
+            ec2.call(
+                "create_tags",
+                Resources=[volume],
+                Tags=tag_list({tag("data-of"): role.name, tag("kind"): "data-volume"}),
+            )
+        launched.append(
+            Launched(
+                instance_id,
+                described.get("Placement", {}).get("AvailabilityZone", ""),
+                described.get("PublicIpAddress") or described.get("PrivateIpAddress") or "",
+                source.snapshot_id,
+                volume,
+            )
+        )
+    return launched
+
+
+def _terminator(ec2: EC2, instance_id: str) -> Callable[[], None]:
+    return lambda: ec2.terminate(instance_id)
+
+
+def _state_of(ec2: EC2, instance_id: str) -> Callable[[], str]:
+    return lambda: ec2.instance_state(instance_id)
+
+
+def login_user_data(login: KeyPair) -> str:
+    """Return cloud-config that admits the temporary ``login`` key for the default user."""
+    return "#cloud-config\n" + f"ssh_authorized_keys:\n  - {login.public_line}\n"
+
+
+def console_host_key(ec2: EC2, instance_id: str, timeout: float = 300) -> str:
+    """Return the instance's ed25519 host key as printed by cloud-init on its console (waiting for it)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    while True:
+        raw = ec2.call("get_console_output", InstanceId=instance_id, Latest=True)
+        text = str(raw.get("Output") or "")  # botocore has decoded it from base64 already
+        for block in HOST_KEYS.findall(text):
+            keys = dict(KEY_LINE.findall(block))
+            if keys:
+                kind = "ssh-ed25519" if "ssh-ed25519" in keys else next(iter(keys))
+                return f"{kind} {keys[kind]}"
+        if time.monotonic() > deadline:
+            raise SSHError(
+                f"{instance_id}: no SSH host keys on its console after {timeout:.0f} s",
+                hint="the tool pins host keys from cloud-init's console output; is cloud-init running?",
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 5)
+
+
+def connect(ec2: EC2, launched: Launched, login: KeyPair, user: str, timeout: float = 300) -> Remote:
+    """Log in to a launched instance with the temporary key, its host key pinned from the console."""
+    host_key = console_host_key(ec2, launched.instance_id, timeout)
+    return Remote.connect(
+        launched.address, 22, user, login, host_key, deadline=timeout, prefix=f"[{launched.instance_id}] "
+    )
+
+
+def drop_login(remote: Remote, login: KeyPair) -> None:
+    """Remove the temporary login key from the instance (the user's own key pair stays)."""
+    comment = login.public_line.split()[-1]
+    remote.run(
+        f"sed -i {shlex.quote('/' + re.escape(comment) + '$/d')} ~/.ssh/authorized_keys",
+        timeout=60,
+        on_line=lambda *_: None,
+    )
+
+
+# ---------------------------------------------------------------- drill
+
+
+@dataclass
+class DrillReport:
+    role: str
+    passed: bool
+    snapshot_id: str
+    snapshot_kind: str
+    snapshot_date: str
+    source_az: str
+    az: str
+    instance_id: str = ""
+    seconds_to_verified: float | None = None
+    seconds_total: float = 0.0
+    checks: list[dict[str, str]] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def drill(
+    ec2: EC2,
+    role: Role,
+    image: RoleImage,
+    source: Source,
+    *,
+    az: str | None,
+    ssh_cidr: str,
+    user: str = "admin",
+    timeout: float = 900,
+    drill_id: str,
+) -> DrillReport:
+    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
+    started = time.monotonic()
+    available = zones(ec2)
+    target = az or next((z for z in available if z != source.source_az), None)
+    if target is None:
+        raise InvalidInput(f"no AZ other than {source.source_az} in {ec2.region}: give --az")
+    if target not in available:
+        raise InvalidInput(f"--az {target}: not an available AZ of {ec2.region} ({', '.join(available)})")
+    report = DrillReport(role.name, False, source.snapshot_id, source.kind, source.date, source.source_az, target)
+    undo = UndoStack()
+    common = {
+        tag("build-id"): drill_id,
+        tag("temporary"): "true",
+        tag("role"): role.name,
+        tag("created-at"): time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    login = KeyPair.generate(f"ebsrole-drill-{drill_id}")
+    try:
+        with undo.creating():
+            group = str(
+                ec2.call(
+                    "create_security_group",
+                    GroupName=f"ebsrole-drill-{drill_id}",
+                    Description=f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
+                    TagSpecifications=tag_specs("security-group", {**common, tag("kind"): "security-group"}),
+                )["GroupId"]
+            )
+            undo.push("security-group", group, lambda: ec2.delete_security_group(group))
+        ec2.call(
+            "authorize_security_group_ingress",
+            GroupId=group,
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": ssh_cidr}]}],
+        )
+        launched = launch(
+            ec2,
+            role,
+            image,
+            source,
+            az=target,
+            env="drill",
+            security_group_ids=[group],
+            user_data=login_user_data(login),
+            extra_tags={**common, tag("kind"): "drill"},
+            delete_data_on_termination=True,
+            undo=undo,
+        )[0]
+        report.instance_id = launched.instance_id
+        remote = connect(ec2, launched, login, user, timeout)
+        try:
+            report.checks = _drill_checks(remote, role, image, source)
+        finally:
+            remote.close()
+        report.seconds_to_verified = round(time.monotonic() - started, 1)
+        report.reasons = [f"{c['check']} {c['subject']}: {c['detail']}" for c in report.checks if c["state"] != "ok"]
+        report.passed = not report.reasons
+    except BuildError as exc:
+        report.reasons.append(str(exc).splitlines()[0])
+    finally:
+        left = undo.unwind()
+        report.left_behind = [f"{r.kind} {r.id}: {r.error}" for r in left]
+        report.seconds_total = round(time.monotonic() - started, 1)
+    if report.left_behind:
+        report.passed = False
+    return report
+
+
+def _drill_checks(remote: Remote, role: Role, image: RoleImage, source: Source) -> list[dict[str, str]]:
+    checks = verify_checks(remote, role)
+    mount = image.mount_point or role.volume.mount_point
+    if source.marker:
+        found = remote.run(
+            f"sudo -n cat {shlex.quote(mount.rstrip('/') + '/' + MARKER)}", timeout=60, on_line=lambda *_: None
+        )
+        got = found.stdout.strip()
+        state = "ok" if got == source.marker else "FAIL"
+        detail = (
+            "the data is the snapshotted data"
+            if state == "ok"
+            else f"marker {got or 'missing'!r}, snapshot says {source.marker!r}"
+        )
+        checks.append({"state": state, "check": "marker", "subject": MARKER, "detail": detail})
+    for service in role.services:
+        active = remote.run(f"systemctl is-active {shlex.quote(service)}", timeout=60, on_line=lambda *_: None)
+        state = "ok" if active.stdout.strip() == "active" else "FAIL"
+        checks.append(
+            {"state": state, "check": "service", "subject": service, "detail": active.stdout.strip() or "unknown"}
+        )
+    if any(s.removesuffix(".service") in WEB_SERVICES for s in role.services):
+        probe = (
+            "python3 -c \"import urllib.request as u; r = u.urlopen('http://127.0.0.1/', timeout=20); "
+            'print(r.status, len(r.read()))"'
+        )
+        answer = ""
+        for _ in range(30):  # the service may still be starting
+            result = remote.run(probe, timeout=60, on_line=lambda *_: None)
+            answer = (
+                result.stdout.strip() or result.stderr.strip().splitlines()[-1:][0]
+                if (result.stdout or result.stderr)
+                else ""
+            )
+            if result.exit_status == 0:
+                break
+            time.sleep(1)
+        state = "ok" if answer.startswith("200 ") else "FAIL"
+        checks.append(
+            {"state": state, "check": "http", "subject": "http://127.0.0.1/", "detail": answer or "no answer"}
+        )
+    return checks
+
+
+# ---------------------------------------------------------------- copy to another region
+
+
+@dataclass
+class Copied:
+    region: str
+    ami: str
+    seed_snapshot: str
+    root_snapshot: str
+    source_ami: str
+    source_region: str
+
+
+def copy_image(source: EC2, target: EC2, image: RoleImage) -> Copied:
+    """Copy a role AMI (and so its snapshots) to ``target``'s region, tags and pairing kept."""
+    raw = source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
+    tags = tags_of(raw)
+    reply = target.call(
+        "copy_image",
+        SourceImageId=image.image_id,
+        SourceRegion=source.region,
+        Name=image.name,
+        Description=str(raw.get("Description") or f"ebsrole {image.role}")[:255],
+        Encrypted=True,
+        ClientToken=f"ebsrole-copy-{image.image_id}-{target.region}"[:64],
+    )
+    copied = str(reply["ImageId"])
+    target.wait_for(
+        f"image {copied}",
+        lambda: target.image_state(copied),
+        "available",
+        timeout=3600,
+        failed=("failed", "invalid", "error", "deregistered"),
+    )
+    described = target.call("describe_images", ImageIds=[copied])["Images"][0]
+    by_device = {
+        m["DeviceName"]: m["Ebs"]["SnapshotId"]
+        for m in described.get("BlockDeviceMappings", [])
+        if m.get("Ebs", {}).get("SnapshotId")
+    }
+    root = by_device.get(str(described.get("RootDeviceName")), "")
+    seed = by_device.get(image.device, "")
+    origin = {tag("copied-from"): f"{source.region}/{image.image_id}"}
+    target.call(
+        "create_tags",
+        Resources=[copied],
+        Tags=tag_list({**tags, **origin, tag("seed-snapshot"): seed, tag("root-snapshot"): root}),
+    )
+    for snapshot, kind in ((seed, "seed-snapshot"), (root, "root-snapshot")):
+        if snapshot:
+            snap_tags = {k: v for k, v in tags.items() if k not in (tag("seed-snapshot"), tag("root-snapshot"), "Name")}
+            target.call(
+                "create_tags",
+                Resources=[snapshot],
+                Tags=tag_list({**snap_tags, **origin, tag("kind"): kind, tag("ami"): copied}),
+            )
+    return Copied(target.region, copied, seed, root, image.image_id, source.region)
