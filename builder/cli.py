@@ -266,6 +266,14 @@ def _verb_parser() -> _Parser:
         choices=("bookworm", "trixie"),
         help="prepare this Debian tree at start (repeatable; default bookworm)",
     )
+    p.add_argument(
+        "--latency",
+        choices=("none", "realistic"),
+        default="none",
+        help="start: model EC2's waiting (transitional states that last; default none: instant)",
+    )
+    p.add_argument("--latency-scale", type=float, default=1.0, help="start: multiply the model's times (e.g. 0.1)")
+    p.add_argument("--api-rate", type=float, default=0, help="start: throttle EC2 calls to this many a second")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(run=cmd_sandbox)
     return parser
@@ -795,7 +803,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from builder.sandbox import control
 
     if args.action == "start":
-        current = control.start(releases=tuple(args.release or ("bookworm",)))
+        latency = (args.latency, args.latency_scale, args.api_rate)
+        current = control.start(releases=tuple(args.release or ("bookworm",)), latency=latency)
         result: dict[str, object] = {"running": True, "endpoint": current.endpoint, "pid": current.pid}
         text = f"sandbox running: EC2 endpoint {current.endpoint} (pid {current.pid}, state {control.STATE_DIR})"
     elif args.action == "stop":
@@ -827,6 +836,9 @@ def _sandbox_text(status: dict[str, Any]) -> str:
             f"  {region}: instances {summary}; volumes {len(view['volumes'])}; "
             f"snapshots {len(view['snapshots'])}; images {len(view['images'])}"
         )
+    if status.get("latency"):
+        model = ", ".join(f"{k} {v}" for k, v in status["latency"].items() if v)
+        lines.append(f"  latency model: {model}; throttled calls: {status.get('throttled', 0)}")
     lines.append(f"  machines running: {' '.join(status['machines']) or 'none'}")
     lines.append(f"  loop devices: {' '.join(status['loop_devices']) or 'none'}")
     lines.append(f"  mounts: {' '.join(status['mounts']) or 'none'}")

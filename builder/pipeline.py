@@ -160,7 +160,11 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     if error is not None and options.keep_on_failure:
         _keep_builder(state)
     with _step(state, "clean up"):
-        left = state.undo.unwind() + _remove_orphans(state)
+        left = state.undo.unwind()
+        # A twin can only come from a create call that failed or was retried after a lost
+        # answer (CreateSnapshot has no client token): look for those by tag only then.
+        if error is not None or ec2.retried_creates:
+            left += _remove_orphans(state)
     manifest.finish(state.undo.resources, ec2)
     write_manifest(manifest)
     leftovers = [(r.kind, r.id, r.error) for r in left]
@@ -323,9 +327,12 @@ def launch_builder(state: _Build) -> None:
     if state.group_id:
         params["SecurityGroupIds"] = [state.group_id]
     with state.undo.creating():
-        instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
+        reply = ec2.call("run_instances", **params)["Instances"][0]
+        instance_id = str(reply["InstanceId"])
         state.instance_id = instance_id
         state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
+    # The data volume is made while the instance is pending: its AZ is in the answer.
+    _create_data_volume(state, str(reply["Placement"]["AvailabilityZone"]))
     ec2.wait_for(
         f"instance {instance_id}",
         lambda: ec2.instance_state(instance_id),
@@ -333,14 +340,14 @@ def launch_builder(state: _Build) -> None:
         timeout=600,
         failed=("terminated", "shutting-down", "stopped"),
     )
-    state.instance = ec2.instance(instance_id)
+    state.instance = ec2.described[instance_id]
 
 
-def data_volume(state: _Build) -> None:
-    """Create the data volume in the builder's AZ (encrypted, the role's size and type) and attach it."""
+def _create_data_volume(state: _Build, zone: str) -> None:
+    """Create the data volume in the builder's AZ: encrypted, the role's size, type, IOPS and throughput."""
     ec2, vol, instance_id = state.ec2, state.role.volume, state.instance_id
     params: dict[str, Any] = {
-        "AvailabilityZone": state.instance["Placement"]["AvailabilityZone"],
+        "AvailabilityZone": zone,
         "Size": vol.size_gib,
         "VolumeType": vol.type,
         "Encrypted": vol.encrypted,
@@ -355,6 +362,11 @@ def data_volume(state: _Build) -> None:
         state.volume_id = volume_id
         state.manifest.data_volume = volume_id
         state.undo.push("volume", volume_id, lambda: ec2.delete_volume(volume_id, instance_id))
+
+
+def data_volume(state: _Build) -> None:
+    """Attach the data volume (made while the builder was pending) at the role's device."""
+    ec2, vol, instance_id, volume_id = state.ec2, state.role.volume, str(state.instance_id), str(state.volume_id)
     ec2.wait_for(
         f"volume {volume_id}", lambda: ec2.volume_state(volume_id), "available", timeout=300, failed=("error",)
     )
@@ -416,7 +428,7 @@ def stop_builder(state: _Build) -> None:
 def snapshot_volumes(state: _Build) -> None:
     """Snapshot the root and the data volume of the stopped builder, both at once."""
     ec2, role = state.ec2, state.role
-    instance = ec2.instance(str(state.instance_id))
+    instance = ec2.described.get(str(state.instance_id)) or ec2.instance(str(state.instance_id))
     root_volume = next(
         m["Ebs"]["VolumeId"]
         for m in instance.get("BlockDeviceMappings", [])
@@ -436,6 +448,10 @@ def snapshot_volumes(state: _Build) -> None:
             state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
         made[kind] = snapshot_id
     state.manifest.root_snapshot, state.manifest.seed_snapshot = made["root-snapshot"], made["seed-snapshot"]
+    # A snapshot holds the volume's blocks as they were when CreateSnapshot answered: the
+    # builder is not needed any more, so it shuts down while the snapshots complete instead
+    # of after the AMI is made (cleanup then finds it gone, or nearly).
+    ec2.call("terminate_instances", InstanceIds=[str(state.instance_id)])
     ids = list(made.values())
     ec2.wait_for(
         "snapshots " + " ".join(ids),
@@ -456,7 +472,7 @@ def register_image(state: _Build) -> None:
         "VolumeType": vol.type,
     }
     data_ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
-    name = f"ebsrole-{role.name}-{state.build_id}"
+    name = _image_name(state)
     params: dict[str, Any] = {
         "Name": name,
         "Description": role.description[:255],
@@ -495,20 +511,23 @@ def pair_and_keep(state: _Build) -> None:
     """Tag AMI and snapshots so that each names the other; keep them, the rest is temporary."""
     ec2, manifest = state.ec2, state.manifest
     artefacts = _artefact_tags(state)
-    pairs = {
-        str(manifest.ami): (
-            "image",
-            {"seed-snapshot": str(manifest.seed_snapshot), "root-snapshot": str(manifest.root_snapshot)},
-        ),
-        str(manifest.seed_snapshot): ("seed-snapshot", {"ami": str(manifest.ami)}),
-        str(manifest.root_snapshot): ("root-snapshot", {"ami": str(manifest.ami)}),
-    }
-    for resource_id, (kind, extra) in pairs.items():
-        # The creation tags again (some EC2 implementations drop RegisterImage's), the
-        # pairing, and status=complete: from now on sweep leaves them alone.
-        tags = state.tags(kind, temporary=False, **artefacts, **extra, status="complete")
-        ec2.call("create_tags", Resources=[resource_id], Tags=tag_list(tags))
-    for resource_id in pairs:  # only once all three are complete: never a half-paired artefact
+    image_tags = state.tags(
+        "image",
+        temporary=False,
+        **artefacts,
+        **{"seed-snapshot": str(manifest.seed_snapshot), "root-snapshot": str(manifest.root_snapshot)},
+        status="complete",
+    )
+    # The image's creation tags again (some EC2 implementations drop RegisterImage's), the
+    # pairing, and status=complete; the snapshots (tagged at creation) get the AMI, what the
+    # AMI carries (fingerprint, paths, ...) and status=complete, both in one call. From now
+    # on sweep leaves them alone.
+    ec2.call("create_tags", Resources=[str(manifest.ami)], Tags=tag_list({"Name": _image_name(state), **image_tags}))
+    snapshots = [str(manifest.seed_snapshot), str(manifest.root_snapshot)]
+    ec2.call(
+        "create_tags", Resources=snapshots, Tags=tag_list({tag("ami"): str(manifest.ami), tag("status"): "complete"})
+    )
+    for resource_id in (str(manifest.ami), *snapshots):  # only once all three are complete: never half-paired
         state.undo.keep(resource_id)
 
 
@@ -550,6 +569,10 @@ def _remove_orphans(state: _Build) -> list[Resource]:
     recorded = [Resource(f.kind.rstrip("s").replace("_", "-"), f.id, lambda: None, f.fate, f.error) for f in orphans]
     state.undo.resources.extend(recorded)
     return [r for r in recorded if r.fate == "left"]
+
+
+def _image_name(state: _Build) -> str:
+    return f"ebsrole-{state.role.name}-{state.build_id}"
 
 
 def _artefact_tags(state: _Build) -> dict[str, str]:

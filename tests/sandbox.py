@@ -52,8 +52,8 @@ class World:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, state: Path) -> World:
-        current = control.start(state)
+    def start(cls, state: Path, latency: tuple[str, float, float] = ("none", 1.0, 0.0)) -> World:
+        current = control.start(state, latency=latency)
         env = {**os.environ, "EBSROLE_SANDBOX": str(state)}
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
             env.pop(name, None)

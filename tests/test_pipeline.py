@@ -14,7 +14,7 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from builder.ec2 import EC2, RETRIES, CloudError, tag
+from builder.ec2 import EC2, RETRIES, CloudError, poll_delay, tag
 from builder.errors import BuildError, ExitCode, HostKeyMismatch, RemoteCommandFailed
 from builder.keys import KeyPair
 from builder.pipeline import BuildOptions, LeftBehind, build, ssh_cidr
@@ -419,7 +419,11 @@ def test_waits_ride_out_eventual_consistency_and_back_off(ec2: EC2) -> None:
 
     assert ec2.wait_for("instance i-1", describe, "running", timeout=30) == "running"
     gaps = [b - a for a, b in itertools.pairwise(seen)]
-    assert gaps == sorted(gaps), "polls must back off, never speed up"
+    assert all(later >= earlier - 0.05 for earlier, later in itertools.pairwise(gaps)), "polls never speed up"
+    # The schedule: fast first, then a third of the time waited, never more than 5 s.
+    delays = [poll_delay(t / 10) for t in range(0, 600)]
+    assert delays == sorted(delays) and delays[0] == 0.25 and max(delays) == 5.0
+    assert all(poll_delay(t) <= max(0.25, t / 3) for t in (1, 4, 10, 30))
     with pytest.raises(CloudError, match="went 'stopped'"):
         ec2.wait_for("instance i-1", lambda: "stopped", "running", timeout=5, failed=("stopped",))
     with pytest.raises(CloudError, match="still 'pending' after 1 s"):
@@ -463,10 +467,12 @@ def test_a_twin_from_a_lost_response_is_found_by_tag_and_removed(
     plane.install(ec2.client)
     other = boto3.client("ec2", region_name=REGION)  # outside the tool: like a retry whose first answer was lost
 
-    def twin(**_: Any) -> None:
+    def twin(parsed: dict[str, Any], **_: Any) -> None:
         request = plane.params("CreateSnapshot")[-1]
         if request["Description"].startswith("ebsrole mini seed-snapshot"):
             other.create_snapshot(VolumeId=request["VolumeId"], TagSpecifications=request["TagSpecifications"])
+            # As botocore reports a call it retried (the first answer lost, the twin made).
+            parsed.setdefault("ResponseMetadata", {})["RetryAttempts"] = 1
 
     ec2.client.meta.events.register("after-call.ec2.CreateSnapshot", twin)
     try:

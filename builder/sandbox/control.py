@@ -70,8 +70,16 @@ def check_host() -> None:
         )
 
 
-def start(state: Path = STATE_DIR, releases: tuple[str, ...] = ("bookworm",), cache: Path = DEFAULT_CACHE) -> Running:
-    """Start the sandbox unless it runs; prepare the Debian trees it boots first (with progress)."""
+def start(
+    state: Path = STATE_DIR,
+    releases: tuple[str, ...] = ("bookworm",),
+    cache: Path = DEFAULT_CACHE,
+    latency: tuple[str, float, float] = ("none", 1.0, 0.0),
+) -> Running:
+    """Start the sandbox unless it runs; prepare the Debian trees it boots first (with progress).
+
+    ``latency`` is (preset, scale, EC2 calls per second) of the EC2 latency model.
+    """
     check_host()
     for release in releases:
         ensure_rootfs(release, "amd64", cache)
@@ -85,7 +93,21 @@ def start(state: Path = STATE_DIR, releases: tuple[str, ...] = ("bookworm",), ca
     started = time.monotonic()
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "builder.sandbox.server", "--state", str(state), "--cache", str(cache)],
+            [
+                sys.executable,
+                "-m",
+                "builder.sandbox.server",
+                "--state",
+                str(state),
+                "--cache",
+                str(cache),
+                "--latency",
+                latency[0],
+                "--latency-scale",
+                str(latency[1]),
+                "--api-rate",
+                str(latency[2]),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

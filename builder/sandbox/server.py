@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from builder.files import write_atomic
 from builder.sandbox.dataplane import Attachment, DataPlane, DataPlaneError
+from builder.sandbox.latency import Latency, Model
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
 
 log = logging.getLogger("builder.sandbox.server")
@@ -148,13 +150,22 @@ def merge_mappings(image: list[dict[str, Any]], request: list[dict[str, Any]]) -
 class Sandbox:
     """The WSGI layer between EC2 clients and moto, and the owner of the data plane."""
 
-    def __init__(self, app: Callable[..., Iterable[bytes]], state: Path, cache: Path = DEFAULT_CACHE) -> None:
+    def __init__(
+        self,
+        app: Callable[..., Iterable[bytes]],
+        state: Path,
+        cache: Path = DEFAULT_CACHE,
+        model: Model | None = None,
+    ) -> None:
         self.app = app
         self.state = state
         self.cache = cache
         self.plane = DataPlane(state / "data")
         self.lock = threading.RLock()
         self.calls = 0
+        self.actions: Counter[str] = Counter()
+        self.model = model or Model()
+        self.latency = Latency(self.model, self.lock) if self.model.active else None
         self._stop_watch = threading.Event()
 
     # ------------------------------------------------------------ moto's state
@@ -211,8 +222,13 @@ class Sandbox:
         raw = environ["wsgi.input"].read(length) if length else b""
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         action = params.get("Action", "")
+        if self.latency is not None and not self.latency.bucket.admit():
+            status, headers, body = error_response("RequestLimitExceeded", "Request limit exceeded.", 503)
+            start_response(status, headers)
+            return [body]
         with self.lock:
             self.calls += 1
+            self.actions[action] += 1
             status, headers, body = self._handle(environ, match.group(1), action, params, raw)
         start_response(status, headers)
         return [body]
@@ -236,6 +252,9 @@ class Sandbox:
                     body = changed
                     headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
                     headers.append(("Content-Length", str(len(body))))
+            if self.latency is not None and status.startswith("200") and not READ_ONLY.match(action):
+                ids = {t: response_ids(body, t) for t in ("instanceId", "volumeId", "snapshotId", "imageId")}
+                self.latency.after(action, backend, params, ids)
         except EC2Error as exc:
             return error_response(exc.code, exc.message, exc.status)
         except DataPlaneError as exc:
@@ -395,6 +414,8 @@ class Sandbox:
     def _halt(self, backend: Any, instance: Any) -> None:
         try:
             self.plane.stop(instance.id)
+            if self.latency is not None:  # EC2's stop takes its time even when the machine is quick
+                time.sleep(self.latency.remaining_stop(instance.id))
         finally:
             with self.lock:
                 if instance.state == "stopping":
@@ -598,7 +619,14 @@ class Sandbox:
                 "snapshots": sorted(i for i, snap in backend.snapshots.items() if snap.owner_id == ACCOUNT),
                 "images": sorted(i for i, image in backend.amis.items() if image.owner_id == ACCOUNT),
             }
-        return {"ec2": regions, "api_calls": self.calls, **self.plane.usage()}
+        return {
+            "ec2": regions,
+            "api_calls": self.calls,
+            "api_calls_by_action": dict(sorted(self.actions.items())),
+            "latency": json.loads(self.model.to_json()) if self.model.active else None,
+            "throttled": self.latency.bucket.refused if self.latency else 0,
+            **self.plane.usage(),
+        }
 
     def watch(self, interval: float = 0.5) -> None:
         """Turn machines that died on their own into stopped or terminated instances (a thread)."""
@@ -633,6 +661,9 @@ class Sandbox:
     def shutdown(self) -> None:
         """Stop watching, halt every machine (keeping state) and save moto's state."""
         self._stop_watch.set()
+        if self.latency is not None:
+            self.latency.clock.stop()
+            self.latency.clock.flush()
         with self.lock:
             self.plane.shutdown()
             self.save()
@@ -684,23 +715,32 @@ def _patch_moto() -> None:
         found = self.ec2_backend.tags.get(self.id, {})
         return [{"resource_id": self.id, "key": k, "value": v, "resource_type": kind} for k, v in found.items()]
 
+    from moto.ec2.models.elastic_block_store import Volume
+
+    volume_status: Any = Volume.__dict__["status"]
+
+    def status(self: Any) -> Any:
+        modelled = getattr(self, "sandbox_state", None)  # the latency model's `creating`
+        return modelled or volume_status.fget(self)
+
     Ami.block_device_mappings = property(mappings)  # type: ignore[method-assign,assignment]
+    Volume.status = property(status)  # type: ignore[method-assign,assignment]
     TaggedEC2Resource.get_tags = get_tags  # type: ignore[method-assign]
 
 
-def make_app(state: Path, cache: Path = DEFAULT_CACHE) -> Sandbox:
+def make_app(state: Path, cache: Path = DEFAULT_CACHE, model: Model | None = None) -> Sandbox:
     """Return the sandbox's WSGI application over a fresh moto (moto's settings from the environment)."""
     os.environ.setdefault("MOTO_AMIS_PATH", str(AMIS))
     os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     _patch_moto()
-    return Sandbox(DomainDispatcherApplication(create_backend_app), state, cache)
+    return Sandbox(DomainDispatcherApplication(create_backend_app), state, cache, model)
 
 
-def serve(state: Path, address: str, port: int, cache: Path) -> None:
+def serve(state: Path, address: str, port: int, cache: Path, model: Model | None = None) -> None:
     """Run the sandbox endpoint until SIGTERM or SIGINT; write ``server.json`` once it listens."""
-    sandbox = make_app(state, cache)
+    sandbox = make_app(state, cache, model)
     from moto.moto_server.werkzeug_app import MotoRequestHandler
     from werkzeug.serving import make_server
 
@@ -718,7 +758,12 @@ def serve(state: Path, address: str, port: int, cache: Path) -> None:
     watcher = threading.Thread(target=sandbox.watch, daemon=True)
     watcher.start()
     host, bound = str(server.server_address[0]), int(server.server_address[1])
-    info = {"pid": os.getpid(), "endpoint": f"http://{host}:{bound}", "started": time.time()}
+    info = {
+        "pid": os.getpid(),
+        "endpoint": f"http://{host}:{bound}",
+        "started": time.time(),
+        "latency": json.loads(sandbox.model.to_json()) if sandbox.model.active else None,
+    }
     write_atomic(state / SERVER_FILE, json.dumps(info) + "\n")
     log.info("sandbox: EC2 endpoint %s (state in %s)", info["endpoint"], state)
     try:
@@ -735,10 +780,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--latency", default="none", help="latency preset: none or realistic")
+    parser.add_argument("--latency-scale", type=float, default=1.0)
+    parser.add_argument("--api-rate", type=float, default=0, help="EC2 calls per second (0: no throttling)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    serve(args.state, args.address, args.port, args.cache)
+    model = Model.preset(args.latency, args.latency_scale, args.api_rate)
+    serve(args.state, args.address, args.port, args.cache, model)
     return 0
 
 

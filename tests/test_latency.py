@@ -1,0 +1,136 @@
+"""The sandbox's EC2 latency model: transitional states that last, and throttling."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+import yaml
+
+from builder.sandbox import control
+from builder.sandbox.latency import Bucket, Model
+from tests.conftest import MINI_ROLE
+from tests.machines import needs_root
+from tests.sandbox import REGION, World
+
+SCALE = 0.1  # realistic / 10: pending 1.5 s, creating 0.3 s, stopping 3 s, snapshot 4.5 s, image 1 s
+BASE = "ami-000000000000000d2"
+
+
+@pytest.fixture(scope="module")
+def slow_world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
+    """A sandbox with the realistic latency model (scaled) and throttling at 20 calls a second."""
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state, latency=("realistic", SCALE, 20.0))
+    try:
+        yield world
+    finally:
+        control.reset(state)
+
+
+def states(probe: Callable[[], str], seconds: float) -> list[str]:
+    """Return the distinct states ``probe`` shows, in order, until it settles or ``seconds`` pass."""
+    seen: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = probe()
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        time.sleep(0.1)  # 10 calls a second: within the throttle
+    return seen
+
+
+def test_presets_scale_and_round_trip() -> None:
+    model = Model.preset("realistic", 0.1, rate=20)
+    assert model.instance_pending == 1.5 and model.snapshot_pending == 4.5 and model.burst == 100
+    assert Model.from_json(model.to_json()) == model
+    assert not Model.preset("none").active and model.active
+    with pytest.raises(ValueError, match="no latency preset"):
+        Model.preset("glacial")
+
+
+def test_bucket_admits_a_burst_then_the_rate() -> None:
+    bucket = Bucket(rate=10, burst=3)
+    assert [bucket.admit() for _ in range(4)] == [True, True, True, False]
+    time.sleep(0.25)  # 2.5 tokens back
+    assert [bucket.admit() for _ in range(3)] == [True, True, False]
+    assert bucket.refused == 2
+
+
+@needs_root
+def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
+    ec2 = slow_world.client()
+    instance = ec2.run_instances(ImageId=BASE, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    seen = states(lambda: slow_world.describe(instance)["State"]["Name"], 2.5)
+    assert seen == ["pending", "running"]
+
+    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+    assert states(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], 1.0) == [
+        "creating",
+        "available",
+    ]
+    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    assert states(lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], 5.5) == [
+        "pending",
+        "completed",
+    ]
+    image = ec2.register_image(
+        Name="latency",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot}}],
+    )["ImageId"]
+    assert states(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], 1.8) == ["pending", "available"]
+
+    started = time.monotonic()
+    ec2.stop_instances(InstanceIds=[instance])
+    seen = states(lambda: slow_world.describe(instance)["State"]["Name"], 4.0)
+    assert seen == ["stopping", "stopped"]
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance], WaiterConfig={"Delay": 1})
+    assert time.monotonic() - started >= 3.0  # the model's stopping time, however quick the machine
+    ec2.terminate_instances(InstanceIds=[instance])
+    assert states(lambda: slow_world.describe(instance)["State"]["Name"], 4.0) == ["shutting-down", "terminated"]
+    ec2.terminate_instances(InstanceIds=[instance])  # again: already terminated, nothing starts over
+    assert slow_world.describe(instance)["State"]["Name"] == "terminated"
+
+
+@needs_root
+def test_throttling_answers_request_limit_exceeded(slow_world: World) -> None:
+    key, secret = control.CREDENTIALS
+    no_retry = boto3.client(
+        "ec2",
+        region_name=REGION,
+        endpoint_url=slow_world.endpoint,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=botocore.config.Config(retries={"total_max_attempts": 1}),
+    )
+    time.sleep(5)  # a full bucket: 100 calls at once, then 20 a second
+    codes = []
+    for _ in range(200):
+        try:
+            no_retry.describe_regions()
+        except botocore.exceptions.ClientError as exc:
+            codes.append(exc.response["Error"]["Code"])
+    assert codes and set(codes) == {"RequestLimitExceeded"}
+    assert slow_world.status()["throttled"] >= len(codes)
+
+
+@needs_root
+def test_a_build_rides_out_the_waits_and_the_throttling(slow_world: World, tmp_path: Path) -> None:
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+    before = slow_world.status()["throttled"]
+    done = slow_world.cli("mini", "--roles-dir", str(roles), "--sandbox", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    build = json.loads(done.stdout)["builds"][0]
+    assert build["result"] == "complete"
+    ec2 = slow_world.client()
+    assert ec2.describe_images(ImageIds=[build["ami"]])["Images"][0]["State"] == "available"
+    assert slow_world.status()["throttled"] >= before  # whatever was throttled was retried
