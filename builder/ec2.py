@@ -8,12 +8,17 @@ environment). Waits poll fast first and back off, within a deadline.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -21,6 +26,7 @@ import botocore.config
 import botocore.exceptions
 
 from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,40 @@ HINTS = {
     "RequestLimitExceeded": "EC2 throttled the calls beyond botocore's retries; try again later",
     "InsufficientInstanceCapacity": "try another instance_type in the role, or another --subnet-id (AZ)",
 }
+
+
+WAITS_FILE = Path(os.environ.get("EBSROLE_WAITS", Path.home() / ".cache" / "ebsrole" / "waits.json"))
+
+
+class Waits:
+    """How long recent waits of each kind took, per endpoint and region, kept in a small file."""
+
+    KEEP = 5
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+
+    def _load(self) -> dict[str, list[float]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def expected(self, key: str) -> float | None:
+        """Return the median of the recent waits of ``key``, or None when there are none."""
+        recent = self._load().get(key) or []
+        return statistics.median(recent) if recent else None
+
+    def record(self, key: str, seconds: float) -> None:
+        with self.lock:
+            data = self._load()
+            data[key] = [*data.get(key, []), round(max(0.0, seconds), 3)][-self.KEEP :]
+            try:
+                write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+            except OSError as exc:  # a cache: never a reason to fail
+                log.debug("could not record wait times in %s: %s", self.path, exc)
 
 
 def poll_delay(waited: float) -> float:
@@ -126,6 +166,7 @@ class EC2:
         self.calls: Counter[str] = Counter()
         self.retried_creates = 0  # create calls botocore had to retry: a lost answer may have made a twin
         self.described: dict[str, dict[str, Any]] = {}  # the last description of each instance polled
+        self.waits = Waits(WAITS_FILE)
 
     @classmethod
     def connect(
@@ -215,17 +256,26 @@ class EC2:
         timeout: float,
         failed: Iterable[str] = (),
         missing: str = "not-yet-visible",
+        kind: str | None = None,
     ) -> str:
         """Poll ``describe`` (returns a state) until it is ``wanted``; fast first, then back off.
 
         A NotFound answer counts as the state ``missing`` (e.g. "terminated" when waiting
         for an instance to go). Raises CloudError when a ``failed`` state shows,
-        WaitTimeout after ``timeout``.
+        WaitTimeout after ``timeout``. With a ``kind`` ("instance-stopped", ...), how long
+        such waits took lately is remembered (``Waits``): the first look comes when the wait
+        should be over, then looks come often around that time; without, or when it runs
+        long, looks back off geometrically (``poll_delay``).
         """
         wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
         bad = set(failed)
         started = time.monotonic()
         deadline = started + timeout
+        expected = self.waits.expected(self._wait_key(kind)) if kind else None
+        if expected:
+            # A wait of this kind took about ``expected`` lately: look first when it should be over.
+            time.sleep(min(expected * 0.95, max(0.0, deadline - time.monotonic())))
+        previous = started
         while True:
             try:
                 state = describe()
@@ -235,14 +285,26 @@ class EC2:
                 if not exc.code.endswith("NotFound"):
                     raise
                 state = missing
+            now = time.monotonic()
             if state in wanted_states:
+                if kind:
+                    # It changed between the previous look and this one; a first look that
+                    # already found it done says only "sooner": try a little earlier next time.
+                    took = (previous + now) / 2 - started if previous > started else (now - started) * 0.9
+                    self.waits.record(self._wait_key(kind), took)
                 return state
             if state in bad:
                 raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
-            delay = poll_delay(time.monotonic() - started)
-            if time.monotonic() + delay > deadline:
+            waited = now - started
+            # Near the expected end: look often; past it, or with nothing expected: back off.
+            delay = max(0.1, expected / 20) if expected and waited < expected * 1.5 else poll_delay(waited)
+            if now + delay > deadline:
                 raise WaitTimeout(what, wanted_states[0], state, timeout)
+            previous = now
             time.sleep(delay)
+
+    def _wait_key(self, kind: str | None) -> str:
+        return f"{self.endpoint_url or 'aws'}|{self.region}|{kind}"
 
     def instance_state(self, instance_id: str) -> str:
         """Return the instance's state; its whole description stays in ``described`` (no second call)."""
@@ -280,6 +342,7 @@ class EC2:
             "terminated",
             timeout=900,
             missing="terminated",
+            kind="instance-terminated",
         )
 
     def delete_volume(self, volume_id: str, instance_id: str | None) -> None:

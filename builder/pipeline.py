@@ -1,6 +1,6 @@
 """The build of one role AMI, as an ordered list of stages.
 
-resolve base image -> temporary credentials -> launch builder -> data volume ->
+resolve base image -> temporary credentials -> launch builder (with its data volume) ->
 SSH (pinned host key) -> provision, verify, image hygiene -> stop builder ->
 snapshot root and data volume -> register the role AMI -> pair and tag -> clean up.
 
@@ -34,7 +34,7 @@ from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.render import render_role
 from builder.roles import Role
-from builder.sweep import find_leftovers, remove
+from builder.sweep import BUILDER_VOLUMES, find_leftovers, remove
 from builder.userdata import builder_user_data
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,18 @@ def launch_builder(state: _Build) -> None:
     root_ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
     if state.base.root_size_gib:
         root_ebs["VolumeSize"] = state.base.root_size_gib
+    vol = role.volume
+    # The data volume comes with the instance (in its block-device mapping): made in its AZ,
+    # attached at the role's device before it runs, and gone with it.
+    data_ebs: dict[str, Any] = {
+        "VolumeSize": vol.size_gib,
+        "VolumeType": vol.type,
+        "Encrypted": vol.encrypted,
+        "DeleteOnTermination": True,
+    }
+    data_ebs.update(
+        {k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput), ("KmsKeyId", vol.kms_key_id)) if v}
+    )
     params: dict[str, Any] = {
         "ImageId": state.base.image_id,
         "InstanceType": role.instance_type,
@@ -315,10 +327,13 @@ def launch_builder(state: _Build) -> None:
         "UserData": user_data,
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
         "InstanceInitiatedShutdownBehavior": "terminate",
-        "BlockDeviceMappings": [{"DeviceName": state.base.root_device_name, "Ebs": root_ebs}],
+        "BlockDeviceMappings": [
+            {"DeviceName": state.base.root_device_name, "Ebs": root_ebs},
+            {"DeviceName": vol.device, "Ebs": data_ebs},
+        ],
         "TagSpecifications": [
             *tag_specs("instance", {"Name": f"ebsrole-builder-{role.name}", **state.tags("builder", temporary=True)}),
-            *tag_specs("volume", state.tags("builder-root", temporary=True)),
+            *tag_specs("volume", state.tags("builder-volume", temporary=True)),
         ],
         "ClientToken": f"{state.build_id}-builder",
     }
@@ -327,57 +342,25 @@ def launch_builder(state: _Build) -> None:
     if state.group_id:
         params["SecurityGroupIds"] = [state.group_id]
     with state.undo.creating():
-        reply = ec2.call("run_instances", **params)["Instances"][0]
-        instance_id = str(reply["InstanceId"])
+        instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
         state.instance_id = instance_id
         state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
-    # The data volume is made while the instance is pending: its AZ is in the answer.
-    _create_data_volume(state, str(reply["Placement"]["AvailabilityZone"]))
     ec2.wait_for(
         f"instance {instance_id}",
         lambda: ec2.instance_state(instance_id),
         "running",
         timeout=600,
         failed=("terminated", "shutting-down", "stopped"),
+        kind="instance-running",
     )
     state.instance = ec2.described[instance_id]
-
-
-def _create_data_volume(state: _Build, zone: str) -> None:
-    """Create the data volume in the builder's AZ: encrypted, the role's size, type, IOPS and throughput."""
-    ec2, vol, instance_id = state.ec2, state.role.volume, state.instance_id
-    params: dict[str, Any] = {
-        "AvailabilityZone": zone,
-        "Size": vol.size_gib,
-        "VolumeType": vol.type,
-        "Encrypted": vol.encrypted,
-        "TagSpecifications": tag_specs("volume", state.tags("data-volume", temporary=True)),
-        "ClientToken": f"{state.build_id}-data",
-    }
-    params.update(
-        {k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput), ("KmsKeyId", vol.kms_key_id)) if v}
+    volume_id = next(
+        (m["Ebs"]["VolumeId"] for m in state.instance.get("BlockDeviceMappings", []) if m["DeviceName"] == vol.device),
+        None,
     )
-    with state.undo.creating():
-        volume_id = str(ec2.call("create_volume", **params)["VolumeId"])
-        state.volume_id = volume_id
-        state.manifest.data_volume = volume_id
-        state.undo.push("volume", volume_id, lambda: ec2.delete_volume(volume_id, instance_id))
-
-
-def data_volume(state: _Build) -> None:
-    """Attach the data volume (made while the builder was pending) at the role's device."""
-    ec2, vol, instance_id, volume_id = state.ec2, state.role.volume, str(state.instance_id), str(state.volume_id)
-    ec2.wait_for(
-        f"volume {volume_id}", lambda: ec2.volume_state(volume_id), "available", timeout=300, failed=("error",)
-    )
-    ec2.call("attach_volume", Device=vol.device, InstanceId=instance_id, VolumeId=volume_id)
-    ec2.wait_for(
-        f"volume {volume_id}",
-        lambda: ec2.volume_state(volume_id),
-        "in-use:attached",
-        timeout=300,
-        failed=("error", "available"),
-    )
+    if not volume_id:
+        raise CloudError("run_instances", "NoDataVolume", f"instance {instance_id} has no volume at {vol.device}")
+    state.volume_id = state.manifest.data_volume = str(volume_id)
 
 
 def connect_ssh(state: _Build) -> None:
@@ -422,6 +405,7 @@ def stop_builder(state: _Build) -> None:
         "stopped",
         timeout=900,
         failed=("terminated",),
+        kind="instance-stopped",
     )
 
 
@@ -459,6 +443,7 @@ def snapshot_volumes(state: _Build) -> None:
         "completed",
         timeout=3600,
         failed=("error",),
+        kind="snapshots-completed",
     )
 
 
@@ -504,6 +489,7 @@ def register_image(state: _Build) -> None:
         "available",
         timeout=3600,
         failed=("failed", "invalid", "error", "deregistered"),
+        kind="image-available",
     )
 
 
@@ -535,7 +521,6 @@ STAGES: list[tuple[str, Callable[[_Build], None]]] = [
     ("resolve base image", resolve_base),
     ("temporary credentials", temporary_credentials),
     ("launch builder", launch_builder),
-    ("data volume", data_volume),
     ("connect over SSH", connect_ssh),
     ("provision, verify, image hygiene", run_scripts),
     ("stop builder", stop_builder),
@@ -560,7 +545,7 @@ def _remove_orphans(state: _Build) -> list[Resource]:
             f
             for f in find_leftovers(state.ec2, 0, build_id=state.build_id)
             # the builder's root volume lives and dies with the builder, which is on the stack
-            if f.id not in known and f.tool_kind != "builder-root"
+            if f.id not in known and f.tool_kind not in BUILDER_VOLUMES
         ]
         remove(state.ec2, orphans)
     except CloudError as exc:

@@ -39,6 +39,11 @@ class Found:
     tool_kind: str = ""  # the ebsrole:kind tag (builder, builder-root, data-volume, ...)
 
 
+# A builder's volumes (root and data) go with it: DeleteOnTermination. ("builder-root" is
+# what builds before the data volume joined the launch tagged the root with.)
+BUILDER_VOLUMES = ("builder-volume", "builder-root")
+
+
 def parse_age(text: str) -> float:
     """Return seconds for ``30s``, ``15m``, ``2h``, ``1d``; raise InvalidInput otherwise."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
@@ -81,7 +86,7 @@ def find_leftovers(
 def remove(ec2: EC2, found: list[Found]) -> list[Found]:
     """Remove ``found`` in a safe order; return it with each fate set (keeps going past failures)."""
     for item in sorted(found, key=lambda f: KINDS.index(f.kind)):
-        if item.tool_kind == "builder-root" and any(
+        if item.tool_kind in BUILDER_VOLUMES and any(
             f.kind == "instances" and f.build_id == item.build_id for f in found
         ):
             item.fate = "deleted"  # a builder's root volume goes with its instance (DeleteOnTermination)

@@ -114,6 +114,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Any:
     try:
         yield world
     finally:
+        # The server's log outlives the reset, next to the test's files, for a failure's story.
+        log = state / "server.log"
+        if log.exists():
+            (tmp_path_factory.getbasetemp() / f"{state.name}-server.log").write_bytes(log.read_bytes())
         control.reset(state)
         assert not state.exists()
         loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout

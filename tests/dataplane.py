@@ -1,8 +1,9 @@
 """A test data plane behind in-process moto: real local machines for the instances EC2 launches.
 
 botocore event hooks on the tool's own EC2 client start a local Debian machine from the
-user-data of RunInstances (so the machine gets exactly the keys the build generated),
-plug a loop-device volume in on AttachVolume (as /dev/xvdX and by volume id), halt the
+user-data of RunInstances (so the machine gets exactly the keys the build generated) with
+its launch-mapped volumes, plug a loop-device volume in on AttachVolume (as /dev/xvdX and
+by volume id), halt the
 machine on StopInstances and remove it on TerminateInstances. They also record every
 request, so tests can assert on what moto does not keep (block-device mappings, IMDSv2,
 user-data), and inject failures into any call.
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import botocore.exceptions
 
 from builder.sandbox.machine import Disk, Machine, free_port, make_image
@@ -34,11 +36,13 @@ class DataPlane:
     fail: dict[str, int] = field(default_factory=dict)  # operation -> fail on this call number
     calls: Counter[str] = field(default_factory=Counter)
     host_key_override: str | None = None
+    region: str = "eu-west-1"
 
     def __post_init__(self) -> None:
         self.port = free_port(self.address)
 
     def install(self, client: Any) -> None:
+        self.region = client.meta.region_name
         events = client.meta.events
         events.register("provide-client-params.ec2.*", self._record)
         events.register("before-call.ec2.*", self._maybe_fail)
@@ -78,12 +82,25 @@ class DataPlane:
         if self.host_key_override:
             user_data = self.host_key_override
         instance_id = parsed["Instances"][0]["InstanceId"]
+        # Launch-mapped data volumes are plugged in from the start, as on EC2 (a plain client:
+        # this look must not count as the tool's call).
+        plain = boto3.client("ec2", region_name=self.region)
+        described = plain.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+        root = described.get("RootDeviceName")
+        disks = []
+        for mapping in described.get("BlockDeviceMappings", []):
+            if mapping["DeviceName"] == root:
+                continue
+            volume_id = mapping["Ebs"]["VolumeId"]
+            node = "xvd" + mapping["DeviceName"].removeprefix("/dev/sd").removeprefix("/dev/xvd")
+            disks.append(Disk(make_image(self.workdir / "volumes" / f"{volume_id}.img", 2), node, volume_id))
         self.machines[instance_id] = Machine.start(
             instance_id,
             [self.rootfs],
             user_data=user_data,
             ssh_address=self.address,
             ssh_port=self.port,
+            disks=disks,
             state_root=self.workdir / "machines",
         )
 

@@ -187,8 +187,9 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
     assert {t["ResourceType"] for t in run["TagSpecifications"]} == {"instance", "volume"}
     ingress = plane.params("AuthorizeSecurityGroupIngress")[0]["IpPermissions"][0]
     assert ingress["FromPort"] == 22 and ingress["IpRanges"][0]["CidrIp"] == "127.0.0.1/32"
-    volume = plane.params("CreateVolume")[0]
-    assert volume["Encrypted"] is True and volume["Size"] == 2 and volume["VolumeType"] == "gp3"
+    data = run["BlockDeviceMappings"][1]
+    assert data["DeviceName"] == "/dev/sdf"
+    assert data["Ebs"] == {"VolumeSize": 2, "VolumeType": "gp3", "Encrypted": True, "DeleteOnTermination": True}
     register = plane.params("RegisterImage")[0]
     assert register["ImdsSupport"] == "v2.0"
     data = next(m for m in register["BlockDeviceMappings"] if m["DeviceName"] == "/dev/sdf")
@@ -211,7 +212,6 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
         ("key-pair", "deleted"),
         ("security-group", "deleted"),
         ("instance", "deleted"),
-        ("volume", "deleted"),
         ("snapshot", "kept"),
         ("image", "kept"),
     }
@@ -226,9 +226,6 @@ EC2_STEPS = [
     ("AuthorizeSecurityGroupIngress", 1),
     ("RunInstances", 1),
     ("DescribeInstances", 1),
-    ("CreateVolume", 1),
-    ("DescribeVolumes", 1),
-    ("AttachVolume", 1),
     ("StopInstances", 1),
     ("CreateSnapshot", 2),
     ("DescribeSnapshots", 1),
@@ -360,7 +357,6 @@ def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
         doc = json.loads((tmp_path / "manifest.json").read_text())
         assert {r["kind"] for r in doc["resources"] if r["fate"] == "kept"} == {
             "instance",
-            "volume",
             "key-pair",
             "security-group",
         }
