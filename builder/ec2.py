@@ -333,9 +333,10 @@ class EC2:
 
     # ------------------------------------------------------------ removal
 
-    def terminate(self, instance_id: str) -> None:
-        """Terminate an instance and wait until it is gone."""
-        self.call("terminate_instances", InstanceIds=[instance_id])
+    def terminate(self, instance_id: str, *, requested: bool = False) -> None:
+        """Terminate an instance (unless ``requested`` already) and wait until it is gone."""
+        if not requested:
+            self.call("terminate_instances", InstanceIds=[instance_id])
         self.wait_for(
             f"instance {instance_id}",
             lambda: self.instance_state(instance_id),

@@ -102,6 +102,7 @@ class _Build:
     instance: dict[str, Any] = field(default_factory=dict)
     volume_id: str | None = None
     remote: Remote | None = None
+    released: bool = False  # the builder was told to terminate once its snapshots started
 
     @property
     def build_id(self) -> str:
@@ -344,7 +345,7 @@ def launch_builder(state: _Build) -> None:
     with state.undo.creating():
         instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
         state.instance_id = instance_id
-        state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id))
+        state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id, requested=state.released))
     ec2.wait_for(
         f"instance {instance_id}",
         lambda: ec2.instance_state(instance_id),
@@ -436,6 +437,7 @@ def snapshot_volumes(state: _Build) -> None:
     # builder is not needed any more, so it shuts down while the snapshots complete instead
     # of after the AMI is made (cleanup then finds it gone, or nearly).
     ec2.call("terminate_instances", InstanceIds=[str(state.instance_id)])
+    state.released = True  # cleanup only waits for it to be gone
     ids = list(made.values())
     ec2.wait_for(
         "snapshots " + " ".join(ids),
