@@ -127,18 +127,39 @@ class World:
         live = sorted(i for i, s in view["instances"].items() if s != "terminated")
         return {"instances": live, "volumes": view["volumes"], "snapshots": view["snapshots"], "images": view["images"]}
 
+    def explain(self, *instance_ids: str) -> str:
+        """Return what a failing test needs to see: the instances' states and consoles, the server log's tail."""
+        parts = []
+        for instance_id in instance_ids:
+            described = self.describe(instance_id)
+            console = self.client().get_console_output(InstanceId=instance_id).get("Output", "")
+            parts.append(f"== {instance_id}: {described['State']['Name']} {described.get('StateReason')}")
+            parts.append(console[-3000:])
+        log = self.state / "server.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        parts.append("== server.log (tail)")
+        parts.extend(lines[-40:])
+        return "\n".join(parts)
+
     def describe(self, instance_id: str, region: str = REGION) -> dict[str, Any]:
         reservations = self.client(region).describe_instances(InstanceIds=[instance_id])["Reservations"]
         return dict(reservations[0]["Instances"][0])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 60,
+    what: str = "condition",
+    explain: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``predicate``; on timeout fail with ``explain()`` (what the world looked like) appended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    detail = f"\n{explain()}" if explain else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
 
 
 def clean(status: dict[str, Any]) -> list[str]:

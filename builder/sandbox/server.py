@@ -641,22 +641,29 @@ class Sandbox:
             for instance in list(backend.all_instances()):
                 if instance.id not in dead or instance.state != "running":
                     continue
-                log.info(
-                    "%s: its machine halted; instance shutdown behaviour: %s",
-                    instance.id,
-                    instance.instance_initiated_shutdown_behavior,
-                )
-                if instance.instance_initiated_shutdown_behavior == "terminate":
-                    self._terminate(backend, [instance.id])
-                else:
-                    self.plane.stop(instance.id, clean=False)
-                    instance.stop()
-                _set_reason(
-                    instance,
-                    "Client.InstanceInitiatedShutdown",
-                    "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
-                )
-                self.save()
+                try:
+                    self._shut_down(backend, instance)
+                except Exception:  # one machine that cannot be put away must not stop the watching
+                    log.exception("%s: following its machine's halt failed", instance.id)
+
+    def _shut_down(self, backend: Any, instance: Any) -> None:
+        """Apply the instance's shutdown behaviour to an instance whose machine halted by itself."""
+        log.info(
+            "%s: its machine halted; instance shutdown behaviour: %s",
+            instance.id,
+            instance.instance_initiated_shutdown_behavior,
+        )
+        if instance.instance_initiated_shutdown_behavior == "terminate":
+            self._terminate(backend, [instance.id])
+        else:
+            self.plane.stop(instance.id, clean=False)
+            instance.stop()
+        _set_reason(
+            instance,
+            "Client.InstanceInitiatedShutdown",
+            "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+        )
+        self.save()
 
     def shutdown(self) -> None:
         """Stop watching, halt every machine (keeping state) and save moto's state."""
