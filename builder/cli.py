@@ -865,7 +865,9 @@ def _connect(args: argparse.Namespace, region: str | None = None) -> EC2:
     current = control.ensure_started()
     args.endpoint_url = args.sandbox_endpoint = current.endpoint
     args.region = args.region or control.REGION
-    return EC2.connect(region or args.region, None, current.endpoint, credentials=control.CREDENTIALS)
+    ec2 = EC2.connect(region or args.region, None, current.endpoint, credentials=control.CREDENTIALS)
+    ec2.wait_scope = current.wait_scope
+    return ec2
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:

@@ -62,34 +62,79 @@ HINTS = {
 }
 
 
-WAITS_FILE = Path(os.environ.get("EBSROLE_WAITS", Path.home() / ".cache" / "ebsrole" / "waits.json"))
+def waits_file() -> Path:
+    """Where the recent waits are remembered (EBSROLE_WAITS, else the user's cache)."""
+    return Path(os.environ.get("EBSROLE_WAITS") or Path.home() / ".cache" / "ebsrole" / "waits.json")
+
+
+@dataclass(frozen=True)
+class WaitPlan:
+    """When to look at a resource, from how long recent waits of its kind took.
+
+    ``first``: the first look (seconds after the wait starts); ``sure``: by when such a wait
+    has always been over (the second look, when the first was early), or None when the
+    waits vary; ``before``: it has never been over before this (what a first look that
+    finds it done can still say about the start of the interval); ``step``: the spacing of
+    later looks near the end.
+    """
+
+    first: float
+    sure: float | None
+    before: float
+    step: float
 
 
 class Waits:
-    """How long recent waits of each kind took, per endpoint and region, kept in a small file."""
+    """How long recent waits of each kind took, per endpoint and region, kept in a small file.
+
+    A wait is kept as the interval its end fell in: (the last look that found it still
+    going, the first look that found it over], in seconds from its start. While the
+    intervals agree (EC2 takes about the same time each build), the next wait looks first
+    in the middle of what they leave open, and at its end when that is already narrow: a
+    few builds in, each wait costs one look and overshoots by a few per cent. When they
+    disagree (the waits vary), looks start at the typical end and come often around it.
+    """
 
     KEEP = 5
+    NARROW = 0.02  # an interval this wide relative to its end (or 50 ms) is not worth halving
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.Lock()
 
-    def _load(self) -> dict[str, list[float]]:
+    def _load(self) -> dict[str, list[Any]]:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
-    def expected(self, key: str) -> float | None:
-        """Return the median of the recent waits of ``key``, or None when there are none."""
-        recent = self._load().get(key) or []
-        return statistics.median(recent) if recent else None
+    def intervals(self, key: str) -> list[tuple[float, float]]:
+        """Return the recent (before, by) intervals of ``key`` (entries of another shape are skipped)."""
+        kept = []
+        for entry in self._load().get(key) or []:
+            if isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, int | float) for x in entry):
+                kept.append((float(entry[0]), float(entry[1])))
+        return kept
 
-    def record(self, key: str, seconds: float) -> None:
+    def plan(self, key: str) -> WaitPlan | None:
+        """Return when to look during the next wait of ``key``, or None with no history."""
+        intervals = self.intervals(key)
+        if not intervals:
+            return None
+        before = max(lo for lo, _ in intervals)
+        by = min(hi for _, hi in intervals)
+        if before < by:  # one duration fits them all: it lies in (before, by]
+            narrow = by - before <= max(0.05, self.NARROW * by)
+            return WaitPlan(by if narrow else (before + by) / 2, by, before, max(0.1, by / 20))
+        typical = statistics.median((lo + hi) / 2 for lo, hi in intervals)
+        return WaitPlan(typical * 0.95, None, 0.0, max(0.1, typical / 20))
+
+    def record(self, key: str, before: float, by: float) -> None:
         with self.lock:
             data = self._load()
-            data[key] = [*data.get(key, []), round(max(0.0, seconds), 3)][-self.KEEP :]
+            entry = [round(max(0.0, before), 3), round(max(0.0, by), 3)]
+            data[key] = [*data.get(key, []), entry][-self.KEEP :]
             try:
                 write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
             except OSError as exc:  # a cache: never a reason to fail
@@ -166,7 +211,10 @@ class EC2:
         self.calls: Counter[str] = Counter()
         self.retried_creates = 0  # create calls botocore had to retry: a lost answer may have made a twin
         self.described: dict[str, dict[str, Any]] = {}  # the last description of each instance polled
-        self.waits = Waits(WAITS_FILE)
+        self.waits = Waits(waits_file())
+        # Whose waits these are: AWS, an endpoint, or the sandbox with its latency model
+        # (its port changes at every start; its waits do not).
+        self.wait_scope = endpoint_url or "aws"
 
     @classmethod
     def connect(
@@ -263,20 +311,20 @@ class EC2:
         A NotFound answer counts as the state ``missing`` (e.g. "terminated" when waiting
         for an instance to go). Raises CloudError when a ``failed`` state shows,
         WaitTimeout after ``timeout``. With a ``kind`` ("instance-stopped", ...), how long
-        such waits took lately is remembered (``Waits``): the first look comes when the wait
-        should be over, then looks come often around that time; without, or when it runs
-        long, looks back off geometrically (``poll_delay``).
+        such waits took lately is remembered (``Waits``) and sets when to look (``WaitPlan``);
+        without, or when a wait runs long, looks back off geometrically (``poll_delay``).
         """
         wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
         bad = set(failed)
         started = time.monotonic()
         deadline = started + timeout
-        expected = self.waits.expected(self._wait_key(kind)) if kind else None
-        if expected:
-            # A wait of this kind took about ``expected`` lately: look first when it should be over.
-            time.sleep(min(expected * 0.95, max(0.0, deadline - time.monotonic())))
-        previous = started
+        key = self._wait_key(kind) if kind else ""
+        plan = self.waits.plan(key) if kind else None
+        if plan:
+            time.sleep(min(plan.first, max(0.0, deadline - time.monotonic())))
+        still = None  # when the last look that found it still going began (s from the start)
         while True:
+            asked = time.monotonic()
             try:
                 state = describe()
             except CloudError as exc:
@@ -288,23 +336,27 @@ class EC2:
             now = time.monotonic()
             if state in wanted_states:
                 if kind:
-                    # It changed between the previous look and this one; a first look that
-                    # already found it done says only "sooner": try a little earlier next time.
-                    took = (previous + now) / 2 - started if previous > started else (now - started) * 0.9
-                    self.waits.record(self._wait_key(kind), took)
+                    # It ended after the last "still going" look began and before this one answered.
+                    before = still if still is not None else (plan.before if plan else 0.0)
+                    self.waits.record(key, before, now - started)
                 return state
             if state in bad:
                 raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
+            first_miss = still is None
+            still = asked - started
             waited = now - started
-            # Near the expected end: look often; past it, or with nothing expected: back off.
-            delay = max(0.1, expected / 20) if expected and waited < expected * 1.5 else poll_delay(waited)
+            if plan and plan.sure is not None and first_miss and waited < plan.sure:
+                delay = plan.sure - waited  # early: look again when such waits have always been over
+            elif plan and waited < plan.step * 30:
+                delay = plan.step  # near the expected end: look often
+            else:
+                delay = poll_delay(waited)  # nothing known, or running long: back off
             if now + delay > deadline:
                 raise WaitTimeout(what, wanted_states[0], state, timeout)
-            previous = now
             time.sleep(delay)
 
     def _wait_key(self, kind: str | None) -> str:
-        return f"{self.endpoint_url or 'aws'}|{self.region}|{kind}"
+        return f"{self.wait_scope}|{self.region}|{kind}"
 
     def instance_state(self, instance_id: str) -> str:
         """Return the instance's state; its whole description stays in ``described`` (no second call)."""

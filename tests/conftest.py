@@ -18,6 +18,15 @@ for _name, _value in {
 os.environ.pop("AWS_PROFILE", None)
 # Never ask an instance metadata service for credentials (that is network traffic).
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+# The waits the tests' builds learn stay with this run, not in the user's cache.
+if "EBSROLE_WAITS" not in os.environ:
+    import atexit as _atexit
+    import shutil as _shutil
+    import tempfile as _tempfile
+
+    _waits_dir = _tempfile.mkdtemp(prefix="ebsrole-waits-")
+    _atexit.register(_shutil.rmtree, _waits_dir, True)
+    os.environ["EBSROLE_WAITS"] = str(_Path(_waits_dir) / "waits.json")
 
 import logging
 import subprocess

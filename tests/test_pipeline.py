@@ -14,11 +14,13 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from builder.ec2 import EC2, RETRIES, CloudError, poll_delay, tag
+from builder.ec2 import EC2, RETRIES, CloudError, Waits, poll_delay, tag
 from builder.errors import BuildError, ExitCode, HostKeyMismatch, RemoteCommandFailed
 from builder.keys import KeyPair
 from builder.pipeline import BuildOptions, LeftBehind, build, ssh_cidr
+from builder.remote import Remote
 from builder.roles import load_role
+from builder.sandbox.control import Running
 from builder.userdata import builder_user_data
 from tests.conftest import MINI_ROLE
 from tests.dataplane import DataPlane
@@ -81,10 +83,9 @@ def options(plane: DataPlane, tmp_path: Path, **extra: Any) -> BuildOptions:
 
 def intercepting(before_run: Callable[[str, dict[str, Any]], None]) -> Callable[..., Any]:
     """Return a connector whose sessions call ``before_run(command, kwargs)`` before each command."""
-    real_connect = BuildOptions.connect
 
     def connect(*args: Any, **kwargs: Any) -> Any:
-        remote = real_connect(*args, **kwargs)
+        remote = Remote.connect(*args, **kwargs)
         original = remote.run
 
         def run(command: str, **kw: Any) -> Any:
@@ -351,7 +352,6 @@ def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
         assert key.stat().st_mode & 0o777 == 0o600
         assert f"ssh -i {key} -p {plane.port} admin@{plane.address}" in caplog.text
         # The kept key really reaches the kept builder.
-        from builder.remote import Remote
 
         login = KeyPair(key.read_text(), "")
         doc = json.loads((tmp_path / "manifest.json").read_text())
@@ -429,6 +429,54 @@ def test_waits_ride_out_eventual_consistency_and_back_off(ec2: EC2) -> None:
         ec2.wait_for("instance i-1", lambda: (_ for _ in ()).throw(gone), "terminated", timeout=5, missing="terminated")
         == "terminated"
     )
+
+
+def test_waits_learn_when_to_look(ec2: EC2, tmp_path: Path) -> None:
+    """A wait that always takes the same time costs one look after a few builds, and little overshoot."""
+    ec2.waits = Waits(tmp_path / "waits.json")
+    takes = 0.6
+    looks: list[int] = []
+    late: list[float] = []
+    for _ in range(8):
+        seen = 0
+        started = time.monotonic()
+
+        def describe(started: float = started) -> str:
+            nonlocal seen
+            seen += 1
+            return "done" if time.monotonic() - started >= takes else "going"
+
+        ec2.wait_for("thing", describe, "done", timeout=30, kind="thing")
+        looks.append(seen)
+        late.append(time.monotonic() - started - takes)
+    assert looks[0] >= 3, looks  # nothing known: fast looks backing off
+    assert looks[-3:] == [1, 1, 1], looks
+    assert max(late[-3:]) < 0.1, late  # the end is known to within a few per cent
+    assert sum(looks[1:]) < 2 * 7, looks  # learning it costs at most one extra look a build
+
+
+def test_wait_plans_follow_what_the_intervals_say(tmp_path: Path) -> None:
+    waits = Waits(tmp_path / "waits.json")
+    assert waits.plan("k") is None
+    waits.record("k", 4.0, 6.0)  # it ended between 4 and 6 s
+    plan = waits.plan("k")
+    assert plan is not None and plan.first == 5.0 and plan.sure == 6.0 and plan.before == 4.0
+    waits.record("k", 4.9, 5.0)  # narrow now: look where it has always been over
+    plan = waits.plan("k")
+    assert plan is not None and plan.first == 5.0 and plan.sure == 5.0
+    waits.record("k", 8.0, 9.0)  # it varies: look at the typical end, then often
+    plan = waits.plan("k")
+    assert plan is not None and plan.sure is None and plan.first == pytest.approx(0.95 * 5.0)  # median of the middles
+    (tmp_path / "waits.json").write_text('{"k": [3.2, "x"]}')  # an older or damaged file: no history
+    assert waits.plan("k") is None
+    waits.record("k", 1.0, 2.0)
+    assert waits.intervals("k") == [(1.0, 2.0)]
+
+
+def test_sandbox_waits_are_remembered_by_latency_model_not_port() -> None:
+    model = {"instance_pending": 1.5}
+    assert Running(1, "http://127.0.0.1:1", model).wait_scope == Running(2, "http://127.0.0.1:2", model).wait_scope
+    assert Running(1, "http://127.0.0.1:1", None).wait_scope != Running(1, "http://127.0.0.1:1", model).wait_scope
 
 
 def test_ctrl_c_between_creating_and_recording_a_resource_waits_for_the_record() -> None:

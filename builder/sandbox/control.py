@@ -42,6 +42,13 @@ class Running:
 
     pid: int
     endpoint: str
+    latency: dict[str, Any] | None = None  # the EC2 latency model it runs, if any
+
+    @property
+    def wait_scope(self) -> str:
+        """What the sandbox's waits are remembered under: its latency model, not its port."""
+        model = json.dumps(self.latency, sort_keys=True) if self.latency else "none"
+        return f"sandbox:{model}"
 
 
 def running(state: Path = STATE_DIR) -> Running | None:
@@ -53,7 +60,7 @@ def running(state: Path = STATE_DIR) -> Running | None:
     pid = int(info.get("pid", 0))
     if not _is_server(pid):
         return None
-    return Running(pid, str(info["endpoint"]))
+    return Running(pid, str(info["endpoint"]), info.get("latency"))
 
 
 def check_host() -> None:
