@@ -6,12 +6,15 @@ import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder.errors import InvalidInput
+
+if TYPE_CHECKING:  # paramiko is imported where a key meets SSH: a build loads it while EC2 boots the builder
+    import paramiko
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class KeyPair:
             text = path.read_text()
         except OSError as exc:
             raise InvalidInput(f"--identity {path}: {exc.strerror}") from None
+        import paramiko
+
         pair = cls(text, "")
         try:
             pair.pkey()
@@ -47,6 +52,8 @@ class KeyPair:
 
     def pkey(self) -> paramiko.PKey:
         """Return the private key as paramiko wants it (ed25519, ECDSA or RSA)."""
+        import paramiko
+
         last: Exception | None = None
         for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
             try:
@@ -58,5 +65,7 @@ class KeyPair:
 
 def public_key(line: str) -> paramiko.PKey:
     """Return the public key of an OpenSSH public key line ("ssh-ed25519 AAAA... comment")."""
+    import paramiko
+
     kind, blob = line.split()[:2]
     return paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
