@@ -163,3 +163,22 @@ def test_a_build_rides_out_the_modelled_waits(slow_world: World, tmp_path: Path)
     assert time.monotonic() - started >= model.instance_pending + model.instance_stopping + model.snapshot_pending
     ec2 = slow_world.client()
     assert ec2.describe_images(ImageIds=[build["ami"]])["Images"][0]["State"] == "available"
+
+
+@needs_root
+def test_a_build_gets_through_throttling(
+    tmp_path_factory: pytest.TempPathFactory, rootfs: Path, tmp_path: Path
+) -> None:
+    """At one EC2 call a second (a burst of 5) a build is refused calls, and completes: they are retried."""
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state, latency=("none", 1.0, 1.0))
+    try:
+        roles = tmp_path / "roles"
+        roles.mkdir()
+        (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+        done = world.cli("mini", "--roles-dir", str(roles), "--sandbox", "--format", "json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["builds"][0]["result"] == "complete"
+        assert world.status()["throttled"] > 0  # it was refused, not merely slow
+    finally:
+        control.reset(state)
