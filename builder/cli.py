@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -635,16 +636,20 @@ def _copy_to(args: argparse.Namespace, ec2: EC2, role: str, ami: str | None) -> 
     from dataclasses import asdict
 
     from builder.registry import RoleImage
-    from builder.restore import copy_image
+    from builder.restore import copy_images
 
     raw = ec2.call("describe_images", ImageIds=[str(ami)])["Images"]
     if not raw:
         raise InvalidInput(f"{role}: no AMI {ami} in {ec2.region}")
     image = RoleImage.of(raw[0])
-    made = []
-    for region in args.copy_to:
-        log.info("%s: copying %s to %s ...", role, image.image_id, region)
-        made.append(asdict(copy_image(ec2, _connect(args, region), image)))
+    regions = list(dict.fromkeys(args.copy_to))
+    if ec2.region in regions:
+        raise InvalidInput(f"--copy-to {ec2.region}: that is the AMI's own region")
+    targets = {region: _connect(args, region) for region in regions}  # a bad region stops before any copy
+    started = time.monotonic()
+    log.info("%s: copying %s to %s at once ...", role, image.image_id, ", ".join(regions))
+    made = [asdict(c) for c in copy_images(ec2, targets, image)]
+    log.info("%s: copies done after %.1f s", role, time.monotonic() - started)
     return made
 
 

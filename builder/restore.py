@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -420,9 +421,67 @@ class Copied:
     source_region: str
 
 
-def copy_image(source: EC2, target: EC2, image: RoleImage) -> Copied:
-    """Copy a role AMI (and so its snapshots) to ``target``'s region, tags and pairing kept."""
+class CopiesFailed(BuildError):
+    """Some copies failed; the others are complete. Names each failure."""
+
+    def __init__(self, failed: dict[str, BuildError], done: list[Copied]) -> None:
+        self.failed, self.done = failed, done
+        self.exit_code = next(iter(failed.values())).exit_code
+        lines = [f"copy to {region}: {exc}" for region, exc in failed.items()]
+        lines += [f"copy to {c.region}: done, AMI {c.ami}" for c in done]
+        super().__init__("; ".join(lines), hint="run the copy again: it resumes each copy EC2 already has")
+
+
+def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
+    """Copy a role AMI to every target region at once; return the copies in the targets' order.
+
+    Each copy is EC2's work, so waiting for them one after another would add their times:
+    they run on one thread each. A failure in one region does not stop the others
+    (CopiesFailed names it and what completed). On Ctrl-C or SIGTERM the copies EC2 is still
+    making are named in a warning: they finish on their own, untagged, and running the copy
+    again (same client token) picks them up and tags them.
+    """
     raw = source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
+    started: dict[str, str] = {}
+    done: dict[str, Copied] = {}
+    failed: dict[str, BuildError] = {}
+
+    def one(region: str, target: EC2) -> None:
+        try:
+            done[region] = copy_image(source, target, image, raw, on_started=lambda ami: started.update({region: ami}))
+        except BuildError as exc:
+            failed[region] = exc
+
+    threads = [threading.Thread(target=one, args=item, daemon=True, name=f"copy-{item[0]}") for item in targets.items()]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)  # short joins: Ctrl-C reaches this thread
+    except BaseException:
+        for region, ami in started.items():
+            if region not in done:
+                log.warning("copy to %s: AMI %s left copying (untagged); run the copy again to finish it", region, ami)
+        raise
+    if failed:
+        raise CopiesFailed(failed, [done[r] for r in targets if r in done])
+    return [done[region] for region in targets]
+
+
+def copy_image(
+    source: EC2,
+    target: EC2,
+    image: RoleImage,
+    raw: dict[str, Any] | None = None,
+    on_started: Callable[[str], None] | None = None,
+) -> Copied:
+    """Copy a role AMI (and so its snapshots) to ``target``'s region, tags and pairing kept.
+
+    ``raw`` is the source image's description if the caller has it; ``on_started`` hears
+    the copy's AMI id as soon as EC2 has given it.
+    """
+    raw = raw or source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
     tags = tags_of(raw)
     reply = target.call(
         "copy_image",
@@ -434,6 +493,8 @@ def copy_image(source: EC2, target: EC2, image: RoleImage) -> Copied:
         ClientToken=f"ebsrole-copy-{image.image_id}-{target.region}"[:64],
     )
     copied = str(reply["ImageId"])
+    if on_started:
+        on_started(copied)
     target.wait_for(
         f"image {copied}",
         lambda: target.image_state(copied),

@@ -259,12 +259,49 @@ def test_copy_keeps_the_pairing_in_the_other_region(world: World, roles: Path, m
 
 
 @needs_root
-def test_build_copy_to_another_region(world: World, roles: Path) -> None:
-    done = cli(world, roles, "mini", "--copy-to", "eu-central-1", "--format", "json")
+def test_build_copy_to_other_regions(world: World, roles: Path) -> None:
+    regions = ("eu-central-1", "ap-southeast-2")
+    done = cli(world, roles, "mini", *[a for r in regions for a in ("--copy-to", r)], "--format", "json")
     assert done.returncode == 0, done.stderr
+    assert "copying ami-" in done.stderr and "at once" in done.stderr
     build = json.loads(done.stdout)["builds"][0]
-    (copy,) = build["copies"]
-    assert copy["region"] == "eu-central-1" and copy["source_ami"] == build["ami"]
-    image = world.client("eu-central-1").describe_images(ImageIds=[copy["ami"]])["Images"][0]
-    tags = {t["Key"]: t["Value"] for t in image["Tags"]}
-    assert tags["ebsrole:seed-snapshot"] == copy["seed_snapshot"] and tags["ebsrole:fingerprint"]
+    assert [c["region"] for c in build["copies"]] == list(regions)
+    for copy in build["copies"]:
+        assert copy["source_ami"] == build["ami"]
+        image = world.client(copy["region"]).describe_images(ImageIds=[copy["ami"]])["Images"][0]
+        tags = {t["Key"]: t["Value"] for t in image["Tags"]}
+        assert tags["ebsrole:seed-snapshot"] == copy["seed_snapshot"] and tags["ebsrole:fingerprint"]
+    own = cli(world, roles, "copy", "mini", "--to", REGION)
+    assert own.returncode == 2 and f"--copy-to {REGION}: that is the AMI's own region" in own.stderr
+
+
+def test_one_failing_copy_does_not_stop_the_others() -> None:
+    from moto import mock_aws
+
+    from builder.ec2 import EC2, RETRIES
+    from builder.registry import RoleImage
+    from builder.restore import CopiesFailed, copy_images
+
+    with mock_aws():
+        client = boto3.client("ec2", region_name="us-east-1", config=RETRIES)
+        volume = client.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+        snapshot = client.create_snapshot(VolumeId=volume)["SnapshotId"]
+        ami = client.register_image(
+            Name="mini-1",
+            RootDeviceName="/dev/xvda",
+            BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": snapshot}}],
+        )["ImageId"]
+        client.create_tags(Resources=[ami], Tags=[{"Key": "ebsrole:role", "Value": "mini"}])
+        image = RoleImage.of(client.describe_images(ImageIds=[ami])["Images"][0])
+        refusing = boto3.client("ec2", region_name="eu-west-2", config=RETRIES)
+        targets = {"eu-west-2": EC2(refusing), "eu-west-1": EC2(boto3.client("ec2", region_name="eu-west-1"))}
+        with Stubber(refusing) as stub:
+            stub.add_client_error("copy_image", "InvalidRequest", "copies to this region are disabled")
+            with pytest.raises(CopiesFailed) as caught:
+                copy_images(EC2(client), targets, image)
+        message = caught.value.render()
+        assert "copy to eu-west-2: EC2 copy_image: InvalidRequest" in message
+        (done,) = caught.value.done
+        assert done.region == "eu-west-1" and f"copy to eu-west-1: done, AMI {done.ami}" in message
+        copied = targets["eu-west-1"].client.describe_images(ImageIds=[done.ami])["Images"][0]
+        assert {"Key": "ebsrole:role", "Value": "mini"} in copied["Tags"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,3 +183,31 @@ def test_a_build_gets_through_throttling(
         assert world.status()["throttled"] > 0  # it was refused, not merely slow
     finally:
         control.reset(state)
+
+
+@needs_root
+def test_stopping_during_copies_names_the_copies_left(slow_world: World, tmp_path: Path) -> None:
+    """Copies take the modelled snapshot and image time; stopped (SIGTERM, as Ctrl-C), the tool names each copy EC2 still makes."""
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+    built = slow_world.cli("mini", "--roles-dir", str(roles), "--sandbox", "--format", "json")
+    assert built.returncode == 0, built.stderr
+    ami = json.loads(built.stdout)["builds"][0]["ami"]
+    log = tmp_path / "copy.log"
+    regions = ("eu-west-1", "eu-central-1")
+    args = ["copy", "mini", "--ami", ami, *[a for r in regions for a in ("--to", r)]]
+    proc = slow_world.popen(*args, "--roles-dir", str(roles), "--sandbox", log=log)
+    deadline = time.monotonic() + 60
+    while "at once" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)  # both CopyImage calls answered; their snapshots take 4.5 s
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    output = log.read_text()
+    for region in regions:
+        left = [line for line in output.splitlines() if f"copy to {region}: AMI ami-" in line]
+        assert left and "left copying" in left[0], output
+        copied = left[0].split("AMI ")[1].split()[0]
+        # It is EC2's to finish: the copy goes on, and is there to be picked up or removed.
+        assert slow_world.client(region).describe_images(ImageIds=[copied])["Images"]
