@@ -114,6 +114,21 @@ def test_stop_leaves_nothing_even_when_killed_hard(rootfs: Path, state_root: Pat
     assert leftovers(booted.machine) == []
 
 
+def test_a_killed_machines_cgroups_do_not_stop_the_next_of_its_name(rootfs: Path, state_root: Path) -> None:
+    """A supervisor killed with its machine leaves the machine's cgroups behind, children included."""
+    from builder.sandbox.machine import _cgroup_dirs
+
+    for top in _cgroup_dirs("m-stale"):
+        if top is not None:
+            (top / "payload").mkdir(parents=True)
+    booted = boot("m-stale", rootfs, state_root)
+    try:
+        assert booted.sh("true").exit_status == 0
+    finally:
+        booted.machine.stop()
+    assert not any(top is not None and top.exists() for top in _cgroup_dirs("m-stale"))
+
+
 def test_failed_start_says_why_and_cleans_up(state_root: Path, tmp_path: Path) -> None:
     not_a_tree = tmp_path / "empty"
     not_a_tree.mkdir()

@@ -534,6 +534,14 @@ class Machine:
 
     def _make_cgroups(self) -> None:
         cgroup, devices = _cgroup_dirs(self.name)
+        # A machine of this name that was killed (its supervisor with it) leaves its cgroups;
+        # a v1 devices cgroup with a child refuses a new deny list (EINVAL): start afresh.
+        _remove_cgroups(self.name)
+        for top in (cgroup, devices):
+            if top is not None and top.exists():
+                raise MachineError(
+                    self.name, f"cgroup {top} of an earlier machine of this name still has processes in it"
+                )
         for sub in ("supervisor", "payload"):
             (cgroup / sub).mkdir(parents=True, exist_ok=True)
         if devices:
