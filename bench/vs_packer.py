@@ -134,16 +134,7 @@ def packer_template(endpoint: str, scripts: Path) -> dict[str, Any]:
 
 
 def packer(template: Path, poll: float | None, home: Path) -> dict[str, Any]:
-    dead = "http://127.0.0.1:9"  # anything not on loopback would go here, and fail
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "CHECKPOINT_DISABLE": "1",
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-        **{k: dead for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
-        **{k: "127.0.0.1,localhost,127.0.0.0/8" for k in ("NO_PROXY", "no_proxy")},
-    }
+    env = control.loopback_only_env(home)
     if poll is not None:
         env["AWS_POLL_DELAY_SECONDS"] = str(poll)
     done = subprocess.run(

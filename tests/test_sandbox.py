@@ -334,17 +334,7 @@ def test_packer_amazon_ebs_builds_against_the_sandbox(world: World, tmp_path: Pa
         ],
     }
     (tmp_path / "template.json").write_text(json.dumps(template))
-    dead = "http://127.0.0.1:9"  # anything not on loopback would go here, and fail
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "CHECKPOINT_DISABLE": "1",
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-        "AWS_POLL_DELAY_SECONDS": "1",
-        **{name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
-        **{name: "127.0.0.1,localhost,127.0.0.0/8" for name in ("NO_PROXY", "no_proxy")},
-    }
+    env = {**control.loopback_only_env(tmp_path), "AWS_POLL_DELAY_SECONDS": "1"}
     done = subprocess.run(
         [packer, "build", "-machine-readable", "template.json"],
         cwd=tmp_path,

@@ -33,6 +33,27 @@ log = logging.getLogger(__name__)
 STATE_DIR = Path(os.environ.get("EBSROLE_SANDBOX", "/var/lib/ebsrole/sandbox"))
 REGION = "us-east-1"
 CREDENTIALS = ("sandbox", "sandbox")  # the sandbox checks no signature; never real keys
+
+
+def loopback_only_env(home: Path) -> dict[str, str]:
+    """Return an environment that keeps another AWS tool (e.g. Packer) on the sandbox.
+
+    No AWS config or credentials files, no update checks, and every proxy variable set to
+    a dead loopback port with loopback exempted: whatever the tool tries to reach beyond
+    the sandbox's endpoint fails instead of leaving the machine.
+    """
+    dead = "http://127.0.0.1:9"
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "CHECKPOINT_DISABLE": "1",
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        **{name: dead for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+        **{name: "127.0.0.1,localhost,127.0.0.0/8" for name in ("NO_PROXY", "no_proxy")},
+    }
+
+
 START_TIMEOUT = 60.0
 
 
