@@ -21,6 +21,7 @@ from builder.keys import KeyPair
 from builder.remote import Remote
 from builder.render import Script, render_role
 from builder.roles import Role
+from builder.sandbox.dataplane import address_free
 from builder.sandbox.machine import Disk, Machine, make_image
 from builder.userdata import builder_user_data
 
@@ -34,8 +35,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespace
 
 def next_address() -> str:
     """Return a fresh loopback address for a machine's SSH (127.0.0.0/8 is all local)."""
-    n = next(_addresses)
-    return f"127.0.{n // 250 + 1}.{n % 250 + 2}"
+    while True:  # another test run on the same host may hold an address
+        n = next(_addresses)
+        address = f"127.0.{n // 250 + 1}.{n % 250 + 2}"
+        if address_free(address):
+            return address
 
 
 @dataclass

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -400,9 +401,24 @@ class DataPlane:
                 os.close(fd)
 
     def _address(self) -> str:
-        index = self.next_address
-        self.next_address += 1
-        return f"{ADDRESS_NET}.{index // 250}.{index % 250 + 2}"
+        # Another sandbox on the same host (a second state directory) counts from 0 too:
+        # skip an address whose SSH port something already listens on.
+        while True:
+            index = self.next_address
+            self.next_address += 1
+            address = f"{ADDRESS_NET}.{index // 250}.{index % 250 + 2}"
+            if address_free(address):
+                return address
+
+
+def address_free(address: str, port: int = 22) -> bool:
+    """Return whether nothing on this host listens on ``address``:``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 def _copy_sparse(source: Path, target: Path) -> None:
