@@ -312,13 +312,24 @@ def _registry_parsers(sub: Any, common: _Parser) -> None:
         "prune",
         parents=[common],
         help="deregister a role's older AMIs and delete their snapshots",
-        description="Deregister the role's AMIs but the newest --keep, and delete their snapshots; "
-        "never one that an instance (running or stopped) was launched from, never a snapshot "
-        "another kept AMI uses.",
+        description="Deregister the role's AMIs but the newest --keep, and delete their snapshots. "
+        "Never one that an instance not yet terminated was launched from, that any launch template "
+        "version names (also through resolve:ssm:), that an SSM parameter under /ebsrole/ holds, or "
+        "that is shared with other accounts or public; never a snapshot another kept AMI uses. Each "
+        "spared AMI is listed with its reason. When SSM cannot be read, nothing is deleted (exit 3).",
     )
     p.add_argument("role", metavar="ROLE")
     p.add_argument("--keep", type=int, required=True, help="how many of the newest AMIs to keep (at least 1)")
     p.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    p.add_argument(
+        "--include-shared", action="store_true", help="also deregister AMIs shared with other accounts or public"
+    )
+    p.add_argument(
+        "--skip-ssm-check",
+        action="store_true",
+        help="do not read SSM parameters (/ebsrole/..., resolve:ssm: in launch templates): "
+        "AMIs only they name may be deregistered",
+    )
     p.add_argument("--format", choices=("table", "json"), default="table")
     _aws_options(p)
     p.set_defaults(run=cmd_prune)
@@ -769,7 +780,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise InvalidInput(f"prune {args.role!r}: not a role name (lower-case letters, digits, -)")
     if args.keep < 1:
         raise InvalidInput(f"--keep {args.keep}: keep at least the newest AMI (1)")
-    rows = prune(_connect(args), args.role, args.keep, dry_run=args.dry_run)
+    rows = prune(
+        _connect(args),
+        args.role,
+        args.keep,
+        dry_run=args.dry_run,
+        include_shared=args.include_shared,
+        check_ssm=not args.skip_ssm_check,
+    )
     if args.format == "json":
         _print(json.dumps({"dry_run": args.dry_run, "images": [asdict(r) for r in rows]}, indent=2))
     elif not rows:

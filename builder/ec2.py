@@ -268,6 +268,21 @@ class EC2:
                 "create_lifecycle_policy", code, str(error.get("Message") or code), HINTS.get(code)
             ) from None
 
+    def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""
+        session = self.session or boto3.session.Session()
+        ssm = session.client("ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
+        self.calls[f"ssm:{operation}"] += 1
+        try:
+            response: dict[str, Any] = getattr(ssm, operation)(**params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(f"ssm {operation}", code, str(error.get("Message") or code)) from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
+            raise CloudError(f"ssm {operation}", type(exc).__name__, str(exc)) from None
+        return response
+
     def call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call EC2 ``operation`` (snake_case) and return the response; raise CloudError."""
         self.calls[operation] += 1

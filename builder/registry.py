@@ -175,42 +175,43 @@ class Pruned:
 
     image_id: str
     created: str
-    fate: str  # kept | in use | deregistered | would deregister
+    fate: str  # kept | in use | shared | deregistered | would deregister
     detail: str
     snapshots_deleted: tuple[str, ...] = ()
 
 
 IN_USE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+SSM_PATH = "/ebsrole/"  # where the tool's SSM parameters live (e.g. /ebsrole/<role>/<env>/ami)
+RESOLVE_SSM = "resolve:ssm:"  # a launch template's ImageId that names an SSM parameter
+SSM_NAMES = 10  # names one GetParameters takes at most
 
 
-def prune(ec2: EC2, role: str, keep: int, *, dry_run: bool = False) -> list[Pruned]:
+def prune(
+    ec2: EC2, role: str, keep: int, *, dry_run: bool = False, include_shared: bool = False, check_ssm: bool = True
+) -> list[Pruned]:
     """Deregister ``role``'s AMIs but the newest ``keep`` and delete their snapshots.
 
-    An AMI an instance still runs from (or is stopped with) is kept, and so is any
-    snapshot another remaining AMI of the tool names.
+    Spared, with their reasons: an AMI an instance not yet terminated was launched from,
+    one that any launch template version names (directly or through ``resolve:ssm:``),
+    one an SSM parameter under /ebsrole/ holds, and (unless ``include_shared``) one shared
+    with other accounts or public. Any snapshot another remaining AMI of the tool names is
+    kept. Raises CloudError, before deleting anything, when SSM cannot be read (unless
+    ``check_ssm`` is False).
     """
     images = role_images(ec2, roles=[role])  # newest first
     older = images[keep:]
-    used: dict[str, str] = {}
-    if older:
-        reservations = ec2.call(
-            "describe_instances",
-            Filters=[
-                {"Name": "image-id", "Values": [i.image_id for i in older]},
-                {"Name": "instance-state-name", "Values": list(IN_USE_STATES)},
-            ],
-        )["Reservations"]
-        for instance in (i for r in reservations for i in r["Instances"]):
-            used.setdefault(instance["ImageId"], instance["InstanceId"])
-    going = [i for i in older if i.image_id not in used]
+    ids = [i.image_id for i in older]
+    used = references(ec2, ids, check_ssm=check_ssm) if older else {}
+    shared = {} if include_shared or not older else shared_images(ec2, [i for i in ids if i not in used])
+    going = [i for i in older if i.image_id not in used and i.image_id not in shared]
     going_ids = {i.image_id for i in going}
     staying = {s for i in role_images(ec2) if i.image_id not in going_ids for s in i.snapshots}
     rows = [Pruned(i.image_id, i.created, "kept", f"one of the newest {keep}") for i in images[:keep]]
     for image in older:
-        if image.image_id in used:
-            rows.append(
-                Pruned(image.image_id, image.created, "in use", f"instance {used[image.image_id]} runs from it")
-            )
+        if image.image_id in used or image.image_id in shared:
+            fate = "in use" if image.image_id in used else "shared"
+            reasons = used.get(image.image_id) or shared[image.image_id]
+            rows.append(Pruned(image.image_id, image.created, fate, "; ".join(reasons)))
             continue
         snapshots = tuple(s for s in image.snapshots if s not in staying)
         if dry_run:
@@ -221,6 +222,131 @@ def prune(ec2: EC2, role: str, keep: int, *, dry_run: bool = False) -> list[Prun
             ec2.call("delete_snapshot", SnapshotId=snapshot_id)
         rows.append(Pruned(image.image_id, image.created, "deregistered", "", snapshots))
     return rows
+
+
+def references(ec2: EC2, image_ids: Sequence[str], *, check_ssm: bool = True) -> dict[str, list[str]]:
+    """Return, for each of ``image_ids`` something refers to, what does.
+
+    Looks at instances not yet terminated, every version of every launch template, and
+    (with ``check_ssm``) the tool's SSM parameters. Raises CloudError when SSM cannot
+    be read: a reference that cannot be checked must not be taken for none.
+    """
+    wanted = set(image_ids)
+    found: dict[str, list[str]] = {}
+    reservations = ec2.call(
+        "describe_instances",
+        Filters=[
+            {"Name": "image-id", "Values": sorted(wanted)},
+            {"Name": "instance-state-name", "Values": list(IN_USE_STATES)},
+        ],
+    )["Reservations"]
+    for instance in (i for r in reservations for i in r["Instances"]):
+        found.setdefault(instance["ImageId"], []).append(
+            f"instance {instance['InstanceId']} runs from it"
+            if instance["State"]["Name"] != "stopped"
+            else f"instance {instance['InstanceId']} (stopped) was launched from it"
+        )
+    via_ssm: dict[str, list[str]] = {}
+    for template, version, image in template_images(ec2):
+        if image.startswith(RESOLVE_SSM):
+            via_ssm.setdefault(image[len(RESOLVE_SSM) :], []).append(f"launch template {template} version {version}")
+        elif image in wanted:
+            found.setdefault(image, []).append(f"launch template {template} version {version}")
+    if not check_ssm:
+        return found
+    try:
+        for name, value in ssm_parameters(ec2).items():
+            if value in wanted:
+                found.setdefault(value, []).append(f"SSM parameter {name}")
+        for name, value in resolve_parameters(ec2, sorted(via_ssm)).items():
+            if value in wanted:
+                found.setdefault(value, []).extend(f"{t} (through {name})" for t in via_ssm[name])
+    except CloudError as exc:
+        raise CloudError(
+            "prune",
+            "CannotCheckSSM",
+            f"cannot read SSM parameters, so cannot tell which AMIs they name ({exc.code}); nothing was deleted",
+            hint="grant ssm:GetParametersByPath and ssm:GetParameters, or run prune with --skip-ssm-check",
+        ) from None
+    return found
+
+
+def template_images(ec2: EC2) -> list[tuple[str, int, str]]:
+    """Return (template name, version, ImageId) of every version of every launch template."""
+    found = []
+    for template in _pages(ec2, "describe_launch_templates", "LaunchTemplates"):
+        versions = _pages(
+            ec2,
+            "describe_launch_template_versions",
+            "LaunchTemplateVersions",
+            LaunchTemplateId=template["LaunchTemplateId"],
+        )
+        for version in versions:
+            image = (version.get("LaunchTemplateData") or {}).get("ImageId")
+            if image:
+                found.append((str(template["LaunchTemplateName"]), int(version["VersionNumber"]), str(image)))
+    return found
+
+
+def ssm_parameters(ec2: EC2, path: str = SSM_PATH) -> dict[str, str]:
+    """Return every SSM parameter under ``path`` (recursively): name to value; raise CloudError."""
+    found: dict[str, str] = {}
+    params: dict[str, Any] = {"Path": path, "Recursive": True}
+    while True:
+        reply = ec2.ssm_call("get_parameters_by_path", **params)
+        found.update({str(p["Name"]): str(p["Value"]) for p in reply.get("Parameters") or []})
+        if not reply.get("NextToken"):
+            return found
+        params["NextToken"] = reply["NextToken"]
+
+
+def resolve_parameters(ec2: EC2, names: Sequence[str]) -> dict[str, str]:
+    """Return the values of the SSM parameters ``names`` (those that exist); raise CloudError."""
+    found: dict[str, str] = {}
+    for start in range(0, len(names), SSM_NAMES):
+        chunk = list(names[start : start + SSM_NAMES])
+        reply = ec2.ssm_call("get_parameters", Names=chunk)
+        for parameter in reply.get("Parameters") or []:
+            for asked in chunk:
+                if str(parameter["Name"]) in _parameter_names(asked):
+                    found[asked] = str(parameter["Value"])
+    return found
+
+
+def _parameter_names(asked: str) -> set[str]:
+    """Return the names an answer may give a parameter asked for as ``asked`` (name or ARN, :version, :label)."""
+    name = asked.split(":parameter", 1)[1] if asked.startswith("arn:") else asked
+    bare = name.rsplit(":", 1)[0] if ":" in name else name
+    return {asked, name, bare, "/" + bare.lstrip("/"), bare.lstrip("/")}
+
+
+def shared_images(ec2: EC2, image_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Return, for each of ``image_ids`` shared with other accounts or public, with whom."""
+    found: dict[str, list[str]] = {}
+    for image_id in image_ids:
+        reply = ec2.call("describe_image_attribute", ImageId=image_id, Attribute="launchPermission")
+        for permission in reply.get("LaunchPermissions") or []:
+            if permission.get("Group") == "all":
+                found.setdefault(image_id, []).append("public")
+            for key, what in (
+                ("UserId", "account"),
+                ("OrganizationArn", "organization"),
+                ("OrganizationalUnitArn", "OU"),
+            ):
+                if permission.get(key):
+                    found.setdefault(image_id, []).append(f"shared with {what} {permission[key]}")
+    return found
+
+
+def _pages(ec2: EC2, operation: str, key: str, **params: Any) -> list[dict[str, Any]]:
+    """Return every item of a paginated EC2 Describe call."""
+    items: list[dict[str, Any]] = []
+    while True:
+        reply = ec2.call(operation, **params)
+        items += reply.get(key) or []
+        if not reply.get("NextToken"):
+            return items
+        params["NextToken"] = reply["NextToken"]
 
 
 @dataclass(frozen=True)

@@ -59,10 +59,11 @@ class World:
             env.pop(name, None)
         return cls(state, current.endpoint, env)
 
-    def client(self, region: str = REGION) -> Any:
+    def client(self, region: str = REGION, service: str = "ec2") -> Any:
+        """Return a boto3 client of the sandbox (EC2; the endpoint also answers SSM, in memory only)."""
         key, secret = control.CREDENTIALS
         return boto3.client(
-            "ec2", region_name=region, endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret
+            service, region_name=region, endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret
         )
 
     def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

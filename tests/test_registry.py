@@ -292,3 +292,54 @@ def test_prune_keeps_the_newest_and_those_in_use(world: World) -> None:
 
     refused = cli(world, "prune", "delta", "--keep", "0", "--sandbox")
     assert refused.returncode == 2 and "--keep 0" in refused.stderr
+
+
+@needs_root
+def test_prune_spares_amis_that_templates_parameters_and_other_accounts_use(world: World) -> None:
+    ec2 = world.client()
+    ssm = world.client(service="ssm")
+    made = [
+        fake_role_image(world, "epsilon", f"{n:032x}", "/srv/e", f"20260103T00000{n}Z-0000000{n}") for n in range(6)
+    ]
+    ids = [m["image"] for m in made]
+    # Version 1 (the default) names the base AMI; only version 2 names made[0].
+    template = ec2.create_launch_template(LaunchTemplateName="web-asg", LaunchTemplateData={"ImageId": BASE})
+    template_id = template["LaunchTemplate"]["LaunchTemplateId"]
+    ec2.create_launch_template_version(LaunchTemplateId=template_id, LaunchTemplateData={"ImageId": ids[0]})
+    ec2.modify_image_attribute(ImageId=ids[1], LaunchPermission={"Add": [{"UserId": "111122223333"}]})
+    ssm.put_parameter(Name="/ebsrole/epsilon/production/ami", Value=ids[2], Type="String", DataType="aws:ec2:image")
+    # A team's own parameter (not the tool's), named by a template through resolve:ssm:.
+    ssm.put_parameter(Name="/team/golden-ami", Value=ids[3], Type="String", DataType="aws:ec2:image")
+    indirect = ec2.create_launch_template(
+        LaunchTemplateName="golden", LaunchTemplateData={"ImageId": "resolve:ssm:/team/golden-ami"}
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    try:
+        dry = cli(world, "prune", "epsilon", "--keep", "1", "--dry-run", "--sandbox", "--format", "json")
+        assert dry.returncode == 0, dry.stderr
+        rows = {r["image_id"]: r for r in json.loads(dry.stdout)["images"]}
+        assert {i: r["fate"] for i, r in rows.items()} == {
+            ids[5]: "kept",
+            ids[4]: "would deregister",
+            ids[3]: "in use",
+            ids[2]: "in use",
+            ids[1]: "shared",
+            ids[0]: "in use",
+        }
+        assert rows[ids[0]]["detail"] == "launch template web-asg version 2"
+        assert rows[ids[1]]["detail"] == "shared with account 111122223333"
+        assert rows[ids[2]]["detail"] == "SSM parameter /ebsrole/epsilon/production/ami"
+        assert rows[ids[3]]["detail"] == "launch template golden version 1 (through /team/golden-ami)"
+
+        done = cli(world, "prune", "epsilon", "--keep", "1", "--sandbox")
+        assert done.returncode == 0, done.stderr
+        assert any(line.startswith("shared") and ids[1] in line for line in done.stdout.splitlines()), done.stdout
+        left = {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]}
+        assert set(ids) & left == set(ids) - {ids[4]}
+
+        wider = cli(world, "prune", "epsilon", "--keep", "1", "--include-shared", "--dry-run", "--sandbox")
+        assert wider.returncode == 0, wider.stderr
+        assert any(line.startswith("would deregister") and ids[1] in line for line in wider.stdout.splitlines())
+    finally:
+        ec2.delete_launch_template(LaunchTemplateId=template_id)
+        ec2.delete_launch_template(LaunchTemplateId=indirect)
+        ssm.delete_parameters(Names=["/ebsrole/epsilon/production/ami", "/team/golden-ami"])
