@@ -243,10 +243,32 @@ def _verb_parser() -> _Parser:
         "sweep",
         parents=[common],
         help="remove what killed builds left behind",
-        description="Find resources tagged by this tool that belong to no finished build "
-        "(temporary ones, AMIs and snapshots never completed) and remove them.",
+        description="Find resources this tool made that belong to no finished build (temporary ones, "
+        "AMIs and snapshots never completed) and remove them. Only resources whose tags (created-by "
+        "ebsrole, a build id, a readable created-at) and naming (the build's key pair and security "
+        "group) agree; one without a readable created-at is never old. With --volumes instead: the "
+        "tool's available (unattached) volumes, listed unless --delete.",
     )
-    p.add_argument("--older-than", default="2h", help="only what is older than this (default 2h; e.g. 30m, 0s)")
+    p.add_argument(
+        "--older-than",
+        help="only what is older than this (e.g. 3h, 1d); at least twice the build time limit "
+        "(default and floor: 2h) unless --force",
+    )
+    p.add_argument(
+        "--build-time-limit",
+        type=float,
+        default=3600,
+        metavar="S",
+        help="the build --timeout your builds use (default 3600): the floor of --older-than is twice it",
+    )
+    p.add_argument("--force", action="store_true", help="allow --older-than below the floor")
+    p.add_argument("--build-id", metavar="ID", help="only this build's leftovers, whatever their age")
+    p.add_argument(
+        "--volumes",
+        action="store_true",
+        help="list the tool's available volumes (left by launch, drills, terminated instances) instead",
+    )
+    p.add_argument("--delete", action="store_true", help="with --volumes: delete the volumes listed")
     p.add_argument("--dry-run", action="store_true", help="list, remove nothing")
     p.add_argument("--format", choices=("table", "json"), default="table")
     _aws_options(p)
@@ -799,25 +821,69 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """List (and unless --dry-run remove) leftovers of builds."""
+    """List (and unless --dry-run remove) leftovers of builds; with --volumes, the tool's available volumes."""
     from dataclasses import asdict
 
-    from builder.sweep import find_leftovers, parse_age, remove
+    from builder import sweep
 
-    older_than = parse_age(args.older_than)
+    if args.volumes:
+        return _sweep_volumes(args)
+    if args.delete:
+        raise InvalidInput("--delete goes with --volumes (leftovers of builds are removed unless --dry-run)")
+    if args.build_id:
+        sweep.check_build_id(args.build_id)
+        older_than = sweep.parse_age(args.older_than) if args.older_than else 0.0
+    else:
+        floor = sweep.age_floor(args.build_time_limit)
+        text = args.older_than or sweep.duration(floor)
+        older_than = sweep.parse_age(text)
+        sweep.check_older_than(older_than, text, floor, force=args.force)
     ec2 = _connect(args)
-    found = find_leftovers(ec2, older_than)
+    surveyed = sweep.survey(ec2, older_than, build_id=args.build_id)
+    found = [f for f in surveyed if f.fate == "found"]
+    spared = [f for f in surveyed if f.fate == "spared"]
     if not args.dry_run:
-        remove(ec2, found)
+        sweep.remove(ec2, found)
     if args.format == "json":
-        _print(json.dumps({"dry_run": args.dry_run, "resources": [asdict(f) for f in found]}, indent=2))
+        doc = {"dry_run": args.dry_run, "resources": [asdict(f) for f in found], "spared": [asdict(f) for f in spared]}
+        _print(json.dumps(doc, indent=2))
     elif not found:
         _print("nothing to sweep")
     else:
         for item in found:
             line = f"{item.fate:8} {item.kind:16} {item.id:24} build {item.build_id} role {item.role}"
             _print(f"{line} {item.error}".rstrip())
+    if args.format != "json":
+        for item in spared:  # what looked like a leftover, and why it stays: a note, not the result
+            print(f"spared {item.kind} {item.id}: {item.reason}", file=sys.stderr)
     left = [f for f in found if f.fate == "left"]
+    return ExitCode.LEFTOVERS if left else ExitCode.OK
+
+
+def _sweep_volumes(args: argparse.Namespace) -> int:
+    """sweep --volumes: list the tool's available volumes; delete them only with --delete."""
+    from dataclasses import asdict
+
+    from builder import sweep
+
+    if args.build_id or args.older_than:
+        raise InvalidInput("--volumes takes neither --build-id nor --older-than: it lists every available volume")
+    ec2 = _connect(args)
+    volumes = sweep.find_volumes(ec2)
+    delete = args.delete and not args.dry_run
+    if delete:
+        sweep.remove(ec2, volumes)
+    if args.format == "json":
+        _print(json.dumps({"dry_run": not delete, "volumes": [asdict(v) for v in volumes]}, indent=2))
+    elif not volumes:
+        _print("no available volumes of the tool")
+    else:
+        for v in volumes:
+            why = v.reason or v.error or v.note
+            _print(f"{v.fate:8} {v.id:24} {v.tool_kind:14} role {v.role or '-'} {v.created_at:20} {why}".rstrip())
+        if not delete:
+            _print("(a list only: add --delete to delete those not spared)")
+    left = [v for v in volumes if v.fate == "left"]
     return ExitCode.LEFTOVERS if left else ExitCode.OK
 
 

@@ -59,13 +59,15 @@ class LeftBehind(BuildError):
 
     exit_code = ExitCode.LEFTOVERS
 
-    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None) -> None:
+    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None, build_id: str = "") -> None:
         self.left, self.cause = left, cause
         lines = [f"  {kind} {rid}: {why}" for kind, rid, why in left]
         head = f"build failed ({cause}); and cleanup" if cause else "cleanup"
+        # This build's id, never a region-wide age: other builds may be running.
+        sweep = f"python build.py sweep --build-id {build_id}" if build_id else "python build.py sweep"
         super().__init__(
             f"{head} left {len(left)} resource(s) behind:\n" + "\n".join(lines),
-            hint="remove them by hand, or run: python build.py sweep",
+            hint=f"remove them by hand, or run: {sweep}",
         )
 
 
@@ -175,10 +177,10 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     leftovers = [(r.kind, r.id, r.error) for r in left]
     if error is not None:
         if leftovers and isinstance(error, Exception):
-            raise LeftBehind(leftovers, error) from error
+            raise LeftBehind(leftovers, error, state.build_id) from error
         raise error
     if leftovers:
-        raise LeftBehind(leftovers, None)
+        raise LeftBehind(leftovers, None, state.build_id)
     return manifest
 
 
@@ -631,11 +633,12 @@ def _keep_builder(state: _Build) -> None:
     port = f" -p {state.options.ssh_port}" if state.options.ssh_port != 22 else ""
     log.warning(
         "%s: kept builder %s for debugging: ssh -i %s%s %s@%s ; remove it afterwards with: "
-        "python build.py sweep --older-than 0s",
+        "python build.py sweep --build-id %s",
         state.role.name,
         state.instance_id,
         key_path,
         port,
         state.options.ssh_user,
         host,
+        state.build_id,
     )

@@ -161,13 +161,14 @@ def test_sigkill_then_sweep_removes_everything(endpoint: str, client: Any, mini_
     assert young.returncode == 0 and young.stdout.strip() == "nothing to sweep"  # a build could still be running
 
     dry = run_cli(
-        "sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s", "--dry-run", "--format", "json"
-    )
+        "sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s", "--force", "--dry-run",
+        "--format", "json",
+    )  # fmt: skip
     listed = {(r["kind"], r["id"]) for r in json.loads(dry.stdout)["resources"]}
     assert ("instances", left["instances"][0]) in listed and ("volumes", left["volumes"][0]) in listed
     assert resources(client) == left, "a dry run removes nothing"
 
-    done = run_cli("sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s")
+    done = run_cli("sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s", "--force")
     assert done.returncode == 0, done.stderr
     assert "deleted" in done.stdout
     assert not any(resources(client).values()), resources(client)
@@ -188,7 +189,7 @@ def test_sweep_keeps_finished_builds_artefacts(endpoint: str, client: Any) -> No
             }
         ],
     )["SnapshotId"]
-    done = run_cli("sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s")
+    done = run_cli("sweep", "--endpoint-url", endpoint, "--region", REGION, "--older-than", "0s", "--force")
     assert done.returncode == 0 and done.stdout.strip() == "nothing to sweep"
     assert resources(client)["snapshots"] == [snap]
 

@@ -239,7 +239,7 @@ def test_stopping_the_sandbox_fails_a_running_build_cleanly(world: World, mini_d
     assert "left behind" in output or "could not remove" in output, output
     assert world.cli("sandbox", "start").returncode == 0
     world.endpoint = control.running(world.state).endpoint  # type: ignore[union-attr]
-    swept = world.cli("sweep", "--sandbox", "--older-than", "0s")
+    swept = world.cli("sweep", "--sandbox", "--older-than", "0s", "--force")
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert not clean(world.status())
     view = world.ec2_view()
