@@ -11,9 +11,13 @@ start and always thawed, also when the snapshot call fails. Over SSH a marker fi
 written onto the volume first and its token tagged on the snapshot, so that a restore drill
 can check that the data it finds is the data that was snapshotted.
 
-Retention (``--keep-daily N --keep-weekly M``), per source volume: the N newest nightly
-snapshots, and the newest of each of the M most recent ISO weeks. Only ``nightly``
-snapshots are ever considered; a seed snapshot, or any snapshot an AMI names, never.
+Retention (``--keep-daily N --keep-weekly M``), per source volume: the N newest completed
+nightly snapshots (by their own start time), and the newest completed one of each of the M
+most recent ISO weeks. Only ``completed`` snapshots count: a ``pending`` one is never
+deleted and never stands in for a completed one; one in ``error`` is reported and deleted
+only once a newer completed one exists; the newest completed snapshot of a volume is never
+deleted, whatever the flags. Only ``nightly`` snapshots are ever considered; a seed
+snapshot, or any snapshot an AMI names, never.
 """
 
 from __future__ import annotations
@@ -71,8 +75,11 @@ class Retained:
     snapshot_id: str
     volume_id: str
     date: str
-    fate: str  # kept (daily) | kept (weekly) | deleted | would delete | protected
+    # kept (daily) | kept (weekly) | kept (newest) | kept (pending) | kept (error, no newer completed)
+    # | deleted | would delete | protected | left
+    fate: str
     error: str | None = None
+    state: str = ""  # the snapshot's EC2 state: completed | pending | error
 
 
 @dataclass
@@ -167,7 +174,11 @@ def snapshot_instances(
     results = []
     for instance in instances:
         if instance.volume_id in done_tonight:
-            snapshot = next(s for s in existing if s["volume"] == instance.volume_id and s["date"] == date.isoformat())
+            snapshot = next(
+                s
+                for s in existing
+                if s["volume"] == instance.volume_id and s["date"] == date.isoformat() and s["state"] != "error"
+            )
             results.append(
                 SnapshotResult(instance.role, instance.instance_id, instance.volume_id, snapshot["id"], "exists")
             )
@@ -243,7 +254,11 @@ def _create(ec2: EC2, instance: RoleInstance, date: dt.date, marker: str | None)
 def nightly_snapshots(
     ec2: EC2, *, volumes: Sequence[str] | None = None, role: str | None = None, env: str | None = None
 ) -> list[dict[str, Any]]:
-    """Return the tool's nightly snapshots (id, volume, date, role, env, state, start, tags), newest first."""
+    """Return the tool's nightly snapshots (id, volume, date, role, env, state, start, owner, tags), newest first.
+
+    Newest by the snapshot's own ``StartTime``: a DLM snapshot has no date tag, and a date
+    tag can name any night (``--as-of``), so only EC2's start time ranks them all.
+    """
     filters = [{"Name": f"tag:{tag('kind')}", "Values": ["nightly"]}]
     if volumes is not None:
         if not volumes:
@@ -264,52 +279,83 @@ def nightly_snapshots(
                 "role": tags.get(tag("role"), ""),
                 "env": tags.get(tag("env"), ""),
                 "state": raw.get("State", ""),
-                "start": str(raw.get("StartTime", "")),
+                "start": _start(raw),
+                "owner": str(raw.get("OwnerId", "")),
                 "tags": tags,
             }
         )
-    return sorted(found, key=lambda s: (s["date"], s["start"]), reverse=True)
+    return sorted(found, key=lambda s: (s["start"], s["id"]), reverse=True)
+
+
+def _start(raw: dict[str, Any]) -> str:
+    """Return the snapshot's StartTime as sortable ISO text in UTC ("" when EC2 gave none)."""
+    start = raw.get("StartTime")
+    if isinstance(start, dt.datetime):
+        start = start.astimezone(dt.UTC) if start.tzinfo else start.replace(tzinfo=dt.UTC)
+        return start.isoformat(timespec="microseconds")
+    return str(start or "")
 
 
 # ---------------------------------------------------------------- retention
 
 
 def plan_retention(snapshots: Sequence[dict[str, Any]], keep_daily: int, keep_weekly: int) -> dict[str, str]:
-    """Return each snapshot's fate under the policy: ``kept (daily)``, ``kept (weekly)`` or ``delete``.
+    """Return each snapshot's fate under the policy: a ``kept (...)`` reason, or ``delete``.
 
-    ``snapshots`` are one volume's nightly snapshots. Daily: the ``keep_daily`` newest
-    dates. Weekly: the newest snapshot of each of the ``keep_weekly`` most recent ISO weeks.
+    ``snapshots`` are one volume's nightly snapshots. Only ``completed`` ones count. Daily:
+    the ``keep_daily`` newest by start time. Weekly: the newest of each of the
+    ``keep_weekly`` most recent ISO weeks of the night recorded (the date tag; the start
+    day without one). The newest completed one is always kept; a pending one always; one
+    in ``error`` until a completed one started after it.
     """
-    ordered = sorted(snapshots, key=lambda s: (s["date"], s["start"]), reverse=True)
-    fates = {s["id"]: "delete" for s in ordered}
-    for snap in ordered[:keep_daily]:
-        fates[snap["id"]] = "kept (daily)"
-    weeks: list[tuple[int, int]] = []
-    for snap in ordered:
-        week = tuple(dt.date.fromisoformat(snap["date"]).isocalendar()[:2])
+    ordered = sorted(snapshots, key=lambda s: (s["start"], s["id"]), reverse=True)
+    completed = [s for s in ordered if s["state"] == "completed"]
+    fates = {s["id"]: "delete" for s in completed}
+    for snap in completed[: max(keep_daily, 1)]:
+        fates[snap["id"]] = "kept (daily)" if keep_daily else "kept (newest)"
+    weeks: set[tuple[int, int]] = set()
+    for snap in completed:
+        week = _week(snap)
         if week in weeks:
             continue
-        weeks.append(week)  # type: ignore[arg-type]
+        weeks.add(week)
         if len(weeks) > keep_weekly:
             break
         if fates[snap["id"]] == "delete":
             fates[snap["id"]] = "kept (weekly)"
+    newest = completed[0]["start"] if completed else None
+    for snap in ordered:
+        if snap["state"] == "error":
+            fates[snap["id"]] = "delete" if newest and newest > snap["start"] else "kept (error, no newer completed)"
+        elif snap["state"] != "completed":
+            fates[snap["id"]] = f"kept ({snap['state'] or 'unknown state'})"
     return fates
+
+
+def _week(snap: dict[str, Any]) -> tuple[int, int]:
+    day = snap["date"] or snap["start"][:10]
+    year, week, _ = dt.date.fromisoformat(day).isocalendar()
+    return year, week
 
 
 def apply_retention(
     ec2: EC2, volumes: Sequence[str], keep_daily: int, keep_weekly: int, *, dry_run: bool = False
 ) -> list[Retained]:
-    """Delete the nightly snapshots of ``volumes`` the policy does not keep; never one an AMI names."""
+    """Delete the nightly snapshots of ``volumes`` the policy does not keep; never one an AMI names.
+
+    Returns one row per snapshot considered; a snapshot in ``error`` is logged as a warning.
+    """
     protected = {s for image in ec2.call("describe_images", Owners=["self"])["Images"] for s in _snapshots_of(image)}
     rows = []
     snapshots = nightly_snapshots(ec2, volumes=volumes)
     for volume in sorted(set(volumes)):
-        mine = [s for s in snapshots if s["volume"] == volume and s["date"]]
+        mine = [s for s in snapshots if s["volume"] == volume and s["start"]]
         fates = plan_retention(mine, keep_daily, keep_weekly)
         for snap in mine:
             fate = fates[snap["id"]]
-            row = Retained(snap["id"], volume, snap["date"], fate)
+            row = Retained(snap["id"], volume, snap["date"], fate, state=snap["state"])
+            if snap["state"] == "error":
+                log.warning("%s: snapshot %s of %s is in state error", snap["role"], snap["id"], volume)
             if fate == "delete":
                 if snap["id"] in protected:
                     row.fate = "protected"

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from builder import __version__
-from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid
+from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid, RoleNotFound
 
 if TYPE_CHECKING:
     from builder.ec2 import EC2
@@ -378,22 +378,7 @@ def _backup_parsers(sub: Any, common: _Parser) -> None:
     _aws_options(p)
     p.set_defaults(run=cmd_snapshot)
 
-    p = sub.add_parser(
-        "schedule",
-        parents=[common],
-        help="the snapshot policy as an Amazon Data Lifecycle Manager policy",
-        description="Print (or with --apply create) a DLM policy that snapshots the role's data volumes "
-        "daily and weekly, with the tool's tags, optionally copying to another region.",
-    )
-    p.add_argument("role", metavar="ROLE")
-    p.add_argument("--time", default="03:00", help="daily snapshot time, HH:MM UTC (default 03:00)")
-    p.add_argument("--keep-daily", type=int, default=7)
-    p.add_argument("--keep-weekly", type=int, default=4)
-    p.add_argument("--copy-to", metavar="REGION", help="also copy each snapshot to this region")
-    p.add_argument("--execution-role-arn", help="the IAM role DLM uses (default: the account's DLM default role)")
-    p.add_argument("--apply", action="store_true", help="create the policy (dlm:CreateLifecyclePolicy)")
-    _aws_options(p)
-    p.set_defaults(run=cmd_schedule)
+    _schedule_parser(sub, common)
 
     for verb, helptext in (
         ("launch", "instances of a role with the data volume restored from a snapshot"),
@@ -407,7 +392,15 @@ def _backup_parsers(sub: Any, common: _Parser) -> None:
             default="latest",
             help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
         )
-        p.add_argument("--source-env", help="with --from latest: the newest snapshot of this environment")
+        p.add_argument(
+            "--source-env",
+            help="restore this environment's data (launch: default its --env; drill: default no environment)",
+        )
+        p.add_argument(
+            "--allow-other-role",
+            action="store_true",
+            help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
+        )
         p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
         p.add_argument("--ssh-user", default="admin")
         p.add_argument("--format", choices=("table", "json"), default="table")
@@ -437,6 +430,29 @@ def _backup_parsers(sub: Any, common: _Parser) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
     _aws_options(p)
     p.set_defaults(run=cmd_copy)
+
+
+def _schedule_parser(sub: Any, common: _Parser) -> None:
+    """schedule: the DLM policy."""
+    p = sub.add_parser(
+        "schedule",
+        parents=[common],
+        help="the snapshot policy as an Amazon Data Lifecycle Manager policy",
+        description="Print (or with --apply create) a DLM policy that snapshots the role's data volumes "
+        "daily and weekly, with the tool's tags, optionally copying to another region.",
+    )
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--env", default="", help="the environment whose data volumes it snapshots (launch --env)")
+    p.add_argument("--time", default="03:00", help="daily snapshot time, HH:MM UTC (default 03:00)")
+    p.add_argument("--keep-daily", type=int, default=7)
+    p.add_argument("--keep-weekly", type=int, default=4)
+    p.add_argument("--copy-to", metavar="REGION", help="also copy each snapshot to this region")
+    p.add_argument("--execution-role-arn", help="the IAM role DLM uses (default: the account's DLM default role)")
+    p.add_argument(
+        "--apply", action="store_true", help="create the policy, or update the role's and env's existing one"
+    )
+    _aws_options(p)
+    p.set_defaults(run=cmd_schedule)
 
 
 def _ssh_login_options(p: argparse.ArgumentParser) -> None:
@@ -528,6 +544,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate role files; print one line per valid role."""
     from builder.roles import load_roles
 
+    _require_roles(args)
     try:
         roles = load_roles(args.roles, _roles_dir(args))
     except RoleInvalid as exc:
@@ -613,6 +630,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise InvalidInput("name the roles to build, or give --all (not both)")
     if args.jobs < 1:
         raise InvalidInput(f"--jobs {args.jobs}: must be at least 1")
+    _require_roles(args)
     roles = load_roles(None if args.all else args.roles, _roles_dir(args))
     if args.manifest and len(roles) > 1:
         raise InvalidInput("--manifest names one file: give it with one role only")
@@ -970,10 +988,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         date = dt.date.fromisoformat(args.as_of) if args.as_of else dt.datetime.now(dt.UTC).date()
     except ValueError:
         raise InvalidInput(f"--as-of {args.as_of!r}: give a date as YYYY-MM-DD") from None
+    today = dt.datetime.now(dt.UTC).date()
+    if date > today:
+        raise InvalidInput(f"--as-of {args.as_of}: a night in the future (today is {today.isoformat()}, UTC)")
     if args.keep_daily is not None and args.keep_daily < 1:
         raise InvalidInput(f"--keep-daily {args.keep_daily}: keep at least 1")
+    if args.keep_weekly < 0:
+        raise InvalidInput(f"--keep-weekly {args.keep_weekly}: at least 0")
     if (args.freeze or args.known_hosts) and not args.identity:
         raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    _require_role_files(args, args.roles)
     ec2 = _connect(args)
     instances = role_instances(ec2, args.roles or None, args.env)
     connect = None
@@ -981,7 +1005,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         connect = ssh_connector(args.identity, args.known_hosts or Path.home() / ".ssh/known_hosts", args.ssh_user)
     results = snapshot_instances(ec2, instances, date, freeze=args.freeze, connect=connect)
     retention = []
-    if args.keep_daily is not None:
+    failures = [r for r in results if r.result == "failed"]
+    for r in failures:  # a failed night deletes nothing: its older snapshots are all there is
+        print(
+            f"error: {r.role}: snapshot of volume {r.volume_id} ({r.instance_id}) failed: {r.error}; "
+            "retention skipped, nothing deleted",
+            file=sys.stderr,
+        )
+    if args.keep_daily is not None and not failures:
         volumes = [i.volume_id for i in instances]
         retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
     failed = any(r.result == "failed" for r in results) or any(r.fate == "left" for r in retention)
@@ -999,14 +1030,37 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             extra = (" frozen" if r.frozen else "") + (f": {r.error}" if r.error else "")
             _print(f"{r.result:8} {r.role:16} {r.instance_id:20} {r.volume_id:22} {r.snapshot_id or '-'}{extra}")
         for k in retention:
-            _print(f"{k.fate:14} {k.snapshot_id:24} {k.volume_id:22} {k.date}{': ' + k.error if k.error else ''}")
+            extra = (f" ({k.state})" if k.state != "completed" else "") + (f": {k.error}" if k.error else "")
+            _print(f"{k.fate:14} {k.snapshot_id:24} {k.volume_id:22} {k.date or '-'}{extra}")
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _require_roles(args: argparse.Namespace) -> None:
+    """Raise InvalidInput when the roles directory is missing or holds no role: nothing to do is not success."""
+    from builder.roles import display_path, role_names
+
+    roles_dir = _roles_dir(args)
+    if not roles_dir.is_dir():
+        raise InvalidInput(f"{display_path(roles_dir)}: no such roles directory", hint="give --roles-dir DIR")
+    if not role_names(roles_dir):
+        raise InvalidInput(f"{display_path(roles_dir)}: no role files (ROLE.yaml) in the roles directory")
+
+
+def _require_role_files(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Raise RoleNotFound for a named role without a role file: naming none would do nothing."""
+    from builder.roles import display_path, role_names
+
+    roles_dir = _roles_dir(args)
+    known = role_names(roles_dir)
+    for name in names:
+        if name not in known:
+            raise RoleNotFound(name, display_path(roles_dir), known)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Print or create the role's DLM policy."""
     from builder.roles import load_role
-    from builder.schedule import default_role_arn, dlm_policy
+    from builder.schedule import apply_policy, default_role_arn, dlm_policy
 
     load_role(args.role, _roles_dir(args))  # the role must exist
     if args.apply and args.sandbox:
@@ -1019,6 +1073,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     policy = dlm_policy(
         args.role,
         execution_role_arn=arn,
+        env=args.env,
         time=args.time,
         keep_daily=args.keep_daily,
         keep_weekly=args.keep_weekly,
@@ -1028,8 +1083,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         _print(json.dumps(policy, indent=2))
         return ExitCode.OK
     ec2 = ec2 or _connect(args)
-    policy_id = ec2.create_lifecycle_policy(policy)
-    _print(f"{args.role}: DLM policy {policy_id} created")
+    policy_id, done = apply_policy(ec2, args.role, args.env, policy)
+    _print(f"{args.role}: DLM policy {policy_id} {done}")
     return ExitCode.OK
 
 
@@ -1047,7 +1102,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--count {args.count}: at least 1")
     ec2 = _connect(args)
     image = current_image(ec2, role.name)
-    source = choose_source(ec2, role.name, image, args.source, args.source_env)
+    source_env = args.env if args.source_env is None else args.source_env  # production restores production's
+    source = choose_source(ec2, role.name, image, args.source, source_env, allow_other_role=args.allow_other_role)
     login = KeyPair.generate(f"ebsrole-launch-{role.name}") if args.wait else None
     launched = launch(
         ec2,
@@ -1109,7 +1165,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
     ec2 = _connect(args)
     cidr = ssh_cidr(args.ssh_cidr, ec2.endpoint_url)
     image = current_image(ec2, role.name)
-    source = choose_source(ec2, role.name, image, args.source, args.source_env)
+    source = choose_source(
+        ec2, role.name, image, args.source, args.source_env or "", allow_other_role=args.allow_other_role
+    )
     report = drill(ec2, role, image, source, az=args.az, ssh_cidr=cidr, user=args.ssh_user, drill_id=new_build_id())
     if args.format == "json":
         _print(json.dumps(report.to_dict(), indent=2))

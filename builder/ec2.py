@@ -215,6 +215,7 @@ class EC2:
         # Whose waits these are: AWS, an endpoint, or the sandbox with its latency model
         # (its port changes at every start; its waits do not).
         self.wait_scope = endpoint_url or "aws"
+        self.dlm_client: Any = None  # Data Lifecycle Manager, made on first use
 
     @classmethod
     def connect(
@@ -255,18 +256,20 @@ class EC2:
             error = exc.response.get("Error", {})
             raise CloudError("get_caller_identity", str(error.get("Code")), str(error.get("Message"))) from None
 
-    def create_lifecycle_policy(self, policy: dict[str, Any]) -> str:
-        """Create a Data Lifecycle Manager policy; return its id."""
-        dlm = self.session.client("dlm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
-        self.calls["create_lifecycle_policy"] += 1
+    def dlm_call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call Data Lifecycle Manager ``operation`` (snake_case) and return the response; raise CloudError."""
+        if self.dlm_client is None:
+            self.dlm_client = self.session.client(
+                "dlm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES
+            )
+        self.calls[operation] += 1
         try:
-            return str(dlm.create_lifecycle_policy(**policy)["PolicyId"])
+            response: dict[str, Any] = getattr(self.dlm_client, operation)(**params)
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
-            raise CloudError(
-                "create_lifecycle_policy", code, str(error.get("Message") or code), HINTS.get(code)
-            ) from None
+            raise CloudError(operation, code, str(error.get("Message") or code), HINTS.get(code)) from None
+        return response
 
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""

@@ -28,6 +28,7 @@ from builder.live import verify_checks
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
+from builder.schedule import target as backup_target
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,19 @@ class Source:
     """The snapshot a restore starts from."""
 
     snapshot_id: str
-    kind: str  # seed | nightly | given
-    date: str
+    kind: str  # seed | nightly | seed-snapshot
+    date: str  # the night it records (its start day when it has no date tag: DLM's)
     source_az: str
     marker: str | None
     env: str
+    role: str = ""
+    started: str = ""  # EC2's StartTime, ISO
+
+
+# Kinds of snapshot a restore may start from: nightly backups (the tool's or its DLM
+# policy's) and the seed of a role AMI. Root snapshots, a builder's temporary ones and
+# snapshots the tool did not make are never restored.
+RESTORABLE = ("nightly", "seed-snapshot")
 
 
 def current_image(ec2: EC2, role: str) -> RoleImage:
@@ -61,39 +70,95 @@ def current_image(ec2: EC2, role: str) -> RoleImage:
     return images[0]
 
 
-def choose_source(ec2: EC2, role: str, image: RoleImage, choice: str, source_env: str | None = None) -> Source:
-    """Return the snapshot ``choice`` (latest | seed | snap-...) names for ``role``."""
+def choose_source(
+    ec2: EC2, role: str, image: RoleImage, choice: str, source_env: str = "", *, allow_other_role: bool = False
+) -> Source:
+    """Return the snapshot ``choice`` (latest | seed | snap-...) names for ``role``'s restore.
+
+    "latest" is the newest completed nightly snapshot (by its StartTime) that this account
+    owns, of ``role`` and of environment ``source_env``. A given snapshot id must be one
+    this account owns, of a restorable kind, of ``role`` (unless ``allow_other_role``) and,
+    for a nightly one, of ``source_env``. Raises InvalidInput (exit 2) naming what differs,
+    CloudError when there is no such snapshot.
+    """
     if choice == "seed":
-        return Source(image.seed_snapshot, "seed", image.created[:10], "", None, "")
-    if choice == "latest":
-        found = [s for s in nightly_snapshots(ec2, role=role, env=source_env) if s["state"] == "completed"]
-        if not found:
-            where = f" of environment {source_env}" if source_env else ""
-            raise CloudError(
-                "describe_snapshots",
-                "NoNightlySnapshot",
-                f"no completed nightly snapshot of role {role}{where} in {ec2.region}",
-                hint="take one with: python build.py snapshot ROLE, or restore the seed with --from seed",
-            )
-        snap = found[0]
-        tags = snap["tags"]
-        return Source(
-            snap["id"], "nightly", snap["date"], tags.get(tag("source-az"), ""), tags.get(tag("marker")), snap["env"]
-        )
-    if not re.fullmatch(r"snap-[0-9a-f]{8,17}", choice):
+        return Source(image.seed_snapshot, "seed", image.created[:10], "", None, "", role)
+    if choice != "latest" and not re.fullmatch(r"snap-[0-9a-f]{8,17}", choice):
         raise InvalidInput(f"--from {choice!r}: give latest, seed or a snapshot id (snap-...)")
+    account = ec2.account_id()
+    if choice == "latest":
+        return _latest(ec2, role, source_env, account)
     raw = ec2.call("describe_snapshots", SnapshotIds=[choice])["Snapshots"]
     if not raw:
         raise CloudError("describe_snapshots", "InvalidSnapshot.NotFound", f"no snapshot {choice} in {ec2.region}")
+    refused = _refusals(raw[0], role, source_env, account, allow_other_role)
+    if refused:
+        hint = "--allow-other-role restores another role's snapshot" if "not of role" in refused[0] else None
+        raise InvalidInput(f"--from {choice}: " + "; ".join(refused), hint=hint)
     tags = tags_of(raw[0])
+    start = _iso(raw[0].get("StartTime"))
     return Source(
         choice,
-        tags.get(tag("kind"), "given"),
-        tags.get(tag("date"), ""),
+        tags.get(tag("kind"), ""),
+        tags.get(tag("date")) or start[:10],
         tags.get(tag("source-az"), ""),
         tags.get(tag("marker")),
         tags.get(tag("env"), ""),
+        tags.get(tag("role"), ""),
+        start,
     )
+
+
+def _latest(ec2: EC2, role: str, source_env: str, account: str) -> Source:
+    found = [
+        s
+        for s in nightly_snapshots(ec2, role=role, env=source_env)
+        if s["state"] == "completed" and s["owner"] == account
+    ]
+    if not found:
+        where = f"environment {source_env}" if source_env else "no environment"
+        raise CloudError(
+            "describe_snapshots",
+            "NoNightlySnapshot",
+            f"no completed nightly snapshot of role {role} ({where}) in {ec2.region}",
+            hint="take one with: python build.py snapshot ROLE; another environment's: --source-env ENV; "
+            "the AMI's seed: --from seed",
+        )
+    snap = found[0]  # newest by StartTime: cron's and DLM's rank together
+    tags = snap["tags"]
+    return Source(
+        snap["id"],
+        "nightly",
+        snap["date"] or snap["start"][:10],
+        tags.get(tag("source-az"), ""),
+        tags.get(tag("marker")),
+        snap["env"],
+        role,
+        snap["start"],
+    )
+
+
+def _refusals(raw: dict[str, Any], role: str, source_env: str, account: str, allow_other_role: bool) -> list[str]:
+    """Return why snapshot ``raw`` must not be restored for ``role`` (empty: it may)."""
+    tags = tags_of(raw)
+    kind, owner, of_role = tags.get(tag("kind"), ""), str(raw.get("OwnerId", "")), tags.get(tag("role"), "")
+    refused = []
+    if of_role != role and not allow_other_role:
+        refused.append(f"a snapshot of role {of_role or '(none)'}, not of role {role}")
+    if owner != account:
+        refused.append(f"owned by account {owner or '(unknown)'}, not by this account {account}")
+    if kind not in RESTORABLE or tags.get(tag("temporary")) == "true":
+        refused.append(f"kind {kind or '(none)'} is not a backup ebsrole restores (those are: {', '.join(RESTORABLE)})")
+    env = tags.get(tag("env"), "")
+    if kind == "nightly" and env != source_env:
+        refused.append(f"from environment {env or '(none)'}, not {source_env or '(none)'} (give --source-env {env})")
+    if raw.get("State") == "error":
+        refused.append("in state error")
+    return refused
+
+
+def _iso(start: Any) -> str:
+    return start.isoformat() if hasattr(start, "isoformat") else str(start or "")
 
 
 def zones(ec2: EC2) -> list[str]:
@@ -197,7 +262,13 @@ def launch(
             ec2.call(
                 "create_tags",
                 Resources=[volume],
-                Tags=tag_list({tag("data-of"): role.name, tag("kind"): "data-volume"}),
+                Tags=tag_list(
+                    {
+                        tag("data-of"): role.name,
+                        tag("kind"): "data-volume",
+                        tag("backup-target"): backup_target(role.name, env),  # its env's DLM policy
+                    }
+                ),
             )
         launched.append(
             Launched(

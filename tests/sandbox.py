@@ -116,6 +116,8 @@ class World:
             **params,
         )
         instance_id = reply["Instances"][0]["InstanceId"]
+        # With a latency model the instance is `pending` for a while first.
+        wait_until(lambda: self.describe(instance_id, region)["State"]["Name"] != "pending", 120, "not pending")
         described = self.describe(instance_id, region)
         assert described["State"]["Name"] == "running", described.get("StateReason")
         address = described["PublicIpAddress"]

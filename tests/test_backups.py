@@ -7,26 +7,48 @@ snapshots hold real bytes and restores really boot and mount them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
 
+from builder.backups import plan_retention
+from builder.ec2 import EC2
+from builder.errors import InvalidInput
 from builder.keys import KeyPair
 from builder.remote import Remote
 from builder.restore import HOST_KEYS, KEY_LINE
-from builder.schedule import dlm_policy
-from tests.conftest import MINI_ROLE, PROJECT
+from builder.sandbox import control
+from builder.schedule import apply_policy, dlm_policy
+from tests.conftest import MINI_ROLE, PROJECT, run_cli
 from tests.machines import needs_root
-from tests.sandbox import REGION, Instance, World
+from tests.sandbox import REGION, Instance, World, wait_until
 
 ARN = "arn:aws:iam::123456789012:role/AWSDataLifecycleManagerDefaultRole"
+# The realistic latency model, scaled: a snapshot stays `pending` for 6.75 s, as EC2's do
+# for a minute, so a run sees its own night's snapshot pending; instances pend 2.25 s.
+SCALE = 0.15
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
+    """This module's sandbox, with the latency model: snapshots really are `pending` for a while."""
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state, latency=("realistic", SCALE, 0.0))
+    try:
+        yield world
+    finally:
+        control.reset(state)
+        assert not state.exists()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +81,103 @@ def pinned(world: World, instance: Instance, tmp_path: Path) -> tuple[Path, Path
     return key, known
 
 
+def completed(world: World, snapshot_ids: list[str]) -> bool:
+    """Return whether every one of ``snapshot_ids`` that still exists is `completed`."""
+    found = world.client().describe_snapshots(Filters=[{"Name": "snapshot-id", "Values": snapshot_ids}])
+    return all(s["State"] == "completed" for s in found["Snapshots"])
+
+
+def existing(world: World, snapshot_ids: list[str]) -> set[str]:
+    found = world.client().describe_snapshots(Filters=[{"Name": "snapshot-id", "Values": snapshot_ids}])
+    return {s["SnapshotId"] for s in found["Snapshots"]}
+
+
+def night(world: World, roles: Path, instance: Instance, date: str, *flags: str) -> tuple[int, dict[str, Any], str]:
+    """Run `snapshot mini --as-of DATE FLAGS`; return its exit code, this instance's report rows, stderr."""
+    done = cli(world, roles, "snapshot", "mini", "--as-of", date, *flags, "--format", "json")
+    report = json.loads(done.stdout) if done.stdout.strip() else {"snapshots": [], "retention": []}
+    mine = next(s for s in report["snapshots"] if s["instance_id"] == instance.id)
+    rows = {r["snapshot_id"]: r for r in report["retention"] if r["volume_id"] == mine["volume_id"]}
+    return done.returncode, {"snapshot": mine, "retention": rows}, done.stderr
+
+
 # ---------------------------------------------------------------- retention
+
+
+@needs_root
+def test_keep_daily_1_while_tonight_is_pending_keeps_yesterday(world: World, roles: Path, mini_ami: str) -> None:
+    instance = world.launch(mini_ami)
+    code, yesterday, err = night(world, roles, instance, "2026-03-01")
+    assert code == 0, err
+    first = yesterday["snapshot"]["snapshot_id"]
+    wait_until(lambda: completed(world, [first]), 60, "yesterday's snapshot completed")
+
+    code, tonight, err = night(world, roles, instance, "2026-03-02", "--keep-daily", "1")
+    assert code == 0, err
+    second = tonight["snapshot"]["snapshot_id"]
+    rows = tonight["retention"]
+    assert existing(world, [first, second]) == {first, second}
+    assert rows[first]["fate"] == "kept (daily)"
+    assert rows[second].get("state") == "pending" and rows[second]["fate"] == "kept (pending)"  # really pending
+
+    # Once tonight's has completed it is the one kept, and yesterday's goes.
+    wait_until(lambda: completed(world, [second]), 60, "tonight's snapshot completed")
+    code, again, err = night(world, roles, instance, "2026-03-02", "--keep-daily", "1")
+    assert code == 0 and again["retention"][first]["fate"] == "deleted", err
+    assert existing(world, [first, second]) == {second}
+    world.client().terminate_instances(InstanceIds=[instance.id])
+
+
+@needs_root
+def test_a_failing_night_deletes_nothing(world: World, roles: Path, mini_ami: str) -> None:
+    instance = world.launch(mini_ami)
+    made = []
+    for date in ("2026-04-01", "2026-04-02"):
+        code, report, err = night(world, roles, instance, date)
+        assert code == 0, err
+        made.append(report["snapshot"]["snapshot_id"])
+    wait_until(lambda: completed(world, made), 60, "the two nights' snapshots completed")
+
+    # Tonight's snapshot fails (its bytes cannot be written).
+    snapshots = world.state / "data" / "snapshots"
+    subprocess.run(["chattr", "+i", str(snapshots)], check=True)
+    try:
+        code, report, err = night(world, roles, instance, "2026-04-03", "--keep-daily", "1")
+    finally:
+        subprocess.run(["chattr", "-i", str(snapshots)], check=True)
+    assert existing(world, made) == set(made)
+    volume = report["snapshot"]["volume_id"]
+    assert code == 1 and report["snapshot"]["result"] == "failed"
+    assert f"snapshot of volume {volume}" in err and "nothing deleted" in err, err
+    assert report["retention"] == {}
+    world.client().terminate_instances(InstanceIds=[instance.id])
+
+
+def test_plan_retention_counts_only_completed() -> None:
+    def snap(n: int, state: str = "completed", date: str = "") -> dict[str, Any]:
+        return {"id": f"s{n}", "state": state, "start": f"2026-05-{n:02}T03:00:00+00:00", "date": date}
+
+    # Newest first by start time; pending and error ones never push a completed one out.
+    fates = plan_retention([snap(1), snap(2), snap(3, "pending"), snap(4, "error")], 1, 0)
+    assert fates == {"s4": "kept (error, no newer completed)", "s3": "kept (pending)", "s2": "kept (daily)",
+                     "s1": "delete"}  # fmt: skip
+    # An error snapshot goes once a newer completed one exists.
+    assert plan_retention([snap(1, "error"), snap(2)], 1, 0) == {"s1": "delete", "s2": "kept (daily)"}
+    # A future date tag does not make a snapshot the newest: its start time ranks it.
+    fates = plan_retention([snap(1, date="2099-01-01"), snap(2, date="2026-05-02")], 1, 0)
+    assert fates == {"s2": "kept (daily)", "s1": "delete"}
+    # Nothing completed: nothing is deleted.
+    assert set(plan_retention([snap(1, "pending"), snap(2, "error")], 1, 4).values()) == {
+        "kept (pending)", "kept (error, no newer completed)"}  # fmt: skip
+
+
+@needs_root
+def test_snapshot_refuses_a_future_night_and_an_unknown_role(world: World, roles: Path) -> None:
+    future = cli(world, roles, "snapshot", "mini", "--as-of", "2999-01-01")
+    assert future.returncode == 2 and "--as-of 2999-01-01: a night in the future" in future.stderr
+    unknown = cli(world, roles, "snapshot", "nosuchrole")
+    assert unknown.returncode == 2, unknown.stderr
+    assert unknown.stderr.splitlines()[0].endswith("nosuchrole.yaml: no such role"), unknown.stderr
 
 
 @needs_root
@@ -85,7 +203,13 @@ def test_a_month_of_nightly_runs_keeps_exactly_the_policy(world: World, roles: P
                 BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": ids[date]}}],
             )  # fmt: skip
 
-    # Safe to run twice: the same night again makes nothing and deletes nothing more.
+    # Nights follow each other here faster than snapshots complete: the pending ones were
+    # kept. Once all are completed the same night again brings the volume to the policy,
+    wait_until(lambda: completed(world, list(ids.values())), 120, "the month's snapshots completed")
+    settled = cli(world, roles, "snapshot", "mini", "--as-of", "2026-11-30", "--keep-daily", "7", "--keep-weekly",
+                  "4", "--format", "json")  # fmt: skip
+    assert settled.returncode == 0, settled.stderr
+    # and is safe to run twice: the same night again makes nothing and deletes nothing more.
     again = json.loads(
         cli(world, roles, "snapshot", "mini", "--as-of", "2026-11-30", "--keep-daily", "7", "--keep-weekly", "4",
             "--format", "json").stdout
@@ -109,7 +233,7 @@ def test_freeze_always_unfreezes(world: World, roles: Path, mini_ami: str, tmp_p
     key, known = pinned(world, instance, tmp_path)
     args = ("snapshot", "mini", "--freeze", "--identity", str(key), "--known-hosts", str(known), "--format", "json")
 
-    done = cli(world, roles, *args, "--as-of", "2027-01-01")
+    done = cli(world, roles, *args, "--as-of", "2026-10-01")
     assert done.returncode == 0, done.stderr
     mine = next(s for s in json.loads(done.stdout)["snapshots"] if s["instance_id"] == instance.id)
     assert mine["result"] == "created" and mine["frozen"] and mine["marker"]
@@ -119,7 +243,7 @@ def test_freeze_always_unfreezes(world: World, roles: Path, mini_ami: str, tmp_p
     snapshots = world.state / "data" / "snapshots"
     subprocess.run(["chattr", "+i", str(snapshots)], check=True)
     try:
-        failed = cli(world, roles, *args, "--as-of", "2027-01-02")
+        failed = cli(world, roles, *args, "--as-of", "2026-10-02")
     finally:
         subprocess.run(["chattr", "-i", str(snapshots)], check=True)
     assert failed.returncode == 1, failed.stderr
@@ -127,6 +251,75 @@ def test_freeze_always_unfreezes(world: World, roles: Path, mini_ami: str, tmp_p
     assert mine["result"] == "failed" and "InternalError" in mine["error"]
     instance.sh("timeout 10 touch /data/thawed-after-failure")
     world.client().terminate_instances(InstanceIds=[instance.id])
+
+
+def test_nothing_to_do_is_not_success(tmp_path: Path) -> None:
+    missing = run_cli("validate", "--roles-dir", "/nonexistent")
+    assert missing.returncode == 2 and "/nonexistent: no such roles directory" in missing.stderr, missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    everything = run_cli("--all", "--roles-dir", str(empty), "--endpoint-url", "http://127.0.0.1:9")
+    assert everything.returncode == 2, everything.stderr
+    assert everything.stderr.splitlines()[0] == f"error: {empty}: no role files (ROLE.yaml) in the roles directory"
+
+
+# ---------------------------------------------------------------- exact restore sources
+
+
+def restored_from(world: World, roles: Path, *args: str) -> str:
+    """Launch mini with ARGS; return the snapshot its data came from (the instance is terminated)."""
+    done = cli(world, roles, "launch", "mini", *args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    world.client().terminate_instances(InstanceIds=[i["instance_id"] for i in report["instances"]])
+    return str(report["source"]["snapshot_id"])
+
+
+@needs_root
+def test_restores_take_their_own_env_and_the_newest_start(world: World, roles: Path, mini_ami: str) -> None:
+    ec2 = world.client()
+    volumes, snaps = {}, {}
+    for env in ("production", "staging"):  # staging's snapshot is the newer one
+        done = cli(world, roles, "launch", "mini", "--from", "seed", "--env", env, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        instance = json.loads(done.stdout)["instances"][0]
+        volumes[env] = instance["volume_id"]
+        taken = cli(world, roles, "snapshot", "mini", "--env", env, "--as-of", "2026-06-01", "--format", "json")
+        assert taken.returncode == 0, taken.stderr
+        snaps[env] = next(s["snapshot_id"] for s in json.loads(taken.stdout)["snapshots"]
+                          if s["instance_id"] == instance["instance_id"])  # fmt: skip
+    wait_until(lambda: completed(world, list(snaps.values())), 60, "the snapshots completed")
+
+    assert restored_from(world, roles, "--env", "production") == snaps["production"]
+    assert restored_from(world, roles, "--env", "staging") == snaps["staging"]
+    assert restored_from(world, roles, "--env", "staging", "--source-env", "production") == snaps["production"]
+
+    # A snapshot the DLM policy made: its tags, no date tag; newer than cron's: it is the latest.
+    policy = dlm_policy("mini", execution_role_arn=ARN, env="production")
+    added = policy["PolicyDetails"]["Schedules"][0]["TagsToAdd"]
+    dlm = ec2.create_snapshot(VolumeId=volumes["production"],
+                              TagSpecifications=[{"ResourceType": "snapshot", "Tags": added}])["SnapshotId"]  # fmt: skip
+    wait_until(lambda: completed(world, [dlm]), 60, "the DLM snapshot completed")
+    assert restored_from(world, roles, "--env", "production") == dlm
+
+    # Another role's snapshot is refused, naming both roles, unless explicitly allowed.
+    web = [{**t, "Value": "web"} if t["Key"] == "ebsrole:role" else t for t in added]
+    other = ec2.create_snapshot(VolumeId=volumes["production"],
+                                TagSpecifications=[{"ResourceType": "snapshot", "Tags": web}])["SnapshotId"]  # fmt: skip
+    untagged = ec2.create_snapshot(VolumeId=volumes["production"])["SnapshotId"]
+    wait_until(lambda: completed(world, [other, untagged]), 60, "the other snapshots completed")
+    before = world.ec2_view()["instances"]
+    refused = cli(world, roles, "launch", "mini", "--from", other, "--env", "production")
+    assert refused.returncode == 2 and "a snapshot of role web, not of role mini" in refused.stderr, refused.stderr
+    assert "--allow-other-role" in refused.stderr
+    foreign = cli(world, roles, "launch", "mini", "--from", untagged, "--env", "production", "--allow-other-role")
+    assert foreign.returncode == 2 and "kind (none) is not a backup ebsrole restores" in foreign.stderr
+    elsewhere = cli(world, roles, "launch", "mini", "--from", snaps["staging"], "--env", "production")
+    assert elsewhere.returncode == 2 and "from environment staging, not production" in elsewhere.stderr
+    assert world.ec2_view()["instances"] == before  # nothing was launched
+    assert restored_from(world, roles, "--from", other, "--env", "production", "--allow-other-role") == other
+    live = [i for i in world.ec2_view()["instances"] if i in before]
+    ec2.terminate_instances(InstanceIds=live)
 
 
 # ---------------------------------------------------------------- DLM
@@ -140,11 +333,55 @@ def test_dlm_policy_is_a_valid_create_lifecycle_policy_request() -> None:
             stub.add_response("create_lifecycle_policy", {"PolicyId": "policy-0123456789abcdef0"}, policy)
             assert dlm.create_lifecycle_policy(**policy)["PolicyId"] == "policy-0123456789abcdef0"
     details = policy["PolicyDetails"]
-    assert details["TargetTags"] == [{"Key": "ebsrole:data-of", "Value": "web"}]
+    assert details["TargetTags"] == [{"Key": "ebsrole:backup-target", "Value": "web"}]
     daily, weekly = details["Schedules"]
     assert daily["CreateRule"]["Times"] == ["02:30"] and daily["RetainRule"] == {"Count": 7}
     assert weekly["CreateRule"]["CronExpression"] == "cron(30 2 ? * SUN *)" and weekly["RetainRule"] == {"Count": 4}
     assert daily["CrossRegionCopyRules"][0]["Target"] == "eu-central-1"
+
+
+def test_dlm_policy_tags_like_the_tool_and_keeps_copies_as_the_flags_say() -> None:
+    arn = "arn:aws:iam::123456789012:role/service-role/AWSDataLifecycleManagerDefaultRole"
+    policy = dlm_policy("web", execution_role_arn=arn, env="production", keep_daily=10, keep_weekly=6,
+                        copy_to="eu-central-1")  # fmt: skip
+    assert re.fullmatch(r"[0-9A-Za-z _-]+", policy["Description"])  # DLM's pattern for descriptions
+    assert policy["PolicyDetails"]["TargetTags"] == [{"Key": "ebsrole:backup-target", "Value": "web@production"}]
+    daily, weekly = policy["PolicyDetails"]["Schedules"]
+    for rule in (daily, weekly):
+        assert "VariableTags" not in rule and rule["CopyTags"] is False  # volume-targeted: fixed tags only
+        tags = {t["Key"]: t["Value"] for t in rule["TagsToAdd"]}
+        assert (
+            tags["ebsrole:role"] == "web" and tags["ebsrole:kind"] == "nightly" and tags["ebsrole:env"] == "production"
+        )
+    assert daily["CrossRegionCopyRules"][0]["RetainRule"] == {"Interval": 10, "IntervalUnit": "DAYS"}
+    assert weekly["CrossRegionCopyRules"][0]["RetainRule"] == {"Interval": 6, "IntervalUnit": "WEEKS"}
+    with pytest.raises(InvalidInput, match="not an IAM role ARN"):
+        dlm_policy("web", execution_role_arn="arn:aws:iam::123:user/me")
+
+
+def test_schedule_apply_updates_the_one_policy_instead_of_adding_one() -> None:
+    """moto (5.2.5) has no DLM: the calls go through botocore's DLM model, checked by Stubber."""
+    policy = dlm_policy("web", execution_role_arn=ARN, env="production")
+    ec2 = EC2(boto3.client("ec2", region_name="eu-west-1"))
+    ec2.dlm_client = boto3.client("dlm", region_name="eu-west-1")
+    listed = {"ResourceTypes": ["VOLUME"]}
+    mine = {"PolicyId": "policy-0aaaaaaaaaaaaaaaa", "Tags": {"ebsrole:role": "web", "ebsrole:env": "production"}}
+    others = [
+        {"PolicyId": "policy-0bbbbbbbbbbbbbbbb", "Tags": {"ebsrole:role": "web", "ebsrole:env": "staging"}},
+        {"PolicyId": "policy-0cccccccccccccccc", "Tags": {"ebsrole:role": "db", "ebsrole:env": "production"}},
+    ]
+    update = {k: v for k, v in policy.items() if k != "Tags"}
+    with Stubber(ec2.dlm_client) as stub:
+        stub.add_response("get_lifecycle_policies", {"Policies": others}, listed)
+        stub.add_response("create_lifecycle_policy", {"PolicyId": mine["PolicyId"]}, policy)
+        stub.add_response("get_lifecycle_policies", {"Policies": [*others, mine]}, listed)
+        stub.add_response("update_lifecycle_policy", {}, {"PolicyId": mine["PolicyId"], **update})
+        stub.add_response("get_lifecycle_policies", {"Policies": [mine, {**mine, "PolicyId": "policy-0d"}]}, listed)
+        assert apply_policy(ec2, "web", "production", policy) == (mine["PolicyId"], "created")
+        assert apply_policy(ec2, "web", "production", policy) == (mine["PolicyId"], "updated")
+        with pytest.raises(InvalidInput, match="2 DLM policies for environment production"):
+            apply_policy(ec2, "web", "production", policy)
+        stub.assert_no_pending_responses()
 
 
 def test_schedule_command_prints_the_policy(roles: Path) -> None:
@@ -211,7 +448,7 @@ def test_snapshot_then_restore_elsewhere_serves_the_new_page(world: World, roles
     # A drill of the newest nightly snapshot passes and leaves nothing.
     before, host = world.ec2_view(), world.status()
     left = ("machines", "loop_devices", "mounts")
-    drill = cli(world, roles, "drill", "web", "--format", "json")
+    drill = cli(world, roles, "drill", "web", "--source-env", "production", "--format", "json")
     report = json.loads(drill.stdout)
     assert drill.returncode == 0 and report["passed"], drill.stdout + drill.stderr
     assert report["az"] != report["source_az"] and report["seconds_to_verified"] > 0
@@ -221,10 +458,15 @@ def test_snapshot_then_restore_elsewhere_serves_the_new_page(world: World, roles
 
     # A broken backup (a snapshot of an empty volume) fails the drill with a reason, and leaves nothing.
     empty = ec2.create_volume(Size=10, AvailabilityZone=f"{REGION}a")["VolumeId"]
-    broken = ec2.create_snapshot(VolumeId=empty)["SnapshotId"]
+    backup = {"ebsrole:role": "web", "ebsrole:kind": "nightly", "ebsrole:env": "production"}  # restorable
+    broken = ec2.create_snapshot(
+        VolumeId=empty,
+        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": k, "Value": v} for k, v in backup.items()]}],
+    )["SnapshotId"]
+    wait_until(lambda: completed(world, [broken]), 60, "the broken snapshot completed")
     ec2.delete_volume(VolumeId=empty)
     before = world.ec2_view()
-    failed = cli(world, roles, "drill", "web", "--from", broken, "--format", "json")
+    failed = cli(world, roles, "drill", "web", "--from", broken, "--source-env", "production", "--format", "json")
     report = json.loads(failed.stdout)
     assert failed.returncode == 1 and not report["passed"]
     assert any("/var/www" in reason or "mount" in reason for reason in report["reasons"]), report["reasons"]
