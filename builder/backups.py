@@ -7,7 +7,9 @@ instance, volume and AZ, the environment, kind ``nightly`` and its date; one per
 and date, so running twice in a night makes nothing twice.
 
 With ``--freeze`` the filesystem is frozen over SSH (``fsfreeze``) around the snapshot's
-start and always thawed, also when the snapshot call fails. Over SSH a marker file is also
+start, only once the mount point is checked to be the volume's own mount, and always
+thawed: by us, also when the snapshot call fails, or by a watchdog on the instance within
+``--freeze-timeout`` seconds when we cannot (``builder.freeze``). Over SSH a marker file is also
 written onto the volume first and its token tagged on the snapshot, so that a restore drill
 can check that the data it finds is the data that was snapshotted.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder import freeze as freezing
 from builder.ec2 import EC2, CloudError, tag, tag_specs, tags_of
 from builder.errors import BuildError
 from builder.keys import KeyPair
@@ -68,6 +71,8 @@ class SnapshotResult:
     frozen: bool = False
     marker: str | None = None
     error: str | None = None
+    frozen_seconds: float | None = None  # --freeze: how long, on the instance's clock
+    thawed_by: str | None = None  # --freeze: ebsrole | watchdog (the snapshot call outlasted its bound)
 
 
 @dataclass
@@ -167,6 +172,7 @@ def snapshot_instances(
     *,
     freeze: bool = False,
     connect: Connector | None = None,
+    freeze_timeout: float = freezing.DEFAULT_TIMEOUT,
 ) -> list[SnapshotResult]:
     """Snapshot each instance's data volume for ``date`` (skipped when that night's exists)."""
     existing = nightly_snapshots(ec2, volumes=[i.volume_id for i in instances])
@@ -184,7 +190,7 @@ def snapshot_instances(
             )
             continue
         try:
-            results.append(_snapshot_one(ec2, instance, date, freeze=freeze, connect=connect))
+            results.append(_snapshot_one(ec2, instance, date, freeze=freeze, connect=connect, bound=freeze_timeout))
         except (BuildError, OSError) as exc:
             log.warning("%s: snapshot of %s failed: %s", instance.instance_id, instance.volume_id, exc)
             results.append(
@@ -194,25 +200,26 @@ def snapshot_instances(
 
 
 def _snapshot_one(
-    ec2: EC2, instance: RoleInstance, date: dt.date, *, freeze: bool, connect: Connector | None
+    ec2: EC2, instance: RoleInstance, date: dt.date, *, freeze: bool, connect: Connector | None, bound: float
 ) -> SnapshotResult:
     result = SnapshotResult(instance.role, instance.instance_id, instance.volume_id, None, "created")
     remote = connect(instance) if connect else None
     try:
+        if freeze:
+            if remote is None:
+                raise BuildError("--freeze needs SSH to the instance (--identity)")
+            freezing.check_mount(remote, instance)  # before the marker: never write it onto root
         if remote is not None:
             result.marker = f"{date.isoformat()}-{secrets.token_hex(8)}"
             path = shlex.quote(f"{instance.mount_point.rstrip('/')}/{MARKER}")
             remote.check(f"echo {shlex.quote(result.marker)} | sudo -n tee {path} >/dev/null && sudo -n sync")
-        if freeze:
-            if remote is None:
-                raise BuildError("--freeze needs SSH to the instance (--identity)")
-            remote.check(f"sudo -n fsfreeze --freeze {shlex.quote(instance.mount_point)}")
-            result.frozen = True
-        try:
+        if freeze and remote is not None:
+            result.snapshot_id, thawed = freezing.while_frozen(
+                remote, instance, lambda: _create(ec2, instance, date, result.marker), bound
+            )
+            result.frozen, result.frozen_seconds, result.thawed_by = True, round(thawed.seconds, 3), thawed.by
+        else:
             result.snapshot_id = _create(ec2, instance, date, result.marker)
-        finally:
-            if result.frozen and remote is not None:
-                remote.check(f"sudo -n fsfreeze --unfreeze {shlex.quote(instance.mount_point)}")
     finally:
         if remote is not None:
             remote.close()
@@ -222,7 +229,7 @@ def _snapshot_one(
         result.snapshot_id,
         instance.volume_id,
         instance.instance_id,
-        " frozen" if result.frozen else "",
+        f" frozen {result.frozen_seconds:.3f} s" if result.frozen else "",
     )
     return result
 

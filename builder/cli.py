@@ -369,6 +369,14 @@ def _backup_parsers(sub: Any, common: _Parser) -> None:
     p.add_argument("roles", nargs="*", metavar="ROLE")
     p.add_argument("--env", help="only instances of this environment (the ebsrole:env tag)")
     p.add_argument("--freeze", action="store_true", help="fsfreeze the volume over SSH around the snapshot start")
+    p.add_argument(
+        "--freeze-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --freeze: a watchdog on the instance thaws the volume after this long, "
+        "even if the connection dies (default 60)",
+    )
     p.add_argument("--keep-daily", type=int, metavar="N", help="retention: keep the N newest nightly snapshots")
     p.add_argument("--keep-weekly", type=int, default=0, metavar="M", help="and the newest of each of M weeks")
     p.add_argument("--dry-run", action="store_true", help="retention: list what it would delete, delete nothing")
@@ -997,13 +1005,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--keep-weekly {args.keep_weekly}: at least 0")
     if (args.freeze or args.known_hosts) and not args.identity:
         raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    if not 1 <= args.freeze_timeout <= 900:
+        raise InvalidInput(f"--freeze-timeout {args.freeze_timeout:g}: give 1 to 900 seconds")
     _require_role_files(args, args.roles)
     ec2 = _connect(args)
     instances = role_instances(ec2, args.roles or None, args.env)
     connect = None
     if args.identity:
         connect = ssh_connector(args.identity, args.known_hosts or Path.home() / ".ssh/known_hosts", args.ssh_user)
-    results = snapshot_instances(ec2, instances, date, freeze=args.freeze, connect=connect)
+    results = snapshot_instances(
+        ec2, instances, date, freeze=args.freeze, connect=connect, freeze_timeout=args.freeze_timeout
+    )
     retention = []
     failures = [r for r in results if r.result == "failed"]
     for r in failures:  # a failed night deletes nothing: its older snapshots are all there is
@@ -1027,7 +1039,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if not results:
             _print("no running role instances")
         for r in results:
-            extra = (" frozen" if r.frozen else "") + (f": {r.error}" if r.error else "")
+            frozen = f" {r.frozen_seconds:.3f} s" if r.frozen_seconds is not None else ""
+            extra = (f" frozen{frozen}" if r.frozen else "") + (f": {r.error}" if r.error else "")
+            if r.thawed_by == "watchdog":
+                extra += " (the watchdog thawed it first: the snapshot may be crash-consistent only)"
             _print(f"{r.result:8} {r.role:16} {r.instance_id:20} {r.volume_id:22} {r.snapshot_id or '-'}{extra}")
         for k in retention:
             extra = (f" ({k.state})" if k.state != "completed" else "") + (f": {k.error}" if k.error else "")

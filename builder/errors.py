@@ -193,3 +193,14 @@ class EnvironmentProblem(BuildError):
     """This machine lacks something a command needs: root, a tool, loop devices."""
 
     exit_code = ExitCode.ENVIRONMENT
+
+
+class FreezeRefused(BuildError):
+    """The mount point to freeze is not a mount of the role's data volume: nothing was frozen."""
+
+    def __init__(self, instance_id: str, mount_point: str, volume_id: str, reason: str) -> None:
+        self.instance_id, self.mount_point, self.volume_id, self.reason = instance_id, mount_point, volume_id, reason
+        super().__init__(
+            f"{instance_id}: refusing to freeze {mount_point} for volume {volume_id}: {reason}",
+            hint=f"mount the data volume at {mount_point} (it is in /etc/fstab), or snapshot without --freeze",
+        )

@@ -134,8 +134,10 @@ class Remote:
         """Close the session (idempotent)."""
         self.client.close()
 
-    def run(self, command: str, *, timeout: float | None = None, on_line: LineSink | None = None) -> CommandResult:
-        """Run ``command``; return its result whatever its exit status.
+    def run(
+        self, command: str, *, timeout: float | None = None, on_line: LineSink | None = None, stdin: str | None = None
+    ) -> CommandResult:
+        """Run ``command`` (``stdin`` sent as its input, then end of file); return its result whatever its exit status.
 
         Output is streamed line by line to ``on_line`` (default: the output logger).
         Raises ConnectionLost when the session ends before the command, RemoteTimeout
@@ -147,6 +149,9 @@ class Remote:
         sink = on_line or self._log_line
         channel = transport.open_session(timeout=30)
         channel.exec_command(command)
+        if stdin is not None:
+            channel.sendall(stdin.encode())
+            channel.shutdown_write()
         out, err = _Lines("stdout", sink), _Lines("stderr", sink)
         limit = None if timeout is None else time.monotonic() + timeout
         while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
@@ -172,10 +177,16 @@ class Remote:
         return result
 
     def check(
-        self, command: str, *, what: str | None = None, timeout: float | None = None, on_line: LineSink | None = None
+        self,
+        command: str,
+        *,
+        what: str | None = None,
+        timeout: float | None = None,
+        on_line: LineSink | None = None,
+        stdin: str | None = None,
     ) -> CommandResult:
         """Run ``command``; raise RemoteCommandFailed unless it exits 0."""
-        result = self.run(command, timeout=timeout, on_line=on_line)
+        result = self.run(command, timeout=timeout, on_line=on_line, stdin=stdin)
         if result.exit_status != 0:
             raise RemoteCommandFailed(result, what)
         return result
