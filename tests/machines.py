@@ -72,8 +72,29 @@ class Booted:
             raise AssertionError(f"{name} exited {result.exit_status}:\n{result.tail(40)}")
         return result
 
-    def provision(self, check: bool = True) -> CommandResult:
+    def run_script_as_root(self, name: str, *args: str, check: bool = True) -> CommandResult:
+        """Run one of the role's scripts with all of root's capabilities; return its result.
+
+        sudo over SSH keeps the machine's bounding set, which lacks CAP_MKNOD (containment);
+        root on an EC2 instance has it, and copying device nodes needs it. This enters the
+        machine's namespaces from the host instead (the machine's own userland still runs it).
+        """
+        self.remote.check(f"mkdir -p -m 0700 {WORKDIR}")
+        self.remote.put(self.scripts[name].text, f"{WORKDIR}/{name}", 0o700)
+        done = self.machine.exec("bash", f"{WORKDIR}/{name}", *args, check=False, timeout=900)
+        result = CommandResult(f"bash {WORKDIR}/{name}", done.returncode, done.stdout, done.stderr)
+        if check and result.exit_status != 0:
+            raise AssertionError(f"{name} exited {result.exit_status}:\n{result.tail(40)}")
+        return result
+
+    def provision(self, check: bool = True, *, as_root: bool = False) -> CommandResult:
+        if as_root:
+            return self.run_script_as_root("provision.sh", VOLUME_ID, check=check)
         return self.run_script("provision.sh", VOLUME_ID, check=check)
+
+    def root_sh(self, command: str) -> str:
+        """Run a shell command with all of root's capabilities (see run_script_as_root); return stdout."""
+        return self.machine.exec("bash", "-c", command, timeout=600).stdout
 
     def verify(self, check: bool = True) -> CommandResult:
         return self.run_script("verify.sh", check=check)
