@@ -3,6 +3,7 @@ systemd, a real block device. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import calendar
 import struct
 import subprocess
 import time
@@ -11,12 +12,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from builder.errors import SSHError
 from builder.remote import Remote
 from builder.roles import load_role
+from builder.sandbox.machine import Disk
 from tests.conftest import MINI_ROLE
-from tests.machines import Booted, boot, leftovers, needs_root
+from tests.machines import VOLUME_ID, Booted, boot, leftovers, needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]
 
@@ -291,3 +294,234 @@ def test_other_roles_provision_and_verify(role_name: str, rootfs: Path, state_ro
             assert booted.sh("stat -c '%U:%G %a' /data/srv/ops").stdout.strip() == "root:adm 2775"
     finally:
         booted.machine.stop()
+
+
+# ---------------------------------------------------------------- the move keeps everything
+
+KEEP_ROLE = {
+    "description": "a role whose one directory holds every kind of file a move must keep",
+    "packages": [],
+    "services": [],
+    "volume": {"device": "/dev/sdf", "mount_point": "/data", "size_gib": 2},
+    "externalize": ["/srv/keep"],
+}
+# (chattr flags, path below the directory), set last: an immutable directory takes no entries.
+KEEP_FLAGS = (
+    ("+i", "immutable"),
+    ("+a", "append-only.log"),
+    ("+Ad", "frozen/inside"),
+    ("+i", "frozen"),
+    ("+a", "$'new\\nline'"),
+)
+MIB = 1024**2
+
+# Sparse files, hard links, ACLs, user.* and security.* xattrs, file capabilities (also on
+# a file not owned by root: a chown after setting them would drop them), a socket, a fifo,
+# device nodes, setuid, and old times on files, directories and symlinks.
+FILL_KEEP = r"""
+set -e
+mkdir -p /srv/keep/frozen /srv/keep/sub/deeper && cd /srv/keep
+printf start > sparse-1g && truncate -s 1G sparse-1g && printf end >> sparse-1g
+truncate -s 4096 sparse-4k
+head -c 300000 /dev/urandom > dense
+cp /usr/bin/true ping-like && setcap cap_net_raw+ep ping-like
+cp /usr/bin/true nobodys-tool && chown nobody:nogroup nobodys-tool && setcap cap_net_bind_service+ep nobodys-tool
+echo once > hardlink-a && ln hardlink-a hardlink-b && ln hardlink-a sub/deeper/hardlink-c
+echo keep > immutable && echo line > append-only.log && echo in > frozen/inside && echo x > $'new\nline'
+setfacl -m u:nobody:rw dense && setfacl -d -m g:adm:rx sub
+python3 -c '
+import os, socket
+os.setxattr("dense", "user.origin", b"test")
+os.setxattr("dense", "security.ebsrole", b"label")
+socket.socket(socket.AF_UNIX).bind("sock")
+'
+mkfifo fifo
+mknod char-null c 1 3 && mknod block-loop b 7 42
+cp /usr/bin/true setuid && chmod 4755 setuid
+ln -s sparse-1g link && ln -s /nowhere dangling
+touch -d '2001-02-03 04:05:06' dense immutable frozen/inside sub/deeper/hardlink-c fifo char-null sock
+touch -h -d '2002-03-04 05:06:07' link dangling
+touch -d '2003-04-05 06:07:08' sub/deeper sub frozen
+"""
+
+
+def _fill_keep(booted: Booted, root: str) -> None:
+    booted.root_sh(FILL_KEEP.replace("/srv/keep", root))
+    for flags, rel in KEEP_FLAGS:
+        booted.root_sh(f"chattr {flags} {root}/{rel}")
+    booted.root_sh(f"touch -d '2004-05-06 07:08:09' {root}")
+
+
+@pytest.fixture(scope="module")
+def keep(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Booted, list[str], str]]:
+    """A machine whose /srv/keep was moved once by root with all its capabilities (as on
+    EC2); yields it with the manifest from before and the move's output."""
+    base = tmp_path_factory.mktemp("keep")
+    (base / "roles").mkdir()
+    (base / "roles/keep.yaml").write_text(yaml.safe_dump(KEEP_ROLE))
+    booted = boot("p-keep", rootfs, base / "machines", role=load_role("keep", base / "roles"))
+    try:
+        install_packages(booted, ("acl", "rsync"))
+        _fill_keep(booted, "/srv/keep")
+        before = booted.manifest("/srv/keep")
+        out = booted.provision(as_root=True).stdout
+        yield booted, before, out
+    finally:
+        booted.machine.stop()
+        assert leftovers(booted.machine) == []
+
+
+def _field(manifest: list[str], rel: str, index: int) -> str:
+    """Return field ``index`` of the manifest line of /srv/keep/``rel`` (see tree_manifest.py)."""
+    return next(line.split("\t")[index] for line in manifest if line.split("\t")[0] == f"/srv/keep/{rel}")
+
+
+def test_move_keeps_sparseness_flags_capabilities_specials_and_times(keep: tuple[Booted, list[str], str]) -> None:
+    booted, before, out = keep
+    assert "making a ext4 filesystem on empty /dev/xvdf" in out
+    assert booted.sh("readlink /srv/keep").stdout.strip() == "/data/srv/keep"
+    # What the manifest from before holds, so that its equality below says something.
+    assert _field(before, "sparse-1g", 11) == "holes:0-4096,1073741824-1073741827"
+    assert _field(before, "immutable", 10) == "i" == _field(before, "frozen", 10)
+    assert _field(before, "append-only.log", 10) == "a" and _field(before, "frozen/inside", 10) == "dA"
+    assert "security.capability=" in _field(before, "nobodys-tool", 7)
+    assert "security.ebsrole=" in _field(before, "dense", 7) and "user:65534:rw-" in _field(before, "dense", 8)
+    assert _field(before, "char-null", 6) == "1:3" and _field(before, "block-loop", 1).startswith("b")
+    assert _field(before, "sock", 1).startswith("s") and _field(before, "fifo", 1).startswith("p")
+    assert _field(before, "hardlink-b", 9) == "hardlink-a" == _field(before, "sub/deeper/hardlink-c", 9)
+    assert _field(before, "sub", 5) == str(calendar.timegm((2003, 4, 5, 6, 7, 8)) * 10**9)
+    assert _field(before, "link", 5) == str(calendar.timegm((2002, 3, 4, 5, 6, 7)) * 10**9)  # its own time
+
+    assert booted.manifest("/srv/keep") == before
+
+    allocated = int(booted.sh("stat -c '%b %B' /data/srv/keep/sparse-1g").stdout.split()[0]) * 512
+    assert allocated < MIB, f"the sparse 1 GiB file takes {allocated} bytes on the volume"
+    assert booted.sh("getcap /data/srv/keep/ping-like /data/srv/keep/nobodys-tool").stdout.splitlines() == [
+        "/data/srv/keep/ping-like cap_net_raw=ep",
+        "/data/srv/keep/nobodys-tool cap_net_bind_service=ep",
+    ]
+    # The flags work: the immutable file cannot be removed, the log can only grow.
+    assert booted.sh("rm -f /srv/keep/immutable", check=False).exit_status != 0
+    assert booted.sh("echo over > /srv/keep/append-only.log", check=False).exit_status != 0
+    assert booted.sh("ls -d /srv/keep.ebsrole-old /data/srv/keep.ebsrole-partial", check=False).stdout == ""
+
+
+def test_second_move_changes_nothing(keep: tuple[Booted, list[str], str]) -> None:
+    booted, before, _ = keep
+    out = booted.provision(as_root=True).stdout
+    assert "/srv/keep: already on the volume" in out
+    assert booted.manifest("/srv/keep") == before
+
+
+def _leave_old_copy(booted: Booted, change: str = "") -> None:
+    """Make the state of a run killed after its swap: the local copy left as .ebsrole-old."""
+    booted.root_sh("cp -a /data/srv/keep /srv/keep.ebsrole-old")
+    for flags, rel in KEEP_FLAGS:
+        booted.root_sh(f"chattr {flags} /srv/keep.ebsrole-old/{rel}")
+    if change:
+        booted.root_sh(f"cd /srv/keep.ebsrole-old && {change}")
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        (
+            "printf X | dd of=dense bs=1 seek=1000 conv=notrunc status=none && touch -d '2001-02-03 04:05:06' dense",
+            "dense",
+        ),
+        ("echo only here > sub/new-file", "sub/new-file"),
+        ("chattr -i immutable", "chattr flags differ"),
+    ],
+    ids=["changed-byte", "extra-file", "lost-flag"],
+)
+def test_old_copy_that_differs_from_the_volume_is_kept(
+    keep: tuple[Booted, list[str], str], change: str, shown: str
+) -> None:
+    booted, before, _ = keep
+    _leave_old_copy(booted, change)
+    old = booted.manifest("/srv/keep.ebsrole-old")
+    try:
+        result = booted.provision(check=False, as_root=True)
+        assert result.exit_status == 1
+        assert "/srv/keep.ebsrole-old differs from /data/srv/keep on the volume; kept it" in result.stderr
+        assert shown in result.stderr
+        assert booted.manifest("/srv/keep.ebsrole-old") == old
+        assert booted.manifest("/srv/keep") == before
+    finally:
+        booted.root_sh("chattr -R -ia /srv/keep.ebsrole-old 2>/dev/null; rm -rf /srv/keep.ebsrole-old")
+
+
+def test_old_copy_that_matches_the_volume_is_removed(keep: tuple[Booted, list[str], str]) -> None:
+    booted, before, _ = keep
+    _leave_old_copy(booted)
+    booted.provision(as_root=True)
+    assert booted.sh("ls -d /srv/keep.ebsrole-old", check=False).exit_status != 0
+    assert booted.manifest("/srv/keep") == before
+
+
+# ---------------------------------------------------------------- mkfs only on an empty device
+
+
+def _image_with(path: Path, writes: list[tuple[int, bytes]]) -> Path:
+    subprocess.run(["truncate", "-s", "1G", str(path)], check=True)
+    with path.open("r+b") as handle:
+        for offset, data in writes:
+            handle.seek(offset)
+            handle.write(data)
+    return path
+
+
+def _wiped_filesystem(path: Path, seed: Path) -> Path:
+    """An ext4 volume with files whose signature wipefs -a removed: data, no signature."""
+    (seed / "precious.txt").write_text("do not format me\n")
+    subprocess.run(["truncate", "-s", "1G", str(path)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(seed), str(path)], check=True)
+    subprocess.run(["wipefs", "-q", "-a", str(path)], check=True)
+    return path
+
+
+def _regions(image: Path) -> tuple[bytes, ...]:
+    """Return the first 4 MiB, the 64 MiB in the middle and the last MiB of an image."""
+    with image.open("rb") as handle:
+        parts = []
+        for offset, length in ((0, 4 * MIB), (480 * MIB, 64 * MIB), (1023 * MIB, MIB)):
+            handle.seek(offset)
+            parts.append(handle.read(length))
+    return tuple(parts)
+
+
+RANDOM = bytes(range(256)) * 256 + b"ebsrole-data"  # not zeros, and no signature
+
+
+@pytest.mark.parametrize(
+    ("case", "offset_shown"),
+    [("start", 0), ("middle", 512 * MIB), ("end", 1024 * MIB - MIB), ("wiped-ext4", 0)],
+)
+def test_device_with_data_but_no_signature_is_not_formatted(
+    keep: tuple[Booted, list[str], str], tmp_path: Path, case: str, offset_shown: int
+) -> None:
+    booted, _, _ = keep
+    if case == "wiped-ext4":
+        (tmp_path / "seed").mkdir()
+        image = _wiped_filesystem(tmp_path / "wiped.img", tmp_path / "seed")
+    else:
+        at = {"start": 8192, "middle": 480 * MIB, "end": 1024 * MIB - 4096}[case]
+        # In the middle: 64 MiB, a sixteenth of the device, somewhere between two samples.
+        data = RANDOM * (64 * MIB // len(RANDOM)) if case == "middle" else RANDOM[:4096]
+        image = _image_with(tmp_path / f"{case}.img", [(at, data)])
+    regions = _regions(image)
+    assert subprocess.run(["blkid", "-p", str(image)], capture_output=True, check=False).returncode == 2
+    booted.root_sh("if mountpoint -q /data; then umount /data; fi")
+    if "xvdf" in booted.root_sh("ls /dev"):
+        booted.machine.detach("xvdf")
+    booted.machine.attach(Disk(image, "xvdf", VOLUME_ID))
+
+    result = booted.provision(check=False)
+    assert result.exit_status == 1
+    assert (
+        f"/dev/xvdf has no filesystem signature but is not empty: the MiB at byte {offset_shown} holds data; "
+        "refusing to format it" in result.stderr
+    )
+    assert "making a" not in result.stdout
+    booted.machine.detach("xvdf")
+    assert _regions(image) == regions
