@@ -261,6 +261,17 @@ def test_killed_client_leaves_the_volume_thawed_within_the_bound(
 
 
 @needs_root
+def test_an_action_outlasting_the_bound_is_thawed_by_the_watchdog_and_says_so(
+    instance: Instance, volume: RoleInstance
+) -> None:
+    with fresh(instance) as remote:
+        value, thawed = freezing.while_frozen(remote, volume, lambda: time.sleep(BOUND + 1.5) or "done", BOUND)
+        assert value == "done" and thawed == freezing.Thawed(BOUND, "watchdog")
+        assert timed_write(remote, "/data/after-watchdog", timeout=10) < 5
+        assert watchdogs(remote) == ""
+
+
+@needs_root
 def test_snapshot_freeze_reports_its_frozen_time_and_leaves_nothing_frozen(
     world: World, roles: Path, instance: Instance, volume: RoleInstance, login: tuple[Path, Path]
 ) -> None:
