@@ -162,6 +162,30 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.INVALID_INPUT)
 
 
+def _port(text: str) -> int:
+    """Return ``text`` as a TCP port; argparse reports a bad one as a usage error (exit 2)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 1 to 65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """Return ``text`` as a time limit in s: more than 0 and at most 7 days (the dead-man switch)."""
+    from builder.pipeline import MAX_TIMEOUT
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0
+    if not 0 < seconds <= MAX_TIMEOUT:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, more than 0 and at most {MAX_TIMEOUT} (7 days)")
+    return seconds
+
+
 def _common() -> _Parser:
     common = _Parser(add_help=False)
     common.add_argument(
@@ -233,7 +257,7 @@ def _verb_parser() -> _Parser:
     )
     ssh.add_argument("--ssh-user", default="admin", help="login user (default admin)")
     ssh.add_argument("--ssh-host", help="reach the instance at this address instead of its EC2 address")
-    ssh.add_argument("--ssh-port", type=int, default=22)
+    ssh.add_argument("--ssh-port", type=_port, default=22)
     p.set_defaults(run=cmd_audit)
 
     _registry_parsers(sub, common)
@@ -497,14 +521,14 @@ def _build_parser() -> _Parser:
     ssh = parser.add_argument_group("the builder")
     ssh.add_argument("--ssh-user", default="admin", help="login user of the base AMI (default admin)")
     ssh.add_argument("--ssh-host", help="reach the builder at this address instead of its EC2 address")
-    ssh.add_argument("--ssh-port", type=int, default=22, help="and this port (default 22)")
+    ssh.add_argument("--ssh-port", type=_port, default=22, help="and this port (default 22)")
     ssh.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address, /32)")
     ssh.add_argument("--subnet-id", help="launch the builder in this subnet (default: the default VPC)")
     ssh.add_argument("--security-group-id", help="use this security group instead of making one")
     ssh.add_argument(
-        "--timeout", type=float, default=3600, help="build time limit in s; the builder powers off after it"
+        "--timeout", type=_seconds, default=3600, help="build time limit in s; the builder powers off after it"
     )
-    ssh.add_argument("--ssh-timeout", type=float, default=600, help="how long to wait for SSH (s)")
+    ssh.add_argument("--ssh-timeout", type=_seconds, default=600, help="how long to wait for SSH (s)")
     out = parser.add_argument_group("results")
     out.add_argument(
         "--manifest", type=Path, help="write the manifest here (one role only; default manifests/ROLE-BUILD.json)"

@@ -67,6 +67,14 @@ class InvalidInput(BuildError):
     exit_code = ExitCode.INVALID_INPUT
 
 
+class InputFileInvalid(InvalidInput):
+    """An input file cannot be read as data: unreadable, too large, not UTF-8, bad YAML, over a limit."""
+
+    def __init__(self, file: str, where: str, what: str) -> None:
+        self.problem = Problem(file, where, what)
+        super().__init__(str(self.problem))
+
+
 class RoleInvalid(InvalidInput):
     """One or more role files are invalid; carries every problem found."""
 

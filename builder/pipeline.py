@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import logging
+import math
 import threading
 import time
 import urllib.parse
@@ -34,7 +35,7 @@ from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
 from builder.registry import RoleImage, role_images
 from builder.render import render_role
-from builder.roles import Role
+from builder.roles import PATHS_TAG_CHUNK, Role
 from builder.sweep import BUILDER_VOLUMES, find_leftovers, remove
 from builder.userdata import builder_user_data
 
@@ -71,6 +72,10 @@ class LeftBehind(BuildError):
         )
 
 
+# The longest a build may take: the builder's dead-man switch powers it off after this.
+MAX_TIMEOUT = 7 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """How to build, beyond the role itself."""
@@ -88,6 +93,14 @@ class BuildOptions:
     endpoint_url: str | None = None
     if_changed: bool = False  # skip the build when an AMI of the role's fingerprint exists
     connect: Connector | None = None  # how to open SSH (default: Remote.connect)
+
+    def __post_init__(self) -> None:
+        """Refuse numbers that would disarm the dead-man switch or cannot be a port (InvalidInput)."""
+        for name, seconds in (("timeout", self.timeout), ("ssh_timeout", self.ssh_timeout)):
+            if not 0 < seconds <= MAX_TIMEOUT:
+                raise InvalidInput(f"{name} {seconds}: must be more than 0 and at most {MAX_TIMEOUT} s (7 days)")
+        if not 1 <= self.ssh_port <= 65535:
+            raise InvalidInput(f"ssh_port {self.ssh_port}: must be 1 to 65535")
 
 
 @dataclass
@@ -263,7 +276,7 @@ def temporary_credentials(state: _Build) -> None:
                 "IpProtocol": "tcp",
                 "FromPort": 22,
                 "ToPort": 22,
-                "IpRanges": [{"CidrIp": cidr, "Description": "ebsrole build SSH"}],
+                **ssh_ranges(cidr),
             }
         ],
     )
@@ -281,8 +294,12 @@ def ssh_cidr(given: str | None, endpoint_url: str | None = None) -> str:
             network = ipaddress.ip_network(given, strict=False)
         except ValueError:
             raise InvalidInput(f"--ssh-cidr {given!r} is not a CIDR such as 203.0.113.7/32") from None
-        if network.prefixlen == 0:
-            log.warning("SSH to the builder is open to the whole internet (%s), as asked", network)
+        if world_open(network):
+            log.warning(
+                "SSH is open to %s (%s), as asked: give your own address instead, e.g. --ssh-cidr 203.0.113.7/32",
+                "the whole internet" if network.prefixlen == 0 else "a large part of the internet",
+                network,
+            )
         return str(network)
     host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
     if host and _is_loopback(host):
@@ -298,6 +315,23 @@ def ssh_cidr(given: str | None, endpoint_url: str | None = None) -> str:
     return f"{address}/{address.max_prefixlen}"
 
 
+def world_open(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Return True when ``network`` admits much of the internet: a /8 or wider (IPv4), /16 (IPv6).
+
+    Private, loopback and link-local ranges (10.0.0.0/8, 127.0.0.0/8, fc00::/7) are not the
+    internet; ::/0 and 0.0.0.0/0 are, and so are 0.0.0.0/1 or 2000::/3.
+    """
+    widest = 8 if network.version == 4 else 16
+    return network.prefixlen <= widest and not (network.is_private or network.is_loopback or network.is_link_local)
+
+
+def ssh_ranges(cidr: str) -> dict[str, list[dict[str, str]]]:
+    """Return the IpPermissions ranges that admit ``cidr``: IpRanges (IPv4) or Ipv6Ranges (IPv6)."""
+    if ipaddress.ip_network(cidr, strict=False).version == 6:
+        return {"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ebsrole SSH"}]}
+    return {"IpRanges": [{"CidrIp": cidr, "Description": "ebsrole SSH"}]}
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -309,7 +343,9 @@ def launch_builder(state: _Build) -> None:
     """Launch the builder: IMDSv2 only, encrypted root, tagged, terminate on shutdown, dead-man switch."""
     assert state.base and state.login and state.host_key
     ec2, role = state.ec2, state.role
-    user_data = builder_user_data(state.login, state.host_key, deadline_seconds=int(state.options.timeout))
+    # Always armed: BuildOptions refuses a timeout that is not > 0; a fraction rounds up.
+    deadline = math.ceil(state.options.timeout)
+    user_data = builder_user_data(state.login, state.host_key, deadline_seconds=deadline)
     root_ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
     if state.base.root_size_gib:
         root_ebs["VolumeSize"] = state.base.root_size_gib
@@ -582,7 +618,8 @@ def _artefact_tags(state: _Build) -> dict[str, str]:
         "mount-point": role.volume.mount_point,
         "device": role.volume.device,
     }
-    chunks = [paths[i : i + 250] for i in range(0, len(paths), 250)] or [""]
+    # roles.tool_tag_count counts these chunks: validation keeps the AMI within EC2's 50 tags.
+    chunks = [paths[i : i + PATHS_TAG_CHUNK] for i in range(0, len(paths), PATHS_TAG_CHUNK)] or [""]
     for index, chunk in enumerate(chunks):
         tags["paths" if index == 0 else f"paths-{index + 1}"] = chunk
     return tags

@@ -25,6 +25,7 @@ from builder.ec2 import EC2, CloudError, tag, tag_list, tag_specs, tags_of
 from builder.errors import BuildError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks
+from builder.pipeline import ssh_ranges
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
@@ -400,7 +401,7 @@ def drill(
         ec2.call(
             "authorize_security_group_ingress",
             GroupId=group,
-            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": ssh_cidr}]}],
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ssh_ranges(ssh_cidr)}],
         )
         launched = launch(
             ec2,

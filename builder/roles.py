@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import jsonschema
-import yaml
 
-from builder.errors import Problem, RoleInvalid, RoleNotFound
+from builder import yamlload
+from builder.errors import InputFileInvalid, Problem, RoleInvalid, RoleNotFound
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ROLES_DIR = PROJECT_DIR / "roles"
@@ -69,73 +69,112 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "tags": {},
 }
 
-# Paths the machine needs to boot, to be reached over SSH or to manage packages.
-# The data volume is mounted nofail: if it fails to attach, the instance must still
-# boot and let ops in, so none of these (nor anything containing one) may move.
-PROTECTED_TREES = (
-    "/bin",
-    "/boot",
-    "/dev",
-    "/home",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    "/libx32",
-    "/lost+found",
-    "/proc",
-    "/root",
-    "/run",
-    "/sbin",
-    "/sys",
-    "/tmp",  # noqa: S108 - a forbidden path, not a temporary file
-    "/usr",
-    "/etc/alternatives",
-    "/etc/apt",
-    "/etc/cloud",
-    "/etc/default",
-    "/etc/dpkg",
-    "/etc/environment",
-    "/etc/fstab",
-    "/etc/group",
-    "/etc/gshadow",
-    "/etc/hostname",
-    "/etc/hosts",
-    "/etc/initramfs-tools",
-    "/etc/kernel",
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/login.defs",
-    "/etc/machine-id",
-    "/etc/modprobe.d",
-    "/etc/modules-load.d",
-    "/etc/network",
-    "/etc/nsswitch.conf",
-    "/etc/pam.d",
-    "/etc/passwd",
-    "/etc/resolv.conf",
-    "/etc/security",
-    "/etc/shadow",
-    "/etc/shells",
-    "/etc/ssh",
-    "/etc/sudoers",
-    "/etc/sudoers.d",
-    "/etc/sysctl.d",
-    "/etc/systemd",
-    "/etc/udev",
-    "/var/cache/apt",
-    "/var/cache/debconf",
-    "/var/lib/apt",
-    "/var/lib/cloud",
-    "/var/lib/dbus",
-    "/var/lib/dhcp",
-    "/var/lib/dpkg",
-    "/var/lib/systemd",
-    "/var/lib/ucf",
-    "/var/lock",
-    "/var/run",
-    "/var/tmp",  # noqa: S108 - forbidden, not used
-)
+# Why a path may not move onto the data volume. The volume is mounted nofail, late in
+# boot (after local-fs.target's early part): whatever the machine reads before that, or
+# needs to let ops in when the volume is missing, or apt and dpkg need, stays on the root.
+_RUNTIME = "by the kernel or systemd, which make or mount it at every boot"
+_BOOT = "to boot: it is read before the data volume is mounted"
+_NETWORK = "for networking, which is configured before the data volume is mounted"
+_FIREWALL = "for the firewall, which is loaded before networking, before the data volume is mounted"
+_LOGIN = "to log in (SSH, sudo, accounts), which must work when the data volume is missing"
+_PACKAGES = "to manage packages: apt and dpkg must work when the data volume is missing or replaced"
+
+# Each tree, and anything inside it or containing it, is refused, with its reason.
+PROTECTED_TREES: dict[str, str] = {
+    "/bin": _BOOT,
+    "/boot": _BOOT,
+    "/dev": _RUNTIME,
+    "/home": _LOGIN,
+    "/lib": _BOOT,
+    "/lib32": _BOOT,
+    "/lib64": _BOOT,
+    "/libx32": _BOOT,
+    "/lost+found": _RUNTIME,
+    "/proc": _RUNTIME,
+    "/root": _LOGIN,
+    "/run": _RUNTIME,
+    "/sbin": _BOOT,
+    "/sys": _RUNTIME,
+    "/tmp": _RUNTIME,  # noqa: S108 - a forbidden path, not a temporary file
+    "/usr": _BOOT,
+    "/etc/alternatives": _PACKAGES,
+    "/etc/apt": _PACKAGES,
+    "/etc/binfmt.d": _BOOT,
+    "/etc/cloud": _NETWORK,
+    "/etc/crypttab": _BOOT,
+    "/etc/default": _BOOT,
+    "/etc/dhcp": _NETWORK,
+    "/etc/dhcpcd.conf": _NETWORK,
+    "/etc/dpkg": _PACKAGES,
+    "/etc/environment": _LOGIN,
+    "/etc/fstab": _BOOT,
+    "/etc/group": _LOGIN,
+    "/etc/grub.d": _BOOT,
+    "/etc/gshadow": _LOGIN,
+    "/etc/hostname": _NETWORK,
+    "/etc/hosts": _NETWORK,
+    "/etc/init.d": _BOOT,
+    "/etc/initramfs-tools": _BOOT,
+    "/etc/iproute2": _NETWORK,
+    "/etc/iptables": _FIREWALL,
+    "/etc/kernel": _BOOT,
+    "/etc/ld.so.cache": _BOOT,
+    "/etc/ld.so.conf": _BOOT,
+    "/etc/ld.so.conf.d": _BOOT,
+    "/etc/localtime": _BOOT,
+    "/etc/login.defs": _LOGIN,
+    "/etc/machine-id": _BOOT,
+    "/etc/modprobe.d": _BOOT,
+    "/etc/modules": _BOOT,
+    "/etc/modules-load.d": _BOOT,
+    "/etc/netplan": _NETWORK,
+    "/etc/network": _NETWORK,
+    "/etc/NetworkManager": _NETWORK,
+    "/etc/nftables.conf": _FIREWALL,
+    "/etc/nsswitch.conf": _LOGIN,
+    "/etc/pam.d": _LOGIN,
+    "/etc/passwd": _LOGIN,
+    "/etc/resolv.conf": _NETWORK,
+    "/etc/security": _LOGIN,
+    "/etc/shadow": _LOGIN,
+    "/etc/shells": _LOGIN,
+    "/etc/ssh": _LOGIN,
+    "/etc/sudoers": _LOGIN,
+    "/etc/sudoers.d": _LOGIN,
+    "/etc/sysctl.conf": _BOOT,
+    "/etc/sysctl.d": _BOOT,
+    "/etc/systemd": _BOOT,
+    "/etc/tmpfiles.d": _BOOT,
+    "/etc/udev": _BOOT,
+    "/var/cache/apt": _PACKAGES,
+    "/var/cache/debconf": _PACKAGES,
+    "/var/lib/apt": _PACKAGES,
+    "/var/lib/cloud": _NETWORK,
+    "/var/lib/dbus": _BOOT,
+    "/var/lib/dhcp": _NETWORK,
+    "/var/lib/dpkg": _PACKAGES,
+    "/var/lib/systemd": _BOOT,
+    "/var/lib/ucf": _PACKAGES,
+    "/var/lock": _RUNTIME,
+    "/var/run": _RUNTIME,
+    "/var/tmp": _RUNTIME,  # noqa: S108 - forbidden, not used
+}
+
+# EC2's tag limits: 50 tags per resource, keys up to 128 and values up to 256 characters.
+TAGS_PER_RESOURCE = 50
+TAG_VALUE_MAX = 256
+# The most tags the tool puts on one resource of a role: a copied AMI carries Name, the six
+# every resource of a build carries (build-id, role, kind, created-by, created-at,
+# temporary), status, base-ami, fingerprint, mount-point, device, seed-snapshot,
+# root-snapshot and copied-from (15), plus one paths tag per PATHS_TAG_CHUNK characters
+# of the externalized paths (paths, paths-2, ...).
+TOOL_TAGS = 15
+PATHS_TAG_CHUNK = 250
+# Linux's limits, in bytes: a whole path (PATH_MAX counts the closing NUL) and one
+# component; systemd's for a unit name (the mount unit it generates from /etc/fstab).
+PATH_MAX = 4096
+NAME_MAX = 255
+UNIT_NAME_MAX = 255
 
 # EBS limits per volume type (EC2 CreateVolume): size GiB, IOPS, IOPS per GiB.
 VOLUME_LIMITS: dict[str, dict[str, Any]] = {
@@ -266,54 +305,18 @@ def load_role(name: str, roles_dir: Path = ROLES_DIR) -> Role:
 # ---------------------------------------------------------------- YAML
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} must be a string", key_node.start_mark)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen[key] = loader.construct_object(value_node, deep=True)
-    return seen
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _read_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     """Return the file's top-level mapping, or None after recording why not."""
     shown = display_path(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
-    except OSError as exc:
-        problems.append(Problem(shown, "", f"cannot read: {exc.strerror}"))
-        return None
-    except UnicodeDecodeError:
-        problems.append(Problem(shown, "", "is not UTF-8 text"))
-        return None
-    except yaml.YAMLError as exc:
-        problems.append(Problem(shown, _yaml_where(exc), _yaml_what(exc)))
+        data = yamlload.load(path, shown)
+    except InputFileInvalid as exc:
+        problems.append(exc.problem)
         return None
     if not isinstance(data, dict):
         problems.append(Problem(shown, "", "must be a mapping of keys (description, volume, ...)"))
         return None
     return data
-
-
-def _yaml_where(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    return f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
-
-
-def _yaml_what(exc: yaml.YAMLError) -> str:
-    problem = getattr(exc, "problem", None) or str(exc)
-    return f"invalid YAML: {problem}"
 
 
 # ---------------------------------------------------------------- schema checks
@@ -513,6 +516,28 @@ def _rule_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     yield from _unique("packages", role.get("packages", []), _package_name)
     yield from _unique("services", role.get("services", []), unit_name)
     yield from _path_problems(role)
+    yield from _tag_problems(role)
+
+
+def tool_tag_count(paths: Sequence[str]) -> int:
+    """Return how many tags the tool itself puts on a role's AMI (the most on any resource)."""
+    return TOOL_TAGS + max(1, -(-len(" ".join(paths)) // PATHS_TAG_CHUNK))
+
+
+def _tag_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    tags = role.get("tags")
+    if not isinstance(tags, Mapping):
+        return
+    paths = [p for p in map(_path_of, role.get("externalize") or []) if p is not None]
+    own = tool_tag_count(paths)
+    allowed = TAGS_PER_RESOURCE - own
+    if len(tags) > allowed:
+        yield (
+            "tags",
+            f"{len(tags)} tags (with roles/defaults.yaml's), but a role may have at most {allowed}: "
+            f"EC2 allows {TAGS_PER_RESOURCE} per resource and the tool adds {own} of its own to the AMI "
+            f"(one more per {PATHS_TAG_CHUNK} characters of externalized paths)",
+        )
 
 
 def _base_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -571,6 +596,36 @@ def _volume_problems(vol: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     if isinstance(mount_point, str):
         for message in _system_path_problems(mount_point, "mount the volume on"):
             yield "volume.mount_point", message
+        for message in _mount_point_lengths(mount_point):
+            yield "volume.mount_point", message
+
+
+def _mount_point_lengths(mount_point: str) -> Iterator[str]:
+    """Yield what makes ``mount_point`` too long for its tag or for systemd's mount unit."""
+    if len(mount_point) > TAG_VALUE_MAX:
+        yield (
+            f"is {len(mount_point)} characters long: at most {TAG_VALUE_MAX} "
+            "(the AMI's ebsrole:mount-point tag holds it)"
+        )
+    unit = _mount_unit(mount_point)
+    if len(unit) > UNIT_NAME_MAX:
+        yield (
+            f"makes a systemd mount unit name of {len(unit)} characters, over systemd's {UNIT_NAME_MAX}: "
+            "the volume would not be mounted at boot (each '-' counts 4)"
+        )
+
+
+def _mount_unit(mount_point: str) -> str:
+    """Return the name systemd gives the mount unit of ``mount_point`` (as systemd-escape --path)."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in ":_.") else _hex_escape(c) for c in mount_point.strip("/"))
+    name = name.replace("\\x2f", "-")
+    if name.startswith("."):
+        name = "\\x2e" + name[1:]
+    return (name or "-") + ".mount"
+
+
+def _hex_escape(char: str) -> str:
+    return "".join(f"\\x{byte:02x}" for byte in char.encode("utf-8"))
 
 
 def _package_name(spec: str) -> str:
@@ -619,6 +674,13 @@ def _path_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
             yield f"externalize[{j}]", f"{inner} is inside {outer} (externalize[{i}]): list only {outer}"
     if isinstance(mount_point, str):
         for index, path in clean:
+            target = mount_point.rstrip("/") + path
+            if len(target.encode("utf-8")) >= PATH_MAX:
+                yield (
+                    f"externalize[{index}]",
+                    f"on the volume it becomes {mount_point}{path}, {len(target.encode('utf-8'))} bytes: "
+                    f"Linux paths hold at most {PATH_MAX - 1} (PATH_MAX)",
+                )
             if path == mount_point or _inside(mount_point, path):
                 yield f"externalize[{index}]", f"{path} contains the mount point {mount_point}"
             elif _inside(path, mount_point):
@@ -626,6 +688,17 @@ def _path_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                     f"externalize[{index}]",
                     (f"{path} is inside the mount point {mount_point}: it is on the volume already"),
                 )
+
+
+def _length_problem(path: str) -> str | None:
+    """Return why ``path`` is too long for Linux (PATH_MAX, NAME_MAX, in bytes), or None."""
+    size = len(path.encode("utf-8"))
+    if size >= PATH_MAX:
+        return f"is {size} bytes long: Linux paths hold at most {PATH_MAX - 1} (PATH_MAX)"
+    longest = max(path.split("/"), key=lambda part: len(part.encode("utf-8")))
+    if len(longest.encode("utf-8")) > NAME_MAX:
+        return f"has a component of {len(longest.encode('utf-8'))} bytes: Linux allows {NAME_MAX} (NAME_MAX)"
+    return None
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -647,18 +720,16 @@ def _system_path_problems(path: str, what: str) -> Iterator[str]:
     if posixpath.normpath(path) != path or path.startswith("//"):
         yield f"{path!r} is not normalised (write {posixpath.normpath(path)!r})"
         return
-    for tree in PROTECTED_TREES:
+    too_long = _length_problem(path)
+    if too_long:
+        yield too_long
+        return
+    for tree, reason in PROTECTED_TREES.items():
         if path == tree or _inside(path, tree):
-            yield (
-                f"cannot {what} {path}: {tree} is needed to boot, log in or manage packages, "
-                "and the volume is mounted nofail"
-            )
+            yield f"cannot {what} {path}: {tree} is needed {reason}"
             return
         if _inside(tree, path):
-            yield (
-                f"cannot {what} {path}: it contains {tree}, which is needed to boot, "
-                "log in or manage packages, and the volume is mounted nofail"
-            )
+            yield f"cannot {what} {path}: it contains {tree}, which is needed {reason}"
             return
 
 

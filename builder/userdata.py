@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from builder.errors import InvalidInput
 from builder.keys import KeyPair
 
 
@@ -14,7 +15,8 @@ def builder_user_data(login_key: KeyPair, host_key: KeyPair, *, deadline_seconds
     the instance's ed25519 host key (so the client can pin it instead of trusting on
     first use), and, with ``deadline_seconds``, arms a dead-man switch that powers the
     instance off when the build's time limit has passed even if the tool is gone (the
-    instance is launched with shutdown behaviour ``terminate``).
+    instance is launched with shutdown behaviour ``terminate``). Raises InvalidInput for a
+    deadline under 1 s, which would never arm it.
     """
     config: dict[str, object] = {
         "ssh_authorized_keys": [login_key.public_line],
@@ -23,7 +25,9 @@ def builder_user_data(login_key: KeyPair, host_key: KeyPair, *, deadline_seconds
         "ssh_keys": {"ed25519_private": login_key_text(host_key), "ed25519_public": host_key.public_line},
         "disable_root": True,
     }
-    if deadline_seconds:
+    if deadline_seconds is not None:
+        if deadline_seconds < 1:
+            raise InvalidInput(f"deadline {deadline_seconds} s: the dead-man switch needs at least 1 s")
         config["runcmd"] = [
             [
                 "systemd-run",
