@@ -36,7 +36,7 @@ from typing import Any
 from builder import __version__
 from builder import freeze as freezing
 from builder.ec2 import EC2, CloudError, tag, tag_specs, tags_of
-from builder.errors import BuildError
+from builder.errors import BuildError, FreezeRefused
 from builder.keys import KeyPair
 from builder.live import known_host_key
 from builder.registry import RoleImage, role_images
@@ -205,11 +205,9 @@ def _snapshot_one(
     result = SnapshotResult(instance.role, instance.instance_id, instance.volume_id, None, "created")
     remote = connect(instance) if connect else None
     try:
-        if freeze:
-            if remote is None:
-                raise BuildError("--freeze needs SSH to the instance (--identity)")
-            freezing.check_mount(remote, instance)  # before the marker: never write it onto root
-        if remote is not None:
+        if freeze and remote is None:
+            raise BuildError("--freeze needs SSH to the instance (--identity)")
+        if remote is not None and _volume_mounted(remote, instance, required=freeze):
             result.marker = f"{date.isoformat()}-{secrets.token_hex(8)}"
             path = shlex.quote(f"{instance.mount_point.rstrip('/')}/{MARKER}")
             remote.check(f"echo {shlex.quote(result.marker)} | sudo -n tee {path} >/dev/null && sudo -n sync")
@@ -232,6 +230,28 @@ def _snapshot_one(
         f" frozen {result.frozen_seconds:.3f} s" if result.frozen else "",
     )
     return result
+
+
+def _volume_mounted(remote: Remote, instance: RoleInstance, *, required: bool) -> bool:
+    """Return whether the mount point is a mount of the instance's data volume.
+
+    The marker goes onto the volume only then, never onto root. Raises FreezeRefused when
+    ``required`` (a freeze) and it is not; otherwise warns: the snapshot is still taken.
+    """
+    try:
+        freezing.check_mount(remote, instance)
+    except FreezeRefused as exc:
+        if required:
+            raise
+        log.warning(
+            "%s: %s holds no mount of %s (%s): snapshot taken without a marker",
+            exc.instance_id,
+            exc.mount_point,
+            exc.volume_id,
+            exc.reason,
+        )
+        return False
+    return True
 
 
 def _create(ec2: EC2, instance: RoleInstance, date: dt.date, marker: str | None) -> str:

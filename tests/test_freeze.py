@@ -301,3 +301,27 @@ def test_freeze_timeout_out_of_range_is_refused(tmp_path: Path) -> None:
 
     done = run_cli("snapshot", "--freeze", "--identity", str(tmp_path / "k"), "--freeze-timeout", "0")
     assert done.returncode == 2 and "--freeze-timeout 0: give 1 to 900 seconds" in done.stderr
+
+
+def test_marker_never_lands_on_root_when_the_volume_is_not_mounted(
+    world: World, roles: Path, instance: Instance, volume: RoleInstance, login: tuple[Path, Path]
+) -> None:
+    """Without --freeze an unmounted volume is still snapshotted (its data is data), but unmarked."""
+    remote = fresh(instance)
+    key, known = login
+    root(remote, "umount /data")
+    try:
+        done = world.cli(
+            "snapshot", "mini", "--roles-dir", str(roles), "--sandbox", "--identity", str(key),
+            "--known-hosts", str(known), "--as-of", "2026-11-01", "--format", "json",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (mine,) = [s for s in json.loads(done.stdout)["snapshots"] if s["instance_id"] == instance.id]
+        assert mine["result"] == "created" and mine["marker"] is None
+        assert f"/data holds no mount of {volume.volume_id}" in done.stderr
+        assert root(remote, "ls -A /data").strip() == ""  # nothing written onto root
+        tags = world.client().describe_snapshots(SnapshotIds=[mine["snapshot_id"]])["Snapshots"][0].get("Tags", [])
+        assert "ebsrole:marker" not in {t["Key"] for t in tags}
+    finally:
+        root(remote, "mountpoint -q /data || mount /data")
+    remote.close()
