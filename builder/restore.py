@@ -358,6 +358,17 @@ class DrillReport:
         return asdict(self)
 
 
+def drill_tags(drill_id: str, role: str) -> dict[str, str]:
+    """Return the tags of every temporary resource of a drill: what `sweep` needs to find them after a kill."""
+    return {
+        tag("build-id"): drill_id,
+        tag("temporary"): "true",
+        tag("role"): role,
+        tag("created-by"): f"ebsrole {__version__}",
+        tag("created-at"): time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def drill(
     ec2: EC2,
     role: Role,
@@ -380,12 +391,7 @@ def drill(
         raise InvalidInput(f"--az {target}: not an available AZ of {ec2.region} ({', '.join(available)})")
     report = DrillReport(role.name, False, source.snapshot_id, source.kind, source.date, source.source_az, target)
     undo = UndoStack()
-    common = {
-        tag("build-id"): drill_id,
-        tag("temporary"): "true",
-        tag("role"): role.name,
-        tag("created-at"): time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    common = drill_tags(drill_id, role.name)
     login = KeyPair.generate(f"ebsrole-drill-{drill_id}")
     try:
         with undo.creating():

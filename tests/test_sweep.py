@@ -251,3 +251,16 @@ def test_sweep_volumes_lists_the_tools_available_volumes_and_deletes_only_when_a
     assert deleted.returncode == 0, deleted.stderr
     assert existing() == before - {snapshotted, builder}
     assert {never_snapshotted, foreign, untagged, attached} <= existing()
+
+
+def test_a_killed_drills_security_group_is_found_by_its_build_id(endpoint: str, client: Any) -> None:
+    """A drill's group carries the drill's own tags (restore.drill_tags): sweep --build-id removes it."""
+    from builder.restore import drill_tags
+
+    drill_id = new_build_id()
+    tags = [{"Key": k, "Value": v} for k, v in {**drill_tags(drill_id, "web"), tag("kind"): "security-group"}.items()]
+    group_id = group(client, f"ebsrole-drill-{drill_id}", tags)
+    done = swept(endpoint, "--build-id", drill_id, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in json.loads(done.stdout)["resources"]] == [group_id]
+    assert not client.describe_security_groups(Filters=[{"Name": "group-id", "Values": [group_id]}])["SecurityGroups"]
