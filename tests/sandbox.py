@@ -59,10 +59,16 @@ class World:
             env.pop(name, None)
         return cls(state, current.endpoint, env)
 
-    def client(self, region: str = REGION) -> Any:
-        key, secret = control.CREDENTIALS
+    def client(self, region: str = REGION, config: Any = None) -> Any:
+        """Return a boto3 EC2 client signing with the sandbox's credentials (made at its last start)."""
+        key, secret = control.credentials(self.state)
         return boto3.client(
-            "ec2", region_name=region, endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret
+            "ec2",
+            region_name=region,
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            config=config,
         )
 
     def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
