@@ -3,6 +3,9 @@
 The sandbox runs in the background (``builder.sandbox.server``) with its state in one
 directory (``EBSROLE_SANDBOX``, default /var/lib/ebsrole/sandbox) until ``reset``, so
 separate commands see the same world. ``ensure_started`` is what ``--sandbox`` calls.
+
+Each start makes new credentials in the state directory (``builder.sandbox.auth``); the
+endpoint answers only requests signed with them, and ``env`` gives them to other tools.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ REGION = "us-east-1"
 def loopback_only_env(home: Path) -> dict[str, str]:
     """Return an environment that keeps another AWS tool (e.g. Packer) on the sandbox.
 
-    No AWS config or credentials files, no update checks, and every proxy variable set to
+    Add ``env(state)`` (endpoint and credentials) to it. No AWS config or credentials files, no update checks, and every proxy variable set to
     a dead loopback port with loopback exempted: whatever the tool tries to reach beyond
     the sandbox's endpoint fails instead of leaving the machine.
     """
