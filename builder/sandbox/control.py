@@ -41,9 +41,10 @@ REGION = "us-east-1"
 def loopback_only_env(home: Path) -> dict[str, str]:
     """Return an environment that keeps another AWS tool (e.g. Packer) on the sandbox.
 
-    Add ``env(state)`` (endpoint and credentials) to it. No AWS config or credentials files, no update checks, and every proxy variable set to
-    a dead loopback port with loopback exempted: whatever the tool tries to reach beyond
-    the sandbox's endpoint fails instead of leaving the machine.
+    Add ``env(state)`` (endpoint and credentials) to it. No AWS config or credentials
+    files, no update checks, and every proxy variable set to a dead loopback port with
+    loopback exempted: whatever the tool tries to reach beyond the sandbox's endpoint
+    fails instead of leaving the machine.
     """
     dead = "http://127.0.0.1:9"
     return {
