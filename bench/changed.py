@@ -39,6 +39,7 @@ from werkzeug.serving import make_server  # noqa: E402
 
 from builder.fingerprint import fingerprint  # noqa: E402
 from builder.roles import load_roles  # noqa: E402
+from builder.sandbox.auth import Credentials  # noqa: E402
 from builder.sandbox.server import make_app  # noqa: E402
 
 REGION = "eu-west-1"
@@ -97,7 +98,10 @@ def main() -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as work:
-        app = make_app(Path(work) / "sandbox")
+        # The endpoint answers only its own credentials; `changed` finds them in its environment.
+        credentials = Credentials.generate()
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = credentials.pair()
+        app = make_app(Path(work) / "sandbox", credentials)
         server = make_server("127.0.0.1", 0, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"

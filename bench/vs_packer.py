@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +56,12 @@ ROLE = {
 }
 
 
-def status(endpoint: str) -> dict[str, Any]:
-    with urllib.request.urlopen(endpoint + "/ebsrole-sandbox/status", timeout=30) as answer:  # noqa: S310
-        return dict(json.loads(answer.read()))
-
-
-def calls_during(endpoint: str, run: Any) -> tuple[float, dict[str, int], Any]:
-    before = status(endpoint)["api_calls_by_action"]
+def calls_during(state: Path, run: Any) -> tuple[float, dict[str, int], Any]:
+    before = control.status(state)["api_calls_by_action"]
     started = time.monotonic()
     result = run()
     wall = time.monotonic() - started
-    after = status(endpoint)["api_calls_by_action"]
+    after = control.status(state)["api_calls_by_action"]
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0)}
     return wall, delta, result
 
@@ -88,19 +82,20 @@ def ours(roles: Path, env: dict[str, str], work: Path, n: int) -> dict[str, Any]
     return {"machine_work_s": steps["connect over SSH"] + steps["provision, verify, image hygiene"], "steps": steps}
 
 
-def packer_template(endpoint: str, scripts: Path) -> dict[str, Any]:
+def packer_template(scripts: Path) -> dict[str, Any]:
+    """Return the Packer template; endpoint, region and credentials come from `sandbox env`'s exports."""
     upload = [
         {"type": "file", "source": str(scripts / name), "destination": f"/tmp/{name}"}  # noqa: S108 - on the instance
         for name in ("provision.sh", "verify.sh", "image-hygiene.sh")
     ]
     return {
+        # Packer 1.6.6's SDK predates AWS_ENDPOINT_URL_EC2: the template reads it.
+        "variables": {"endpoint": "{{env `AWS_ENDPOINT_URL_EC2`}}", "region": "{{env `AWS_DEFAULT_REGION`}}"},
         "builders": [
             {
                 "type": "amazon-ebs",
-                "region": "us-east-1",
-                "access_key": "sandbox",
-                "secret_key": "sandbox",
-                "custom_endpoint_ec2": endpoint,
+                "region": "{{user `region`}}",
+                "custom_endpoint_ec2": "{{user `endpoint`}}",
                 "source_ami": BASE,
                 "instance_type": "t3.small",
                 "ssh_username": "admin",
@@ -133,8 +128,8 @@ def packer_template(endpoint: str, scripts: Path) -> dict[str, Any]:
     }
 
 
-def packer(template: Path, poll: float | None, home: Path) -> dict[str, Any]:
-    env = control.loopback_only_env(home)
+def packer(template: Path, poll: float | None, home: Path, state: Path) -> dict[str, Any]:
+    env = {**control.loopback_only_env(home), **control.env(state)}
     if poll is not None:
         env["AWS_POLL_DELAY_SECONDS"] = str(poll)
     done = subprocess.run(
@@ -194,7 +189,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         state = work / "sandbox"
-        current = control.start(state, latency=("realistic", args.scale, args.rate))
+        control.start(state, latency=("realistic", args.scale, args.rate))
         try:
             roles = work / "roles"
             roles.mkdir()
@@ -205,26 +200,26 @@ def main() -> int:
             for script in render_role(load_role("bench", roles)):
                 (scripts / script.name).write_text(script.text)
             template = work / "packer.json"
-            template.write_text(json.dumps(packer_template(current.endpoint, scripts)))
+            template.write_text(json.dumps(packer_template(scripts)))
             # Our waits learn from earlier builds (builder.ec2.Waits): start from nothing, and
             # report the first build, made with nothing learnt, on its own row.
             env = {**os.environ, "EBSROLE_SANDBOX": str(state), "EBSROLE_WAITS": str(work / "waits.json")}
             results: dict[str, list[dict[str, Any]]] = {}
-            wall, calls, extra = calls_during(current.endpoint, lambda: ours(roles, env, work, 0))
+            wall, calls, extra = calls_during(state, lambda: ours(roles, env, work, 0))
             results[FIRST] = [{"wall_s": round(wall, 2), "calls": calls, **extra}]
             print(f"first build of ours: {wall:.1f} s, {sum(calls.values())} calls", file=sys.stderr)
             contenders = {
                 "ours": lambda n: ours(roles, env, work, n),
-                "packer (defaults: 15 s polls)": lambda n: packer(template, None, work),
-                "packer (AWS_POLL_DELAY_SECONDS=1)": lambda n: packer(template, 1, work),
+                "packer (defaults: 15 s polls)": lambda n: packer(template, None, work, state),
+                "packer (AWS_POLL_DELAY_SECONDS=1)": lambda n: packer(template, 1, work, state),
             }
             results.update({name: [] for name in contenders})
             for n in range(1, args.runs + 1):
                 for name, run in contenders.items():
-                    wall, calls, extra = calls_during(current.endpoint, lambda r=run, k=n: r(k))
+                    wall, calls, extra = calls_during(state, lambda r=run, k=n: r(k))
                     results[name].append({"wall_s": round(wall, 2), "calls": calls, **(extra or {})})
                     print(f"run {n}/{args.runs} {name}: {wall:.1f} s, {sum(calls.values())} calls", file=sys.stderr)
-            throttled = status(current.endpoint)["throttled"]
+            throttled = control.status(state)["throttled"]
         finally:
             control.reset(state)
     work_s = statistics.median(r["machine_work_s"] for r in results["ours"])

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -76,7 +77,7 @@ commands:
   drill      a restore drill: restore into another AZ, check it, remove it, report
   copy       copy a role AMI and its snapshots to another region, pairing kept
   sweep      remove what killed builds left behind (found by tag)
-  sandbox    start|status|stop|reset the local sandbox (EC2 endpoint + real machines)
+  sandbox    start|status|stop|reset|env the local sandbox (EC2 endpoint + real machines)
 
 --sandbox on any command that talks to EC2 runs it against the local sandbox, started
 when needed: no AWS account, same code path.
@@ -306,7 +307,11 @@ def _verb_parser() -> _Parser:
         "an EC2 endpoint on 127.0.0.1 whose instances are local Debian machines and whose "
         "volumes and snapshots are files.",
     )
-    p.add_argument("action", choices=("start", "status", "stop", "reset"))
+    p.add_argument(
+        "action",
+        choices=("start", "status", "stop", "reset", "env"),
+        help="env: print the exports that point awscli, Terraform and Packer at it (its endpoint and credentials)",
+    )
     p.add_argument(
         "--release",
         action="append",
@@ -954,6 +959,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         control.reset()
         result = {"running": False, "reset": True}
         text = f"sandbox reset: {control.STATE_DIR} removed"
+    elif args.action == "env":
+        exports = control.env()
+        result = {**exports}
+        names = " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items())
+        text = f"unset AWS_PROFILE AWS_SESSION_TOKEN\nexport {names}"
     else:
         result = control.status()
         text = _sandbox_text(result)
@@ -1004,7 +1014,7 @@ def _connect(args: argparse.Namespace, region: str | None = None) -> EC2:
     current = control.ensure_started()
     args.endpoint_url = args.sandbox_endpoint = current.endpoint
     args.region = args.region or control.REGION
-    ec2 = EC2.connect(region or args.region, None, current.endpoint, credentials=control.CREDENTIALS)
+    ec2 = EC2.connect(region or args.region, None, current.endpoint, credentials=control.credentials())
     ec2.wait_scope = current.wait_scope
     return ec2
 

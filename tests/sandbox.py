@@ -59,11 +59,19 @@ class World:
             env.pop(name, None)
         return cls(state, current.endpoint, env)
 
-    def client(self, region: str = REGION, service: str = "ec2") -> Any:
-        """Return a boto3 client of the sandbox (EC2; the endpoint also answers SSM, in memory only)."""
-        key, secret = control.CREDENTIALS
+    def client(self, region: str = REGION, service: str = "ec2", config: Any = None) -> Any:
+        """Return a boto3 client signing with the sandbox's credentials (made at its last start).
+
+        ``service``: EC2, or SSM (the endpoint answers it too, in memory only).
+        """
+        key, secret = control.credentials(self.state)
         return boto3.client(
-            service, region_name=region, endpoint_url=self.endpoint, aws_access_key_id=key, aws_secret_access_key=secret
+            service,
+            region_name=region,
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            config=config,
         )
 
     def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -129,15 +128,7 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
 
 @needs_root
 def test_throttling_answers_request_limit_exceeded(slow_world: World) -> None:
-    key, secret = control.CREDENTIALS
-    no_retry = boto3.client(
-        "ec2",
-        region_name=REGION,
-        endpoint_url=slow_world.endpoint,
-        aws_access_key_id=key,
-        aws_secret_access_key=secret,
-        config=botocore.config.Config(retries={"total_max_attempts": 1}),
-    )
+    no_retry = slow_world.client(REGION, config=botocore.config.Config(retries={"total_max_attempts": 1}))
     time.sleep(5)  # a full bucket: 100 calls at once, then 20 a second
     codes = []
     for _ in range(200):

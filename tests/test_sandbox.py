@@ -6,22 +6,29 @@ client do, with real machines, loop devices and file copies behind it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+import boto3
+import botocore.auth
 import botocore.exceptions
 import pytest
 import yaml
 
-from builder.sandbox import control
+from builder.sandbox import auth, control
 from builder.sandbox.server import mappings_from_params, mappings_to_params, merge_mappings, response_ids
 from tests.conftest import MINI_ROLE, PROJECT
 from tests.machines import needs_root
@@ -159,13 +166,15 @@ def test_build_restore_and_sandbox_restart(world: World, mini_dir: Path) -> None
     assert volume["SnapshotId"] == manifest["seed_snapshot"]
     restored.sh("echo on-root > /root/marker && echo on-data > /srv/app/marker && sync")
 
-    # The sandbox stops and starts: same instance, same address, same bytes.
+    # The sandbox stops and starts: same instance, same address, same bytes; new credentials.
+    old_key, old_secret = control.credentials(world.state)
     assert world.cli("sandbox", "stop").returncode == 0
     assert world.status()["machines"] == [] and world.status()["loop_devices"] == []
     again = world.cli("sandbox", "start")
     assert again.returncode == 0, again.stderr
     world.endpoint = control.running(world.state).endpoint  # type: ignore[union-attr]
     assert world.describe(restored.id)["State"]["Name"] == "running"
+    assert _error(lambda: _client(world, old_key, old_secret).describe_volumes()) == (403, "AuthFailure")
     restored.reconnect()
     assert restored.sh("cat /root/marker /srv/app/marker").split() == ["on-root", "on-data"]
 
@@ -306,6 +315,133 @@ def test_data_plane_limits_answer_as_ec2_errors(world: World) -> None:
     assert volume not in world.status()["volumes"]
 
 
+# ---------------------------------------------------------------- who may talk to it
+
+
+def _client(world: World, key: str, secret: str) -> Any:
+    return boto3.client(
+        "ec2", region_name=REGION, endpoint_url=world.endpoint, aws_access_key_id=key, aws_secret_access_key=secret
+    )
+
+
+def _error(call: Any) -> tuple[int, str]:
+    """Return the HTTP status and EC2 error code a boto3 call fails with."""
+    with pytest.raises(botocore.exceptions.ClientError) as failed:
+        call()
+    return failed.value.response["ResponseMetadata"]["HTTPStatusCode"], failed.value.response["Error"]["Code"]
+
+
+def _send(world: World, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """Send a raw HTTP request; return its status and the EC2 error code of its answer ("" when none)."""
+    method = "GET" if body is None else "POST"
+    request = urllib.request.Request(world.endpoint + path, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as refused:
+        text = refused.read().decode()
+        return refused.code, text.split("<Code>", 1)[1].split("</Code>", 1)[0] if "<Code>" in text else text
+
+
+def _signed(world: World, path: str, body: bytes | None = None) -> dict[str, str]:
+    credentials = auth.Credentials(*control.credentials(world.state))
+    return auth.sign("GET" if body is None else "POST", world.endpoint + path, credentials, REGION, body or b"")
+
+
+def _sandbox_env(world: World, *args: str) -> str:
+    done = world.cli("sandbox", "env", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_only_requests_signed_with_the_sandbox_credentials_are_answered(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ec2 = world.client()
+    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+    before = world.ec2_view()
+    key, secret = control.credentials(world.state)
+    launch = {"Action": "RunInstances", "Version": "2016-11-15", "ImageId": "ami-000000000000000d2"}
+    run = urlencode({**launch, "MinCount": "1", "MaxCount": "1"}).encode()
+
+    # Unsigned, signed with the wrong secret, or with another key id: 403, nothing launched.
+    assert _send(world, "/", run) == (403, "AuthFailure")
+    assert _error(lambda: _client(world, key, "0" * 40).run_instances(**_launch())) == (403, "SignatureDoesNotMatch")
+    assert _error(lambda: _client(world, "AKIAIOSFODNN7EXAMPLE", secret).run_instances(**_launch())) == (
+        403,
+        "AuthFailure",
+    )
+    # A good signature does not carry over to another body, nor to a later request.
+    describe = urlencode({"Action": "DescribeVolumes", "Version": "2016-11-15"}).encode()
+    assert _send(world, "/", run, _signed(world, "/", describe)) == (403, "SignatureDoesNotMatch")
+    assert _send(world, "/", describe, _signed(world, "/", describe)) == (200, "")
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now - dt.timedelta(minutes=20))
+    assert _send(world, "/", describe, _signed(world, "/", describe)) == (403, "RequestExpired")
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now - dt.timedelta(minutes=10))
+    assert _send(world, "/", describe, _signed(world, "/", describe)) == (200, "")  # clock skew within AWS's 15 min
+    monkeypatch.undo()
+
+    # moto's own API is not served, signed or not; nor is the sandbox's status unsigned.
+    for path in ("/moto-api/reset", "/moto-api/reset-auth"):
+        assert _send(world, path, b"") == (403, "AuthFailure")
+        assert _send(world, path, b"", _signed(world, path, b"")) == (403, "AuthFailure")
+    for path in ("/moto-api/data.json", "/moto-api/"):
+        assert _send(world, path) == (403, "AuthFailure")
+        assert _send(world, path, None, _signed(world, path)) == (403, "AuthFailure")
+    assert _send(world, "/ebsrole-sandbox/status") == (403, "AuthFailure")
+
+    assert world.ec2_view() == before  # nothing launched, nothing reset: the volume is still there
+    assert "refused POST '/moto-api/reset': AuthFailure" in (world.state / "server.log").read_text()
+    ec2.delete_volume(VolumeId=volume)
+
+
+def _launch() -> dict[str, Any]:
+    return {"ImageId": "ami-000000000000000d2", "MinCount": 1, "MaxCount": 1, "InstanceType": "t3.small"}
+
+
+def test_state_directory_and_credentials_are_private(world: World) -> None:
+    state, credentials = os.stat(world.state), os.stat(world.state / auth.CREDENTIALS_FILE)
+    assert (stat.S_IMODE(state.st_mode), state.st_uid) == (0o700, os.geteuid())
+    assert (stat.S_IMODE(credentials.st_mode), credentials.st_uid) == (0o600, os.geteuid())
+
+
+def test_awscli_builds_and_describes_through_sandbox_env(world: World, tmp_path: Path) -> None:
+    """`eval "$(build.py sandbox env)"` is all awscli needs: launch, describe, image; a wrong secret is refused."""
+    venv = Path(sys.executable).parent
+    assert (venv / "aws").exists(), "awscli is missing: pip install -r requirements-dev.txt"
+    script = """set -euo pipefail
+eval "$("$PYTHON" build.py sandbox env)"
+id=$(aws ec2 run-instances --image-id ami-000000000000000d2 --instance-type t3.small \
+    --query 'Instances[0].InstanceId' --output text)
+aws ec2 describe-instances --instance-ids "$id" --query 'Reservations[0].Instances[0].State.Name' --output text
+image=$(aws ec2 create-image --instance-id "$id" --name "awscli-$id" --query ImageId --output text)
+aws ec2 describe-images --image-ids "$image" --query 'Images[0].[ImageId,State]' --output text
+aws ec2 terminate-instances --instance-ids "$id" --output text >/dev/null
+echo "$id"
+AWS_SECRET_ACCESS_KEY=wrong aws ec2 describe-images --image-ids "$image" || echo "refused: $?"
+"""
+    env = {
+        **control.loopback_only_env(tmp_path),
+        "PATH": f"{venv}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "EBSROLE_SANDBOX": str(world.state),
+        "AWS_PROFILE": "nowhere",  # a user's leftover profile: `sandbox env` unsets it
+    }
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    state, described, instance_id, refused = done.stdout.splitlines()
+    image_id = described.split()[0]
+    assert state == "running" and described.split()[1] == "available"
+    assert refused == "refused: 255" and "SignatureDoesNotMatch" in done.stderr
+    # Those were the sandbox's instance and image: it holds them.
+    assert world.describe(instance_id)["State"]["Name"] == "terminated"
+    assert image_id in world.status()["ec2"][REGION]["images"]
+    world.client().deregister_image(ImageId=image_id)
+
+
 # ---------------------------------------------------------------- another EC2 client
 
 
@@ -313,14 +449,16 @@ def test_packer_amazon_ebs_builds_against_the_sandbox(world: World, tmp_path: Pa
     """Debian's Packer 1.6.6 (aws-sdk-go) builds an AMI here as against EC2, and the AMI boots."""
     packer = shutil.which("packer")
     assert packer, "Debian's packer is missing: scripts/setup.sh --dev installs it"
+    # As a user would: `sandbox env`'s exports, read by the template (Packer 1.6.6's SDK
+    # predates AWS_ENDPOINT_URL_EC2) and by Packer itself (the credentials).
+    exports = _sandbox_env(world, "--format", "json")
     template = {
+        "variables": {"endpoint": "{{env `AWS_ENDPOINT_URL_EC2`}}", "region": "{{env `AWS_DEFAULT_REGION`}}"},
         "builders": [
             {
                 "type": "amazon-ebs",
-                "region": "us-east-1",
-                "access_key": "sandbox",
-                "secret_key": "sandbox",
-                "custom_endpoint_ec2": world.endpoint,
+                "region": "{{user `region`}}",
+                "custom_endpoint_ec2": "{{user `endpoint`}}",
                 "source_ami": "ami-000000000000000d2",
                 "instance_type": "t3.small",
                 "ssh_username": "admin",
@@ -334,7 +472,7 @@ def test_packer_amazon_ebs_builds_against_the_sandbox(world: World, tmp_path: Pa
         ],
     }
     (tmp_path / "template.json").write_text(json.dumps(template))
-    env = {**control.loopback_only_env(tmp_path), "AWS_POLL_DELAY_SECONDS": "1"}
+    env = {**control.loopback_only_env(tmp_path), **json.loads(exports), "AWS_POLL_DELAY_SECONDS": "1"}
     done = subprocess.run(
         [packer, "build", "-machine-readable", "template.json"],
         cwd=tmp_path,

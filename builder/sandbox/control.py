@@ -3,6 +3,9 @@
 The sandbox runs in the background (``builder.sandbox.server``) with its state in one
 directory (``EBSROLE_SANDBOX``, default /var/lib/ebsrole/sandbox) until ``reset``, so
 separate commands see the same world. ``ensure_started`` is what ``--sandbox`` calls.
+
+Each start makes new credentials in the state directory (``builder.sandbox.auth``); the
+endpoint answers only requests signed with them, and ``env`` gives them to other tools.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import EnvironmentProblem
+from builder.sandbox import auth
 from builder.sandbox.dataplane import DataPlane
 from builder.sandbox.host import require_root, require_tools
 from builder.sandbox.machine import TOOLS, Machine
@@ -32,15 +36,15 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = Path(os.environ.get("EBSROLE_SANDBOX", "/var/lib/ebsrole/sandbox"))
 REGION = "us-east-1"
-CREDENTIALS = ("sandbox", "sandbox")  # the sandbox checks no signature; never real keys
 
 
 def loopback_only_env(home: Path) -> dict[str, str]:
     """Return an environment that keeps another AWS tool (e.g. Packer) on the sandbox.
 
-    No AWS config or credentials files, no update checks, and every proxy variable set to
-    a dead loopback port with loopback exempted: whatever the tool tries to reach beyond
-    the sandbox's endpoint fails instead of leaving the machine.
+    Add ``env(state)`` (endpoint and credentials) to it. No AWS config or credentials
+    files, no update checks, and every proxy variable set to a dead loopback port with
+    loopback exempted: whatever the tool tries to reach beyond the sandbox's endpoint
+    fails instead of leaving the machine.
     """
     dead = "http://127.0.0.1:9"
     return {
@@ -73,7 +77,13 @@ class Running:
 
 
 def running(state: Path = STATE_DIR) -> Running | None:
-    """Return the running sandbox of ``state``, or None."""
+    """Return the running sandbox of ``state``, or None.
+
+    Raises EnvironmentProblem when ``state`` exists but is not private to this user: its
+    ``server.json`` names the endpoint clients trust with user-data and host keys.
+    """
+    if os.path.lexists(state):
+        auth.check_state_dir(state)
     try:
         info = json.loads((state / SERVER_FILE).read_text())
     except (OSError, ValueError):
@@ -114,9 +124,9 @@ def start(
     current = running(state)
     if current:
         return current
-    state.mkdir(parents=True, exist_ok=True)
-    state.chmod(0o700)
+    auth.make_state_dir(state)
     (state / SERVER_FILE).unlink(missing_ok=True)
+    auth.new_credentials(state)  # each start its own: a leaked key dies with its server
     log_path = state / "server.log"
     started = time.monotonic()
     with log_path.open("ab") as out:
@@ -165,6 +175,30 @@ def ensure_started(state: Path = STATE_DIR) -> Running:
     return running(state) or start(state)
 
 
+def credentials(state: Path = STATE_DIR) -> tuple[str, str]:
+    """Return the (access key id, secret) the running sandbox of ``state`` answers.
+
+    Raises EnvironmentProblem when they are missing or not private to this user.
+    """
+    return auth.load_credentials(state).pair()
+
+
+def env(state: Path = STATE_DIR) -> dict[str, str]:
+    """Return the variables that point awscli, Terraform, Packer (any AWS SDK) at the sandbox.
+
+    Starts the sandbox when it does not run (as ``--sandbox`` does).
+    """
+    current = ensure_started(state)
+    key, secret = credentials(state)
+    return {
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_ENDPOINT_URL_EC2": current.endpoint,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }
+
+
 def stop(state: Path = STATE_DIR, timeout: float = 60.0) -> bool:
     """Stop the sandbox, keeping its state; return False when it was not running."""
     current = running(state)
@@ -197,7 +231,10 @@ def status(state: Path = STATE_DIR) -> dict[str, Any]:
         plane = DataPlane(state / "data") if (state / "data").is_dir() else None
         usage = plane.usage() if plane else DataPlane.empty_usage()
         return {"running": False, "state": str(state), **usage}
-    with urllib.request.urlopen(current.endpoint + STATUS_PATH, timeout=30) as answer:  # noqa: S310 - loopback http
+    url = current.endpoint + STATUS_PATH
+    headers = auth.sign("GET", url, auth.load_credentials(state), REGION)
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - loopback http
+    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback http
         view: dict[str, Any] = json.loads(answer.read())
     return {"running": True, "state": str(state), "endpoint": current.endpoint, "pid": current.pid, **view}
 

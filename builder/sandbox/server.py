@@ -10,6 +10,11 @@ machine answers on, a stopping instance is ``stopping`` until its machine has ha
 a machine that dies turns its instance ``stopped`` or ``terminated`` as its shutdown
 behaviour says. Any EC2 client works against it: the tool itself, or Packer.
 
+Every request must be signed (SigV4) with the credentials ``sandbox start`` made
+(``builder.sandbox.auth``); anything else, and every path but EC2's ``/`` and the
+sandbox's status, gets 403. moto's own HTTP API (``/moto-api/*``: reset, data dump) is not
+served: the sandbox reaches moto's state in this process only.
+
 This module runs as its own process (``python -m builder.sandbox.server``), started by
 ``builder.sandbox.control``. moto's EC2 state is pickled into the state directory after
 every change and loaded at start, so a stopped sandbox comes back with the same world.
@@ -21,6 +26,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
@@ -40,6 +46,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from builder.files import write_atomic
+from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
 from builder.sandbox.dataplane import Attachment, DataPlane, DataPlaneError
 from builder.sandbox.latency import Latency, Model
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
@@ -55,7 +62,7 @@ MAX_RANGE = 64  # a wider port range of a security group rule is not forwarded
 DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
 READ_ONLY = re.compile(r"^(Describe|Get|List)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-REGION = re.compile(r"Credential=[^/]+/\d{8}/([a-z0-9-]+)/ec2/")
+MAX_BODY = 16 * 2**20  # EC2's largest calls (RunInstances with user-data) are far smaller
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -77,7 +84,8 @@ def error_response(code: str, message: str, status: int) -> tuple[str, list[tupl
         f"<Code>{_xml(code)}</Code><Message>{_xml(message)}</Message>"
         f"</Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>"
     ).encode()
-    reason = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
+    reasons = {400: "Bad Request", 403: "Forbidden", 500: "Internal Server Error", 503: "Service Unavailable"}
+    reason = reasons.get(status, "Error")
     return f"{status} {reason}", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body
 
 
@@ -154,11 +162,13 @@ class Sandbox:
         self,
         app: Callable[..., Iterable[bytes]],
         state: Path,
+        credentials: Credentials,
         cache: Path = DEFAULT_CACHE,
         model: Model | None = None,
     ) -> None:
         self.app = app
         self.state = state
+        self.credentials = credentials  # the only ones it answers (builder.sandbox.auth)
         self.cache = cache
         self.plane = DataPlane(state / "data")
         self.lock = threading.RLock()
@@ -209,17 +219,31 @@ class Sandbox:
     # ------------------------------------------------------------ WSGI
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == STATUS_PATH:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/", STATUS_PATH):  # moto's own API (/moto-api/reset, data.json) among them
+            return self._refuse(
+                environ, start_response, Refusal("AuthFailure", f"{path} is not served: EC2's API is at /")
+            )
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            return self._refuse(
+                environ, start_response, Refusal("AuthFailure", "the request's Content-Length is refused")
+            )
+        raw = environ["wsgi.input"].read(length) if length else b""
+        verdict = verify(environ, raw, self.credentials, dt.datetime.now(dt.UTC))
+        if isinstance(verdict, Refusal):
+            return self._refuse(environ, start_response, verdict)
+        if path == STATUS_PATH:
             with self.lock:
                 body = json.dumps(self.status(), indent=1).encode()
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        match = REGION.search(auth)
-        if environ.get("REQUEST_METHOD") != "POST" or not match:
+        if environ.get("REQUEST_METHOD") != "POST":
+            environ["wsgi.input"] = io.BytesIO(raw)
             return self.app(environ, start_response)
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-        raw = environ["wsgi.input"].read(length) if length else b""
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         action = params.get("Action", "")
         if self.latency is not None and not self.latency.bucket.admit():
@@ -229,7 +253,15 @@ class Sandbox:
         with self.lock:
             self.calls += 1
             self.actions[action] += 1
-            status, headers, body = self._handle(environ, match.group(1), action, params, raw)
+            status, headers, body = self._handle(environ, verdict.region, action, params, raw)
+        start_response(status, headers)
+        return [body]
+
+    @staticmethod
+    def _refuse(environ: Environ, start_response: StartResponse, refusal: Refusal) -> Iterable[bytes]:
+        """Answer 403 with an EC2 error, and log it (who knocks matters when the endpoint is shared)."""
+        log.warning("refused %s %r: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), refusal.code)
+        status, headers, body = error_response(refusal.code, refusal.message, 403)
         start_response(status, headers)
         return [body]
 
@@ -735,19 +767,22 @@ def _patch_moto() -> None:
     TaggedEC2Resource.get_tags = get_tags  # type: ignore[method-assign]
 
 
-def make_app(state: Path, cache: Path = DEFAULT_CACHE, model: Model | None = None) -> Sandbox:
-    """Return the sandbox's WSGI application over a fresh moto (moto's settings from the environment)."""
+def make_app(state: Path, credentials: Credentials, cache: Path = DEFAULT_CACHE, model: Model | None = None) -> Sandbox:
+    """Return the sandbox's WSGI application over a fresh moto (moto's settings from the environment).
+
+    It answers only requests signed with ``credentials``; moto's own HTTP API is not served.
+    """
     os.environ.setdefault("MOTO_AMIS_PATH", str(AMIS))
     os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     _patch_moto()
-    return Sandbox(DomainDispatcherApplication(create_backend_app), state, cache, model)
+    return Sandbox(DomainDispatcherApplication(create_backend_app), state, credentials, cache, model)
 
 
 def serve(state: Path, address: str, port: int, cache: Path, model: Model | None = None) -> None:
     """Run the sandbox endpoint until SIGTERM or SIGINT; write ``server.json`` once it listens."""
-    sandbox = make_app(state, cache, model)
+    sandbox = make_app(state, load_credentials(state), cache, model)
     from moto.moto_server.werkzeug_app import MotoRequestHandler
     from werkzeug.serving import make_server
 
