@@ -125,7 +125,7 @@ def boot(
         image = make_image(state_root.parent / "images" / f"{name}.img", size_gib)
     disk = Disk(image, "xvdf", VOLUME_ID)
     machine = Machine.start(
-        name,
+        f"{name}-{os.getpid()}",  # cgroups are named by machine: two test runs on one host must not meet
         [rootfs],
         user_data=builder_user_data(login, host_key),
         ssh_address=next_address(),
