@@ -1,4 +1,7 @@
-"""The only paramiko code: SSH to a machine with a pinned host key, run, upload.
+"""The only paramiko code: SSH to a machine with a pinned host key, run commands and scripts.
+
+Scripts run as root from their text sent over stdin, never from a file on the machine:
+a file in a shared directory could be swapped by another user between upload and sudo.
 
 A connection accepts exactly one host key, the one the caller pinned (it was handed to
 the machine in its user-data); any other key fails at once and is never retried. Only
