@@ -141,6 +141,10 @@ def _configure_logging(debug: bool, verbose: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
     fmt = "%(asctime)s %(name)s %(levelname)s %(message)s" if debug else "%(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    from builder.redact import RedactSecrets
+
+    for handler in logging.getLogger().handlers:  # --debug logs botocore's bodies: user-data holds a key
+        handler.addFilter(RedactSecrets())
     if not debug:
         # Third-party chatter (botocore, paramiko) only under --debug.
         for noisy in ("botocore", "boto3", "urllib3"):

@@ -1,7 +1,8 @@
 """audit --instance: check a running instance of a role live, over SSH, with the verify script.
 
 The instance is found by id; its role comes from its AMI's tags; the verify script is
-rendered from that role's file and run with sudo. The host key must already be in a
+rendered from that role's file and run with sudo, its text sent over stdin (no file on
+the instance). The host key must already be in a
 known_hosts file (pinned: never trusted on first use).
 """
 
@@ -21,8 +22,6 @@ from builder.render import render_role
 from builder.roles import Role, load_role
 
 log = logging.getLogger(__name__)
-
-WORKDIR = "/var/tmp/ebsrole-audit"  # noqa: S108 - on the instance, removed after the check
 
 
 def check_instance(
@@ -67,11 +66,9 @@ def check_instance(
 def verify_checks(remote: Remote, role: Role) -> list[dict[str, str]]:
     """Run the role's verify.sh on the instance; return its checks."""
     verify = next(s for s in render_role(role) if s.name == "verify.sh")
-    workdir = WORKDIR
-    remote.check(f"mkdir -p -m 0700 {workdir}")
-    remote.put(verify.text, f"{workdir}/verify.sh", 0o700)
-    result = remote.run(f"sudo -n bash {workdir}/verify.sh", timeout=300, on_line=lambda *_: None)
-    remote.run(f"rm -rf {workdir}", timeout=60, on_line=lambda *_: None)
+    # Over stdin, never from a file: on a live instance other users may write where a
+    # file would go (/var/tmp), and swap it between upload and sudo.
+    result = remote.run_script(verify.name, verify.text, timeout=300, on_line=lambda *_: None, check=False)
     checks = []
     for line in result.stdout.splitlines():
         fields = line.split("\t")

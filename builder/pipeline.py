@@ -429,15 +429,14 @@ def connect_ssh(state: _Build) -> None:
 
 
 def run_scripts(state: _Build) -> None:
-    """Run provision, verify and image hygiene with sudo, streaming their output."""
+    """Run provision, verify and image hygiene with sudo (each sent over stdin), streaming their output."""
     assert state.remote and state.volume_id
-    workdir = f"/var/tmp/ebsrole-{state.build_id}"  # noqa: S108 - on the builder; image hygiene removes it
     scripts = render_role(state.role)
     state.manifest.scripts = {s.name: s.sha256 for s in scripts}
     for script in scripts:
         args = [state.volume_id] if script.name == "provision.sh" else []
         started = time.monotonic()
-        state.remote.run_script(script.name, script.text, args, workdir=workdir, timeout=state.options.timeout)
+        state.remote.run_script(script.name, script.text, args, timeout=state.options.timeout)
         log.info("%s: %s passed in %.1f s", state.role.name, script.name, time.monotonic() - started)
     state.remote.close()
     state.remote = None

@@ -1,4 +1,7 @@
-"""The only paramiko code: SSH to a machine with a pinned host key, run, upload.
+"""The only paramiko code: SSH to a machine with a pinned host key, run commands and scripts.
+
+Scripts run as root from their text sent over stdin, never from a file on the machine:
+a file in a shared directory could be swapped by another user between upload and sudo.
 
 A connection accepts exactly one host key, the one the caller pinned (it was handed to
 the machine in its user-data); any other key fails at once and is never retried. Only
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 output_log = logging.getLogger("builder.remote.output")
 
 LineSink = Callable[[str, str], None]  # (stream name, line)
+SCRIPT_FROM_STDIN = 'eval "$(cat)"'  # the whole script first, then run it in this shell
 KEEP_LINES = 200_000  # output lines kept per stream (the tail goes into error messages)
 TRANSIENT = (
     paramiko.ssh_exception.NoValidConnectionsError,
@@ -135,13 +139,19 @@ class Remote:
         self.client.close()
 
     def run(
-        self, command: str, *, timeout: float | None = None, on_line: LineSink | None = None, stdin: str | None = None
+        self,
+        command: str,
+        *,
+        timeout: float | None = None,
+        on_line: LineSink | None = None,
+        stdin: str | None = None,
     ) -> CommandResult:
-        """Run ``command`` (``stdin`` sent as its input, then end of file); return its result whatever its exit status.
+        """Run ``command``; return its result whatever its exit status.
 
-        Output is streamed line by line to ``on_line`` (default: the output logger).
-        Raises ConnectionLost when the session ends before the command, RemoteTimeout
-        after ``timeout`` seconds.
+        ``stdin`` (when given) is sent to the command's standard input, which is then
+        closed. Output is streamed line by line to ``on_line`` (default: the output
+        logger). Raises ConnectionLost when the session ends before the command,
+        RemoteTimeout after ``timeout`` seconds.
         """
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
@@ -149,12 +159,12 @@ class Remote:
         sink = on_line or self._log_line
         channel = transport.open_session(timeout=30)
         channel.exec_command(command)
-        if stdin is not None:
-            channel.sendall(stdin.encode())
-            channel.shutdown_write()
         out, err = _Lines("stdout", sink), _Lines("stderr", sink)
+        feed = _Input(channel, stdin)
         limit = None if timeout is None else time.monotonic() + timeout
         while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+            if feed.send():
+                continue
             if channel.recv_ready():
                 out.feed(channel.recv(65536))
             elif channel.recv_stderr_ready():
@@ -165,7 +175,8 @@ class Remote:
                 channel.close()
                 raise RemoteTimeout(CommandResult(command, -1, out.text(), err.text()), timeout or 0)
             else:
-                select.select([channel], [], [], 0.5)
+                # Input waiting for window space is not a readable event: look again soon.
+                select.select([channel], [], [], 0.05 if feed.pending else 0.5)
         out.close()
         err.close()
         status = channel.recv_exit_status() if channel.exit_status_ready() else -1
@@ -198,17 +209,37 @@ class Remote:
             sftp.chmod(path, mode)
 
     def run_script(
-        self, name: str, text: str, args: Sequence[str] = (), *, workdir: str, timeout: float | None = None
+        self,
+        name: str,
+        text: str,
+        args: Sequence[str] = (),
+        *,
+        timeout: float | None = None,
+        on_line: LineSink | None = None,
+        check: bool = True,
     ) -> CommandResult:
-        """Upload a script into ``workdir`` and run it as root (sudo); raise unless it exits 0."""
-        self.check(f"mkdir -p -m 0700 {shlex.quote(workdir)}")
-        path = f"{workdir}/{name}"
-        self.put(text, path, 0o700)
-        command = " ".join(shlex.quote(a) for a in ["sudo", "-n", "bash", path, *args])
-        return self.check(command, what=name, timeout=timeout)
+        """Run a script as root (sudo) from its text sent over stdin; return its result.
+
+        No file is written on the machine, so no other user there can swap the script
+        between upload and sudo. Raises RemoteCommandFailed unless it exits 0 (when ``check``).
+        """
+        command = script_command(name, args)
+        if check:
+            return self.check(command, what=name, timeout=timeout, on_line=on_line, stdin=text)
+        return self.run(command, timeout=timeout, on_line=on_line, stdin=text)
 
     def _log_line(self, stream: str, line: str) -> None:
         output_log.info("%s%s", self.prefix, line)
+
+
+def script_command(name: str, args: Sequence[str] = ()) -> str:
+    """Return the command that runs, as root, a script read whole from stdin as ``name`` with ``args``.
+
+    bash reads all of stdin before running any of it, so a command in the script that
+    reads its stdin (apt, debconf, cat) sees end of file, never the rest of the script;
+    ``$0`` is the script's name and ``$@`` its arguments, as if it ran from a file.
+    """
+    return " ".join(shlex.quote(a) for a in ["sudo", "-n", "bash", "-c", SCRIPT_FROM_STDIN, name, *args])
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
@@ -242,3 +273,27 @@ class _Lines:
 
     def text(self) -> str:
         return "\n".join(self.kept) + ("\n" if self.kept else "")
+
+
+class _Input:
+    """What is left to send to a command's stdin; closes it once all is sent."""
+
+    def __init__(self, channel: paramiko.Channel, text: str | None) -> None:
+        self.channel = channel
+        self.pending = text.encode() if text is not None else b""
+        if text is not None and not self.pending:
+            channel.shutdown_write()
+
+    def send(self) -> bool:
+        """Send what the channel's window takes now; return True if anything was sent."""
+        if not self.pending or not self.channel.send_ready():
+            return False
+        try:
+            sent = self.channel.send(self.pending[:32768])
+        except OSError:  # the command ended without reading it all: its exit status says why
+            self.pending = b""
+            return False
+        self.pending = self.pending[sent:]
+        if not self.pending:
+            self.channel.shutdown_write()
+        return sent > 0

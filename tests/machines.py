@@ -26,7 +26,6 @@ from builder.sandbox.machine import Disk, Machine, make_image
 from builder.userdata import builder_user_data
 
 VOLUME_ID = "vol-0123456789abcdef0"
-WORKDIR = "/var/tmp/ebsrole-test"
 MANIFEST_TOOL = Path(__file__).with_name("tree_manifest.py")
 _addresses = itertools.count(10)
 
@@ -61,13 +60,9 @@ class Booted:
         return result
 
     def run_script(self, name: str, *args: str, check: bool = True) -> CommandResult:
-        """Upload and run one of the role's rendered scripts; return its result."""
+        """Run one of the role's rendered scripts as the build does (over stdin); return its result."""
         script = self.scripts[name]
-        self.remote.check(f"mkdir -p -m 0700 {WORKDIR}")
-        self.remote.put(script.text, f"{WORKDIR}/{name}", 0o700)
-        result = self.remote.run(
-            f"sudo -n bash {WORKDIR}/{name} {' '.join(args)}", timeout=900, on_line=lambda *_: None
-        )
+        result = self.remote.run_script(name, script.text, args, timeout=900, on_line=lambda *_: None, check=False)
         if check and result.exit_status != 0:
             raise AssertionError(f"{name} exited {result.exit_status}:\n{result.tail(40)}")
         return result
@@ -79,10 +74,9 @@ class Booted:
         root on an EC2 instance has it, and copying device nodes needs it. This enters the
         machine's namespaces from the host instead (the machine's own userland still runs it).
         """
-        self.remote.check(f"mkdir -p -m 0700 {WORKDIR}")
-        self.remote.put(self.scripts[name].text, f"{WORKDIR}/{name}", 0o700)
-        done = self.machine.exec("bash", f"{WORKDIR}/{name}", *args, check=False, timeout=900)
-        result = CommandResult(f"bash {WORKDIR}/{name}", done.returncode, done.stdout, done.stderr)
+        text = self.scripts[name].text
+        done = self.machine.exec("bash", "-c", 'eval "$(cat)"', name, *args, check=False, timeout=900, input_text=text)
+        result = CommandResult(f"bash {name}", done.returncode, done.stdout, done.stderr)
         if check and result.exit_status != 0:
             raise AssertionError(f"{name} exited {result.exit_status}:\n{result.tail(40)}")
         return result
