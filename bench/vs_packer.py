@@ -156,7 +156,7 @@ def bound(model: Model, machine_work: float) -> float:
 
 
 def table(result: dict[str, Any]) -> str:
-    """Return the results as the short markdown the README quotes."""
+    """Return the results as the short markdown kept next to the JSON (bench/results/vs-packer.md)."""
     summary, lower = result["summary"], result["lower_bound_s"]
     ours_median = summary["ours"]["wall_s"]["median"]
     lines = [

@@ -21,7 +21,7 @@ COLUMNS = ("role", "path", "target", "mount_point", "device", "size_gib", "type"
 
 
 def role_record(role: Role) -> dict[str, Any]:
-    """Return one role's audit record (the JSON shape, documented in the README)."""
+    """Return one role's audit record (the JSON shape, documented in docs/reference/commands.md)."""
     vol = role.volume
     return {
         "role": role.name,

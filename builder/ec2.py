@@ -54,7 +54,7 @@ class WaitTimeout(CloudError):
 
 HINTS = {
     "AuthFailure": "check the credentials (--profile, AWS_PROFILE, or the instance role)",
-    "UnauthorizedOperation": "the credentials lack an EC2 permission; see README 'IAM permissions'",
+    "UnauthorizedOperation": "the credentials lack an EC2 permission; see docs/reference/iam.md",
     "InvalidAMIID.NotFound": "the base AMI does not exist in this region",
     "VPCIdNotSpecified": "this region has no default VPC: give --subnet-id (and --security-group-id if you like)",
     "RequestLimitExceeded": "EC2 throttled the calls beyond botocore's retries; try again later",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 class ExitCode:
-    """Process exit codes, documented in the README."""
+    """Process exit codes, documented in the README (tests/test_docs.py keeps them in step)."""
 
     OK = 0
     FAILED = 1  # a build or command failed for a reason not listed below
@@ -78,7 +78,7 @@ class InputFileInvalid(InvalidInput):
 class RoleInvalid(InvalidInput):
     """One or more role files are invalid; carries every problem found."""
 
-    hint = "the role format is described in README.md and schema/role.schema.json"
+    hint = "the role format is described in docs/reference/roles.md and schema/role.schema.json"
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
