@@ -34,7 +34,7 @@ from builder.errors import EnvironmentProblem
 from builder.files import write_atomic
 
 CREDENTIALS_FILE = "credentials.json"
-SERVICES = ("ec2", "ssm")  # what the sandbox serves: EC2, and SSM parameters (prune reads them)
+SERVICES = ("ec2", "ssm", "sts")  # EC2; SSM parameters (prune reads them); STS (the account id)
 MAX_SKEW = dt.timedelta(minutes=15)  # as AWS allows
 AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/,\s]+)/(?P<date>\d{8})/(?P<region>[a-z0-9-]+)/(?P<service>[a-z0-9-]+)"
@@ -162,7 +162,7 @@ def verify(environ: dict[str, Any], body: bytes, credentials: Credentials, now: 
     if not hmac.compare_digest(match["key"].encode(), credentials.access_key_id.encode()):
         return Refusal("AuthFailure", f"AWS was not able to validate the provided access credentials; {HINT}")
     if match["service"] not in SERVICES:
-        served = " and ".join(SERVICES)
+        served = ", ".join(SERVICES)
         return Refusal("AuthFailure", f"the credential scope names service {match['service']!r}; this serves {served}")
     refused = _check_date(environ.get("HTTP_X_AMZ_DATE", ""), match["date"], now)
     if refused:
