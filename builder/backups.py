@@ -311,7 +311,7 @@ def nightly_snapshots(
                 "tags": tags,
             }
         )
-    return sorted(found, key=lambda s: (s["start"], s["id"]), reverse=True)
+    return sorted(found, key=newest_first, reverse=True)
 
 
 def _start(raw: dict[str, Any]) -> str:
@@ -326,6 +326,15 @@ def _start(raw: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- retention
 
 
+def newest_first(snapshot: dict[str, Any]) -> tuple[str, str, str]:
+    """Return the sort key (with reverse=True) that puts the newest snapshot first.
+
+    The start time ranks; EC2 reports it to the second or millisecond, so two snapshots can
+    share it (two nights taken in one run of catching up): the night recorded breaks the tie.
+    """
+    return snapshot["start"], snapshot["date"], snapshot["id"]
+
+
 def plan_retention(snapshots: Sequence[dict[str, Any]], keep_daily: int, keep_weekly: int) -> dict[str, str]:
     """Return each snapshot's fate under the policy: a ``kept (...)`` reason, or ``delete``.
 
@@ -335,7 +344,7 @@ def plan_retention(snapshots: Sequence[dict[str, Any]], keep_daily: int, keep_we
     day without one). The newest completed one is always kept; a pending one always; one
     in ``error`` until a completed one started after it.
     """
-    ordered = sorted(snapshots, key=lambda s: (s["start"], s["id"]), reverse=True)
+    ordered = sorted(snapshots, key=newest_first, reverse=True)
     completed = [s for s in ordered if s["state"] == "completed"]
     fates = {s["id"]: "delete" for s in completed}
     for snap in completed[: max(keep_daily, 1)]:

@@ -166,6 +166,9 @@ def test_plan_retention_counts_only_completed() -> None:
     # A future date tag does not make a snapshot the newest: its start time ranks it.
     fates = plan_retention([snap(1, date="2099-01-01"), snap(2, date="2026-05-02")], 1, 0)
     assert fates == {"s2": "kept (daily)", "s1": "delete"}
+    # Started in the same second (EC2's resolution): the later night is the newer, whatever the ids.
+    same = [{**snap(1, date="2026-05-15"), "id": "s1"}, {**snap(1, date="2026-05-14"), "id": "s9"}]
+    assert plan_retention(same, 1, 0) == {"s1": "kept (daily)", "s9": "delete"}
     # Nothing completed: nothing is deleted.
     assert set(plan_retention([snap(1, "pending"), snap(2, "error")], 1, 4).values()) == {
         "kept (pending)", "kept (error, no newer completed)"}  # fmt: skip
