@@ -104,6 +104,12 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
+def machine_name(name: str) -> str:
+    """Return the name ``boot`` gives machine ``name``: cgroups are named by machine, and two test
+    runs on one host must not meet."""
+    return f"{name}-{os.getpid()}"
+
+
 def boot(
     name: str,
     rootfs: Path,
@@ -119,7 +125,7 @@ def boot(
         image = make_image(state_root.parent / "images" / f"{name}.img", size_gib)
     disk = Disk(image, "xvdf", VOLUME_ID)
     machine = Machine.start(
-        f"{name}-{os.getpid()}",  # cgroups are named by machine: two test runs on one host must not meet
+        machine_name(name),
         [rootfs],
         user_data=builder_user_data(login, host_key),
         ssh_address=next_address(),

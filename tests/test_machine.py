@@ -13,7 +13,7 @@ from builder.errors import HostKeyMismatch, SSHAuthFailed
 from builder.keys import KeyPair
 from builder.remote import Remote
 from builder.sandbox.machine import Disk, Machine, MachineError, make_image
-from tests.machines import VOLUME_ID, boot, leftovers, needs_root
+from tests.machines import VOLUME_ID, boot, leftovers, machine_name, needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]
 
@@ -118,7 +118,7 @@ def test_a_killed_machines_cgroups_do_not_stop_the_next_of_its_name(rootfs: Path
     """A supervisor killed with its machine leaves the machine's cgroups behind, children included."""
     from builder.sandbox.machine import _cgroup_dirs
 
-    for top in _cgroup_dirs("m-stale"):
+    for top in _cgroup_dirs(machine_name("m-stale")):
         if top is not None:
             (top / "payload").mkdir(parents=True)
     booted = boot("m-stale", rootfs, state_root)
@@ -126,7 +126,7 @@ def test_a_killed_machines_cgroups_do_not_stop_the_next_of_its_name(rootfs: Path
         assert booted.sh("true").exit_status == 0
     finally:
         booted.machine.stop()
-    assert not any(top is not None and top.exists() for top in _cgroup_dirs("m-stale"))
+    assert not any(top is not None and top.exists() for top in _cgroup_dirs(booted.machine.name))
 
 
 def test_failed_start_says_why_and_cleans_up(state_root: Path, tmp_path: Path) -> None:
