@@ -514,7 +514,11 @@ def test_a_twin_from_a_lost_response_is_found_by_tag_and_removed(
     def twin(parsed: dict[str, Any], **_: Any) -> None:
         request = plane.params("CreateSnapshot")[-1]
         if request["Description"].startswith("ebsrole mini seed-snapshot"):
-            other.create_snapshot(VolumeId=request["VolumeId"], TagSpecifications=request["TagSpecifications"])
+            other.create_snapshot(  # the same request again, as a retry sends it
+                VolumeId=request["VolumeId"],
+                Description=request["Description"],
+                TagSpecifications=request["TagSpecifications"],
+            )
             # As botocore reports a call it retried (the first answer lost, the twin made).
             parsed.setdefault("ResponseMetadata", {})["RetryAttempts"] = 1
 
