@@ -35,8 +35,8 @@ from typing import Any
 
 from builder import freeze as freezing
 from builder import tags
-from builder.ec2 import EC2, CloudError
-from builder.errors import BuildError, FreezeRefused
+from builder.ec2 import EC2
+from builder.errors import BuildError, CloudError, FreezeRefused
 from builder.keys import KeyPair
 from builder.live import known_host_key
 from builder.registry import RoleImage, role_images

@@ -25,30 +25,13 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.errors import CloudError, InvalidInput, WaitTimeout
 from builder.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 RETRIES = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60)
 CREATES = ("create_", "run_", "import_", "register_", "copy_")
-
-
-class CloudError(BuildError):
-    """EC2 refused or failed a call."""
-
-    exit_code = ExitCode.CLOUD
-
-    def __init__(self, operation: str, code: str, message: str, hint: str | None = None) -> None:
-        self.operation, self.code = operation, code
-        super().__init__(f"EC2 {operation}: {code}: {message}", hint=hint)
-
-
-class WaitTimeout(CloudError):
-    """A resource did not reach the wanted state in time."""
-
-    def __init__(self, what: str, wanted: str, last: str, limit: float) -> None:
-        super().__init__("wait", "Timeout", f"{what} still {last!r} after {limit:.0f} s (wanted {wanted!r})")
 
 
 HINTS = {

@@ -14,8 +14,8 @@ from typing import Any
 import paramiko
 
 from builder import tags
-from builder.ec2 import EC2, CloudError
-from builder.errors import InvalidInput, SSHError
+from builder.ec2 import EC2
+from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.remote import Remote, known_host_name
 from builder.render import render_role

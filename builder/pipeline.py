@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from builder import tags
 from builder.cleanup import Resource, UndoStack
-from builder.ec2 import EC2, CloudError, Image
-from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.ec2 import EC2, Image
+from builder.errors import CloudError, InvalidInput, LeftBehind, Unchanged
 from builder.files import write_atomic
 from builder.fingerprint import fingerprint
 from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
-from builder.registry import RoleImage, role_images
+from builder.registry import role_images
 from builder.render import render_role
 from builder.roles import Role
 from builder.sweep import find_leftovers, remove
@@ -47,30 +47,6 @@ log = logging.getLogger(__name__)
 
 Connector = Callable[..., "Remote"]
 CHECKIP_URL = "https://checkip.amazonaws.com"
-
-
-class _Unchanged(Exception):
-    """An AMI of this fingerprint exists (--if-changed): nothing to build."""
-
-    def __init__(self, image: RoleImage) -> None:
-        self.image = image
-
-
-class LeftBehind(BuildError):
-    """Cleanup could not remove everything; names what is left."""
-
-    exit_code = ExitCode.LEFTOVERS
-
-    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None, build_id: str = "") -> None:
-        self.left, self.cause = left, cause
-        lines = [f"  {kind} {rid}: {why}" for kind, rid, why in left]
-        head = f"build failed ({cause}); and cleanup" if cause else "cleanup"
-        # This build's id, never a region-wide age: other builds may be running.
-        sweep = f"python build.py sweep --build-id {build_id}" if build_id else "python build.py sweep"
-        super().__init__(
-            f"{head} left {len(left)} resource(s) behind:\n" + "\n".join(lines),
-            hint=f"remove them by hand, or run: {sweep}",
-        )
 
 
 # The longest a build may take: the builder's dead-man switch powers it off after this.
@@ -153,9 +129,8 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
             with _step(state, name):
                 stage(state)
         manifest.status = "complete"
-    except _Unchanged as unchanged:
+    except Unchanged as image:
         manifest.status = "unchanged"
-        image = unchanged.image
         manifest.ami, manifest.seed_snapshot, manifest.root_snapshot = (
             image.image_id,
             image.seed_snapshot,
@@ -225,7 +200,7 @@ def resolve_base(state: _Build) -> None:
     if state.options.if_changed:
         existing = role_images(state.ec2, values=[state.manifest.fingerprint])
         if existing:
-            raise _Unchanged(existing[0])
+            raise Unchanged(existing[0].image_id, existing[0].seed_snapshot, existing[0].root_snapshot)
 
 
 def temporary_credentials(state: _Build) -> None:

@@ -21,8 +21,8 @@ from typing import Any
 from builder import tags
 from builder.backups import MARKER, nightly_snapshots
 from builder.cleanup import UndoStack
-from builder.ec2 import EC2, CloudError
-from builder.errors import BuildError, InvalidInput, SSHError
+from builder.ec2 import EC2
+from builder.errors import BuildError, CloudError, CopiesFailed, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks
 from builder.pipeline import ssh_ranges
@@ -468,17 +468,6 @@ class Copied:
     root_snapshot: str
     source_ami: str
     source_region: str
-
-
-class CopiesFailed(BuildError):
-    """Some copies failed; the others are complete. Names each failure."""
-
-    def __init__(self, failed: dict[str, BuildError], done: list[Copied]) -> None:
-        self.failed, self.done = failed, done
-        self.exit_code = next(iter(failed.values())).exit_code
-        lines = [f"copy to {region}: {exc}" for region, exc in failed.items()]
-        lines += [f"copy to {c.region}: done, AMI {c.ami}" for c in done]
-        super().__init__("; ".join(lines), hint="run the copy again: it resumes each copy EC2 already has")
 
 
 def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:

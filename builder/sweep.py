@@ -23,8 +23,8 @@ from typing import Any
 
 from builder import tags
 from builder.cleanup import already_gone
-from builder.ec2 import EC2, CloudError
-from builder.errors import InvalidInput
+from builder.ec2 import EC2
+from builder.errors import CloudError, InvalidInput
 
 log = logging.getLogger(__name__)
 
