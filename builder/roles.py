@@ -25,6 +25,7 @@ import jsonschema
 
 from builder import yamlload
 from builder.errors import InputFileInvalid, Problem, RoleInvalid, RoleNotFound
+from builder.tags import PATHS_CHUNK as PATHS_TAG_CHUNK
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ROLES_DIR = PROJECT_DIR / "roles"
@@ -169,7 +170,6 @@ TAG_VALUE_MAX = 256
 # root-snapshot and copied-from (15), plus one paths tag per PATHS_TAG_CHUNK characters
 # of the externalized paths (paths, paths-2, ...).
 TOOL_TAGS = 15
-PATHS_TAG_CHUNK = 250
 # Linux's limits, in bytes: a whole path (PATH_MAX counts the closing NUL) and one
 # component; systemd's for a unit name (the mount unit it generates from /etc/fstab).
 PATH_MAX = 4096
