@@ -122,7 +122,7 @@ class InputFileInvalid(InvalidInput):
 class RoleInvalid(InvalidInput):
     """One or more role files are invalid; carries every problem found."""
 
-    hint = "the role format is described in docs/reference/roles.md and schema/role.schema.json"
+    hint = "the role format is described in docs/reference/roles.md and builder/schema/role.schema.json"
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
@@ -151,7 +151,7 @@ class TemplateError(BuildError):
 
     def __init__(self, template: str, detail: str) -> None:
         self.template = template
-        super().__init__(f"templates/{template}: {detail}")
+        super().__init__(f"builder/templates/{template}: {detail}")
 
 
 @dataclass(frozen=True)
