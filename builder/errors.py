@@ -57,8 +57,8 @@ def exit_code_help() -> str:
 
 def exit_code_table() -> str:
     """Return the exit codes as the Markdown table of the README and the docs."""
-    rows = [f"| {code.value} | {code.meaning} |" for code in ExitCode]
-    return "\n".join(["| code | meaning |", "| --- | --- |", *rows]) + "\n"
+    rows = [f"| {code.value} | `{code.name}` | {code.meaning} |" for code in ExitCode]
+    return "\n".join(["| code | name | meaning |", "| --- | --- | --- |", *rows]) + "\n"
 
 
 class Terminated(BaseException):
