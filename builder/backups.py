@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
 from builder import freeze as freezing
-from builder.ec2 import EC2, CloudError, tag, tag_specs, tags_of
-from builder.errors import BuildError, FreezeRefused
+from builder import tags
+from builder.ec2 import EC2
+from builder.errors import BuildError, CloudError, FreezeRefused
 from builder.keys import KeyPair
 from builder.live import known_host_key
 from builder.registry import RoleImage, role_images
@@ -105,11 +105,11 @@ def role_instances(ec2: EC2, roles: Sequence[str] | None = None, env: str | None
     images = {i.image_id: i for i in role_images(ec2, roles=roles)}
     running = {"Name": "instance-state-name", "Values": ["running"]}
     by_tag = (
-        {"Name": f"tag:{tag('role')}", "Values": list(roles)}
+        {"Name": f"tag:{tags.ROLE}", "Values": list(roles)}
         if roles is not None
         else {
             "Name": "tag-key",
-            "Values": [tag("role")],
+            "Values": [tags.ROLE],
         }
     )
     queries = [[running, by_tag]]
@@ -122,14 +122,14 @@ def role_instances(ec2: EC2, roles: Sequence[str] | None = None, env: str | None
                 raw[instance["InstanceId"]] = instance
     found = []
     for instance in raw.values():
-        tags = tags_of(instance)
-        if tags.get(tag("build-id")):  # a builder, not an instance of the role
+        seen = tags.parse(instance)
+        if seen.build_id:  # a builder, not an instance of the role
             continue
         image = images.get(instance["ImageId"])
-        role = tags.get(tag("role")) or (image.role if image else "")
+        role = seen.role or (image.role if image else "")
         if not role or (roles is not None and role not in roles):
             continue
-        if env is not None and tags.get(tag("env"), "") != env:
+        if env is not None and seen.env != env:
             continue
         if image is None:
             image = _image_of(ec2, instance["ImageId"])
@@ -144,7 +144,7 @@ def role_instances(ec2: EC2, roles: Sequence[str] | None = None, env: str | None
             RoleInstance(
                 instance_id=instance["InstanceId"],
                 role=role,
-                env=tags.get(tag("env"), ""),
+                env=seen.env,
                 az=instance.get("Placement", {}).get("AvailabilityZone", ""),
                 address=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress") or "",
                 volume_id=volume,
@@ -255,25 +255,21 @@ def _volume_mounted(remote: Remote, instance: RoleInstance, *, required: bool) -
 
 
 def _create(ec2: EC2, instance: RoleInstance, date: dt.date, marker: str | None) -> str:
-    tags = {
-        "Name": f"{instance.role}{'-' + instance.env if instance.env else ''} nightly {date.isoformat()}",
-        tag("role"): instance.role,
-        tag("kind"): "nightly",
-        tag("date"): date.isoformat(),
-        tag("source-instance"): instance.instance_id,
-        tag("source-volume"): instance.volume_id,
-        tag("source-az"): instance.az,
-        tag("env"): instance.env,
-        tag("device"): instance.device,
-        tag("created-by"): f"ebsrole {__version__}",
-    }
-    if marker:
-        tags[tag("marker")] = marker
+    nightly = tags.Nightly(
+        instance.role,
+        instance.env,
+        date.isoformat(),
+        instance.instance_id,
+        instance.volume_id,
+        instance.az,
+        instance.device,
+        marker,
+    )
     reply = ec2.call(
         "create_snapshot",
         VolumeId=instance.volume_id,
         Description=f"ebsrole nightly {instance.role} {instance.volume_id} {date.isoformat()}",
-        TagSpecifications=tag_specs("snapshot", tags),
+        TagSpecifications=tags.tag_specs("snapshot", tags.nightly_snapshot(nightly)),
     )
     return str(reply["SnapshotId"])
 
@@ -286,29 +282,29 @@ def nightly_snapshots(
     Newest by the snapshot's own ``StartTime``: a DLM snapshot has no date tag, and a date
     tag can name any night (``--as-of``), so only EC2's start time ranks them all.
     """
-    filters = [{"Name": f"tag:{tag('kind')}", "Values": ["nightly"]}]
+    filters = [{"Name": f"tag:{tags.KIND}", "Values": [tags.KIND_NIGHTLY]}]
     if volumes is not None:
         if not volumes:
             return []
-        filters.append({"Name": f"tag:{tag('source-volume')}", "Values": sorted(set(volumes))})
+        filters.append({"Name": f"tag:{tags.SOURCE_VOLUME}", "Values": sorted(set(volumes))})
     if role is not None:
-        filters.append({"Name": f"tag:{tag('role')}", "Values": [role]})
+        filters.append({"Name": f"tag:{tags.ROLE}", "Values": [role]})
     found = []
     for raw in ec2.call("describe_snapshots", OwnerIds=["self"], Filters=filters)["Snapshots"]:
-        tags = tags_of(raw)
-        if env is not None and tags.get(tag("env"), "") != env:
+        seen = tags.parse(raw)
+        if env is not None and seen.env != env:
             continue
         found.append(
             {
                 "id": raw["SnapshotId"],
-                "volume": tags.get(tag("source-volume"), ""),
-                "date": tags.get(tag("date"), ""),
-                "role": tags.get(tag("role"), ""),
-                "env": tags.get(tag("env"), ""),
+                "volume": seen.source_volume,
+                "date": seen.date,
+                "role": seen.role,
+                "env": seen.env,
                 "state": raw.get("State", ""),
                 "start": _start(raw),
                 "owner": str(raw.get("OwnerId", "")),
-                "tags": tags,
+                "tags": dict(seen.all),
             }
         )
     return sorted(found, key=newest_first, reverse=True)

@@ -27,7 +27,8 @@ from builder.errors import ExitCode
 
 log = logging.getLogger(__name__)
 
-BUILD_PY = Path(__file__).resolve().parent.parent / "build.py"
+# Each build runs as ``python -m builder``, importable from a checkout as from an install.
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 @dataclass
@@ -89,17 +90,22 @@ def run(
     return [outcomes[r] for r in roles if r in outcomes], interrupted
 
 
+def _pythonpath() -> str:
+    """Return PYTHONPATH with this package's parent first, so the builds run this very code."""
+    return os.pathsep.join([PACKAGE_PARENT, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _start(
     role: str, argv: list[str], out: TextIO, lock: threading.Lock
 ) -> tuple[subprocess.Popen[str], float, threading.Thread]:
     proc = subprocess.Popen(
-        [sys.executable, str(BUILD_PY), *argv],
+        [sys.executable, "-m", "builder", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()},
         # Its own process group: a terminal's Ctrl-C reaches the builds only through us,
         # once each, so none of them is interrupted twice.
         start_new_session=True,

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from builder import __version__
-from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid, RoleNotFound
+from builder.errors import BuildError, ExitCode, InvalidInput, RoleInvalid, RoleNotFound, Terminated, exit_code_help
 
 if TYPE_CHECKING:
     from builder.ec2 import EC2
@@ -45,18 +45,7 @@ VERBS = (
 )
 VALUELESS_GLOBALS = ("--debug", "--verbose", "-v")
 
-EPILOG = """\
-exit codes:
-  0  success
-  1  the build or command failed
-  2  invalid input (role file, arguments): nothing was touched
-  3  EC2 refused or failed a call
-  4  a provisioning script failed on the builder
-  5  SSH could not connect, or the host key did not match
-  6  the build failed and cleanup could not remove everything (ids are listed)
-  7  this machine lacks something the command needs
-  130 interrupted (Ctrl-C); 143 terminated (SIGTERM)
-"""
+EPILOG = exit_code_help()
 
 
 BUILD_USAGE = """build.py ROLE [ROLE...] | --all [options]
@@ -82,10 +71,6 @@ commands:
 --sandbox on any command that talks to EC2 runs it against the local sandbox, started
 when needed: no AWS account, same code path.
 """
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived; unwinds like KeyboardInterrupt so cleanup runs."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

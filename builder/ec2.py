@@ -25,31 +25,13 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.errors import CloudError, InvalidInput, WaitTimeout
 from builder.files import write_atomic
 
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "ebsrole:"
 RETRIES = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60)
 CREATES = ("create_", "run_", "import_", "register_", "copy_")
-
-
-class CloudError(BuildError):
-    """EC2 refused or failed a call."""
-
-    exit_code = ExitCode.CLOUD
-
-    def __init__(self, operation: str, code: str, message: str, hint: str | None = None) -> None:
-        self.operation, self.code = operation, code
-        super().__init__(f"EC2 {operation}: {code}: {message}", hint=hint)
-
-
-class WaitTimeout(CloudError):
-    """A resource did not reach the wanted state in time."""
-
-    def __init__(self, what: str, wanted: str, last: str, limit: float) -> None:
-        super().__init__("wait", "Timeout", f"{what} still {last!r} after {limit:.0f} s (wanted {wanted!r})")
 
 
 HINTS = {
@@ -153,24 +135,9 @@ def poll_delay(waited: float) -> float:
     return min(5.0, max(0.25, waited / 3))
 
 
-def tag(key: str) -> str:
-    """Return the full tag key for one of the tool's tags (``role`` -> ``ebsrole:role``)."""
-    return TAG_PREFIX + key
-
-
 def now_iso() -> str:
     """Return the current UTC time as EC2 tags carry it."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
-    """Return EC2's Key/Value list for a mapping."""
-    return [{"Key": k, "Value": v} for k, v in tags.items()]
-
-
-def tag_specs(resource_type: str, tags: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Return a TagSpecifications entry (tags applied at creation)."""
-    return [{"ResourceType": resource_type, "Tags": tag_list(tags)}]
 
 
 def check_region(region: str | None, endpoint_url: str | None) -> None:
@@ -521,8 +488,3 @@ def image_from(raw: Mapping[str, Any]) -> Image:
             None,
         ),
     )
-
-
-def tags_of(resource: Mapping[str, Any]) -> dict[str, str]:
-    """Return a described resource's tags as a mapping."""
-    return {t["Key"]: t["Value"] for t in resource.get("Tags") or []}

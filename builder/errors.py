@@ -10,12 +10,14 @@ This module imports nothing from the rest of the package.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, Protocol
 
 
-class ExitCode:
-    """Process exit codes, documented in the README (tests/test_docs.py keeps them in step)."""
+class ExitCode(IntEnum):
+    """Process exit codes: ``--help`` and the docs print them from here (:func:`exit_code_table`)."""
 
     OK = 0
     FAILED = 1  # a build or command failed for a reason not listed below
@@ -28,11 +30,53 @@ class ExitCode:
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
 
+    @property
+    def meaning(self) -> str:
+        """Return what this exit code tells a user, as ``--help`` and the README say it."""
+        return MEANINGS[self]
+
+
+MEANINGS: Final[Mapping[ExitCode, str]] = {
+    ExitCode.OK: "success",
+    ExitCode.FAILED: "the build or command failed",
+    ExitCode.INVALID_INPUT: "invalid input (role file, arguments): nothing was touched",
+    ExitCode.CLOUD: "EC2 refused or failed a call",
+    ExitCode.REMOTE: "a provisioning script failed on the builder",
+    ExitCode.CONNECTION: "SSH could not connect, or the host key did not match",
+    ExitCode.LEFTOVERS: "the build failed and cleanup could not remove everything (ids are listed)",
+    ExitCode.ENVIRONMENT: "this machine lacks something the command needs (root, a Debian package)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+    ExitCode.TERMINATED: "terminated (SIGTERM)",
+}
+
+
+def exit_code_help() -> str:
+    """Return the exit codes as ``--help`` lists them (its epilog)."""
+    return "exit codes:\n" + "".join(f"  {code.value:<4}{code.meaning}\n" for code in ExitCode)
+
+
+def exit_code_table() -> str:
+    """Return the exit codes as the Markdown table of the README and the docs."""
+    rows = [f"| {code.value} | `{code.name}` | {code.meaning} |" for code in ExitCode]
+    return "\n".join(["| code | name | meaning |", "| --- | --- | --- |", *rows]) + "\n"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like KeyboardInterrupt so cleanup runs."""
+
+
+class Unchanged(Exception):
+    """--if-changed: an AMI of this fingerprint exists, nothing to build; names that AMI and its snapshots."""
+
+    def __init__(self, image_id: str, seed_snapshot: str, root_snapshot: str) -> None:
+        super().__init__(f"unchanged: {image_id}")
+        self.image_id, self.seed_snapshot, self.root_snapshot = image_id, seed_snapshot, root_snapshot
+
 
 class BuildError(Exception):
     """Base of every error the tool raises on purpose."""
 
-    exit_code = ExitCode.FAILED
+    exit_code: ExitCode = ExitCode.FAILED
     hint: str | None = None
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
@@ -78,7 +122,7 @@ class InputFileInvalid(InvalidInput):
 class RoleInvalid(InvalidInput):
     """One or more role files are invalid; carries every problem found."""
 
-    hint = "the role format is described in docs/reference/roles.md and schema/role.schema.json"
+    hint = "the role format is described in docs/reference/roles.md and builder/schema/role.schema.json"
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
@@ -107,7 +151,7 @@ class TemplateError(BuildError):
 
     def __init__(self, template: str, detail: str) -> None:
         self.template = template
-        super().__init__(f"templates/{template}: {detail}")
+        super().__init__(f"builder/templates/{template}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -212,3 +256,88 @@ class FreezeRefused(BuildError):
             f"{instance_id}: refusing to freeze {mount_point} for volume {volume_id}: {reason}",
             hint=f"mount the data volume at {mount_point} (it is in /etc/fstab), or snapshot without --freeze",
         )
+
+
+class CloudError(BuildError):
+    """EC2 refused or failed a call."""
+
+    exit_code = ExitCode.CLOUD
+
+    def __init__(self, operation: str, code: str, message: str, hint: str | None = None) -> None:
+        self.operation, self.code = operation, code
+        super().__init__(f"EC2 {operation}: {code}: {message}", hint=hint)
+
+
+class WaitTimeout(CloudError):
+    """A resource did not reach the wanted state in time."""
+
+    def __init__(self, what: str, wanted: str, last: str, limit: float) -> None:
+        super().__init__("wait", "Timeout", f"{what} still {last!r} after {limit:.0f} s (wanted {wanted!r})")
+
+
+class LeftBehind(BuildError):
+    """Cleanup could not remove everything; names what is left."""
+
+    exit_code = ExitCode.LEFTOVERS
+
+    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None, build_id: str = "") -> None:
+        self.left, self.cause = left, cause
+        lines = [f"  {kind} {rid}: {why}" for kind, rid, why in left]
+        head = f"build failed ({cause}); and cleanup" if cause else "cleanup"
+        # This build's id, never a region-wide age: other builds may be running.
+        sweep = f"python build.py sweep --build-id {build_id}" if build_id else "python build.py sweep"
+        super().__init__(
+            f"{head} left {len(left)} resource(s) behind:\n" + "\n".join(lines),
+            hint=f"remove them by hand, or run: {sweep}",
+        )
+
+
+class _Copy(Protocol):
+    """A completed region copy, as CopiesFailed names it."""
+
+    @property
+    def region(self) -> str: ...
+
+    @property
+    def ami(self) -> str: ...
+
+
+class CopiesFailed(BuildError):
+    """Some copies failed; the others are complete. Names each failure."""
+
+    def __init__(self, failed: dict[str, BuildError], done: Sequence[_Copy]) -> None:
+        self.failed, self.done = failed, list(done)
+        self.exit_code = next(iter(failed.values())).exit_code
+        lines = [f"copy to {region}: {exc}" for region, exc in failed.items()]
+        lines += [f"copy to {c.region}: done, AMI {c.ami}" for c in done]
+        super().__init__("; ".join(lines), hint="run the copy again: it resumes each copy EC2 already has")
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+class MachineError(BuildError):
+    """A local machine failed to start, or a step on it failed; carries the console's tail."""
+
+    def __init__(self, name: str, what: str, console: str = "") -> None:
+        self.name = name
+        tail = f"\nlast console lines:\n{console}" if console else ""
+        super().__init__(f"machine {name}: {what}{tail}")
+
+
+class DataPlaneError(BuildError):
+    """A data-plane step failed; ``code`` is the EC2 error code to answer with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class EC2Error(Exception):
+    """An error to answer the sandbox's current EC2 call with, as AWS would (never raised to a user)."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status

@@ -14,8 +14,9 @@ from typing import Any
 
 import paramiko
 
-from builder.ec2 import EC2, CloudError, tag, tags_of
-from builder.errors import InvalidInput, SSHError
+from builder import tags
+from builder.ec2 import EC2
+from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.remote import Remote, known_host_name
 from builder.render import render_role
@@ -40,7 +41,7 @@ def check_instance(
     if instance.get("State", {}).get("Name") != "running":
         raise CloudError("describe_instances", "IncorrectInstanceState", f"{instance_id} is not running")
     images = ec2.call("describe_images", ImageIds=[instance["ImageId"]])["Images"]
-    role_name = tags_of(images[0]).get(tag("role")) if images else None
+    role_name = tags.parse(images[0]).role if images else None
     if not role_name:
         raise InvalidInput(f"{instance_id} runs {instance['ImageId']}, which is not a role AMI of this tool")
     role = load_role(role_name, roles_dir)

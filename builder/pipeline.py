@@ -25,18 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder import __version__
+from builder import tags
 from builder.cleanup import Resource, UndoStack
-from builder.ec2 import EC2, CloudError, Image, tag, tag_list, tag_specs
-from builder.errors import BuildError, ExitCode, InvalidInput
+from builder.ec2 import EC2, Image
+from builder.errors import CloudError, InvalidInput, LeftBehind, Unchanged
 from builder.files import write_atomic
 from builder.fingerprint import fingerprint
 from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
-from builder.registry import RoleImage, role_images
+from builder.registry import role_images
 from builder.render import render_role
-from builder.roles import PATHS_TAG_CHUNK, Role
-from builder.sweep import BUILDER_VOLUMES, find_leftovers, remove
+from builder.roles import Role
+from builder.sweep import find_leftovers, remove
+from builder.tags import BUILDER_VOLUMES, tag_list, tag_specs
 from builder.userdata import builder_user_data
 
 if TYPE_CHECKING:
@@ -46,30 +47,6 @@ log = logging.getLogger(__name__)
 
 Connector = Callable[..., "Remote"]
 CHECKIP_URL = "https://checkip.amazonaws.com"
-
-
-class _Unchanged(Exception):
-    """An AMI of this fingerprint exists (--if-changed): nothing to build."""
-
-    def __init__(self, image: RoleImage) -> None:
-        self.image = image
-
-
-class LeftBehind(BuildError):
-    """Cleanup could not remove everything; names what is left."""
-
-    exit_code = ExitCode.LEFTOVERS
-
-    def __init__(self, left: list[tuple[str, str, str]], cause: BaseException | None, build_id: str = "") -> None:
-        self.left, self.cause = left, cause
-        lines = [f"  {kind} {rid}: {why}" for kind, rid, why in left]
-        head = f"build failed ({cause}); and cleanup" if cause else "cleanup"
-        # This build's id, never a region-wide age: other builds may be running.
-        sweep = f"python build.py sweep --build-id {build_id}" if build_id else "python build.py sweep"
-        super().__init__(
-            f"{head} left {len(left)} resource(s) behind:\n" + "\n".join(lines),
-            hint=f"remove them by hand, or run: {sweep}",
-        )
 
 
 # The longest a build may take: the builder's dead-man switch powers it off after this.
@@ -127,19 +104,10 @@ class _Build:
     def build_id(self) -> str:
         return self.manifest.build_id
 
-    def tags(self, kind: str, *, temporary: bool, **extra: str) -> dict[str, str]:
-        """Return the tags every resource of this build carries, plus ``extra``."""
-        tags = {
-            **dict(self.role.tags),
-            tag("build-id"): self.build_id,
-            tag("role"): self.role.name,
-            tag("kind"): kind,
-            tag("created-by"): f"ebsrole {__version__}",
-            tag("created-at"): self.manifest.started_at,
-            tag("temporary"): "true" if temporary else "false",
-        }
-        tags.update({tag(k): v for k, v in extra.items()})
-        return tags
+    @property
+    def stamp(self) -> tags.BuildStamp:
+        """Return what every resource of this build carries in its tags."""
+        return tags.BuildStamp(self.build_id, self.role.name, self.manifest.started_at, dict(self.role.tags))
 
 
 def new_build_id() -> str:
@@ -161,9 +129,8 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
             with _step(state, name):
                 stage(state)
         manifest.status = "complete"
-    except _Unchanged as unchanged:
+    except Unchanged as image:
         manifest.status = "unchanged"
-        image = unchanged.image
         manifest.ami, manifest.seed_snapshot, manifest.root_snapshot = (
             image.image_id,
             image.seed_snapshot,
@@ -233,7 +200,7 @@ def resolve_base(state: _Build) -> None:
     if state.options.if_changed:
         existing = role_images(state.ec2, values=[state.manifest.fingerprint])
         if existing:
-            raise _Unchanged(existing[0])
+            raise Unchanged(existing[0].image_id, existing[0].seed_snapshot, existing[0].root_snapshot)
 
 
 def temporary_credentials(state: _Build) -> None:
@@ -246,7 +213,7 @@ def temporary_credentials(state: _Build) -> None:
             "import_key_pair",
             KeyName=name,
             PublicKeyMaterial=state.login.public_line.encode(),
-            TagSpecifications=tag_specs("key-pair", state.tags("key-pair", temporary=True)),
+            TagSpecifications=tag_specs("key-pair", state.stamp.temporary(tags.KIND_KEY_PAIR)),
         )
         state.key_name = name
         state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
@@ -263,7 +230,7 @@ def temporary_credentials(state: _Build) -> None:
             ec2.call(
                 "create_security_group",
                 **params,
-                TagSpecifications=tag_specs("security-group", state.tags("security-group", temporary=True)),
+                TagSpecifications=tag_specs("security-group", state.stamp.temporary(tags.KIND_SECURITY_GROUP)),
             )["GroupId"]
         )
         state.group_id = group_id
@@ -375,8 +342,10 @@ def launch_builder(state: _Build) -> None:
             {"DeviceName": vol.device, "Ebs": data_ebs},
         ],
         "TagSpecifications": [
-            *tag_specs("instance", {"Name": f"ebsrole-builder-{role.name}", **state.tags("builder", temporary=True)}),
-            *tag_specs("volume", state.tags("builder-volume", temporary=True)),
+            *tag_specs(
+                "instance", {tags.NAME: f"ebsrole-builder-{role.name}", **state.stamp.temporary(tags.KIND_BUILDER)}
+            ),
+            *tag_specs("volume", state.stamp.temporary(tags.KIND_BUILDER_VOLUME)),
         ],
         "ClientToken": f"{state.build_id}-builder",
     }
@@ -466,19 +435,22 @@ def snapshot_volumes(state: _Build) -> None:
         if m["DeviceName"] == instance.get("RootDeviceName", state.base.root_device_name if state.base else "")
     )
     made: dict[str, str] = {}
-    for kind, volume_id in (("root-snapshot", root_volume), ("seed-snapshot", str(state.volume_id))):
+    for kind, volume_id in ((tags.KIND_ROOT_SNAPSHOT, root_volume), (tags.KIND_SEED_SNAPSHOT, str(state.volume_id))):
         with state.undo.creating():
             snapshot_id = str(
                 ec2.call(
                     "create_snapshot",
                     VolumeId=volume_id,
                     Description=f"ebsrole {role.name} {kind} {state.build_id}",
-                    TagSpecifications=tag_specs("snapshot", state.tags(kind, temporary=False, status="pending")),
+                    TagSpecifications=tag_specs("snapshot", state.stamp.artefact(kind, tags.STATUS_PENDING)),
                 )["SnapshotId"]
             )
             state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
         made[kind] = snapshot_id
-    state.manifest.root_snapshot, state.manifest.seed_snapshot = made["root-snapshot"], made["seed-snapshot"]
+    state.manifest.root_snapshot, state.manifest.seed_snapshot = (
+        made[tags.KIND_ROOT_SNAPSHOT],
+        made[tags.KIND_SEED_SNAPSHOT],
+    )
     # A snapshot holds the volume's blocks as they were when CreateSnapshot answered: the
     # builder is not needed any more, so it shuts down while the snapshots complete instead
     # of after the AMI is made (cleanup then finds it gone, or nearly).
@@ -522,7 +494,8 @@ def register_image(state: _Build) -> None:
             {"DeviceName": vol.device, "Ebs": data_ebs},
         ],
         "TagSpecifications": tag_specs(
-            "image", {"Name": name, **state.tags("image", temporary=False, status="pending", **_artefact_tags(state))}
+            "image",
+            {tags.NAME: name, **state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_PENDING, _image_facts(state))},
         ),
     }
     if state.base.boot_mode:
@@ -544,23 +517,15 @@ def register_image(state: _Build) -> None:
 def pair_and_keep(state: _Build) -> None:
     """Tag AMI and snapshots so that each names the other; keep them, the rest is temporary."""
     ec2, manifest = state.ec2, state.manifest
-    artefacts = _artefact_tags(state)
-    image_tags = state.tags(
-        "image",
-        temporary=False,
-        **artefacts,
-        **{"seed-snapshot": str(manifest.seed_snapshot), "root-snapshot": str(manifest.root_snapshot)},
-        status="complete",
-    )
+    pairing = tags.pairing(str(manifest.seed_snapshot), str(manifest.root_snapshot))
+    image_tags = state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_COMPLETE, {**_image_facts(state), **pairing})
     # The image's creation tags again (some EC2 implementations drop RegisterImage's), the
     # pairing, and status=complete; the snapshots (tagged at creation) get the AMI, what the
     # AMI carries (fingerprint, paths, ...) and status=complete, both in one call. From now
     # on sweep leaves them alone.
-    ec2.call("create_tags", Resources=[str(manifest.ami)], Tags=tag_list({"Name": _image_name(state), **image_tags}))
+    ec2.call("create_tags", Resources=[str(manifest.ami)], Tags=tag_list({tags.NAME: _image_name(state), **image_tags}))
     snapshots = [str(manifest.seed_snapshot), str(manifest.root_snapshot)]
-    ec2.call(
-        "create_tags", Resources=snapshots, Tags=tag_list({tag("ami"): str(manifest.ami), tag("status"): "complete"})
-    )
+    ec2.call("create_tags", Resources=snapshots, Tags=tag_list(tags.snapshot_done(str(manifest.ami))))
     for resource_id in (str(manifest.ami), *snapshots):  # only once all three are complete: never half-paired
         state.undo.keep(resource_id)
 
@@ -608,20 +573,12 @@ def _image_name(state: _Build) -> str:
     return f"ebsrole-{state.role.name}-{state.build_id}"
 
 
-def _artefact_tags(state: _Build) -> dict[str, str]:
-    role = state.role
-    paths = " ".join(p.path for p in role.externalize)
-    tags = {
-        "base-ami": state.manifest.base_ami or "",
-        "fingerprint": state.manifest.fingerprint or "",
-        "mount-point": role.volume.mount_point,
-        "device": role.volume.device,
-    }
-    # roles.tool_tag_count counts these chunks: validation keeps the AMI within EC2's 50 tags.
-    chunks = [paths[i : i + PATHS_TAG_CHUNK] for i in range(0, len(paths), PATHS_TAG_CHUNK)] or [""]
-    for index, chunk in enumerate(chunks):
-        tags["paths" if index == 0 else f"paths-{index + 1}"] = chunk
-    return tags
+def _image_facts(state: _Build) -> dict[str, str]:
+    role, manifest = state.role, state.manifest
+    paths = [p.path for p in role.externalize]
+    return tags.image_facts(
+        manifest.base_ami or "", manifest.fingerprint or "", role.volume.mount_point, role.volume.device, paths
+    )
 
 
 def _register(ec2: EC2, params: dict[str, Any], build_id: str) -> str:
@@ -634,7 +591,7 @@ def _register(ec2: EC2, params: dict[str, Any], build_id: str) -> str:
     images = ec2.call("describe_images", Owners=["self"], Filters=[{"Name": "name", "Values": [params["Name"]]}])[
         "Images"
     ]
-    mine = [i for i in images if {"Key": tag("build-id"), "Value": build_id} in (i.get("Tags") or [])]
+    mine = [i for i in images if tags.parse(i).build_id == build_id]
     if not mine:
         raise CloudError(
             "register_image",

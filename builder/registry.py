@@ -12,7 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from builder.ec2 import EC2, CloudError, Image, image_from, tag, tags_of
+from builder import tags
+from builder.ec2 import EC2, Image, image_from
+from builder.errors import CloudError
 from builder.fingerprint import Fingerprint, fingerprint, template_sources
 from builder.roles import Role
 
@@ -39,25 +41,20 @@ class RoleImage:
 
     @classmethod
     def of(cls, raw: Mapping[str, Any]) -> RoleImage:
-        tags = tags_of(raw)
-        chunks = [tags.get(tag("paths"), "")]
-        n = 2
-        while tag(f"paths-{n}") in tags:
-            chunks.append(tags[tag(f"paths-{n}")])
-            n += 1
+        seen = tags.parse(raw)
         return cls(
             image_id=str(raw["ImageId"]),
-            role=tags.get(tag("role"), ""),
+            role=seen.role,
             name=str(raw.get("Name", "")),
             created=str(raw.get("CreationDate", "")),
-            fingerprint=tags.get(tag("fingerprint"), ""),
-            build_id=tags.get(tag("build-id"), ""),
-            base_ami=tags.get(tag("base-ami"), ""),
-            seed_snapshot=tags.get(tag("seed-snapshot"), ""),
-            root_snapshot=tags.get(tag("root-snapshot"), ""),
-            mount_point=tags.get(tag("mount-point"), ""),
-            device=tags.get(tag("device"), ""),
-            paths=tuple("".join(chunks).split()),
+            fingerprint=seen.fingerprint,
+            build_id=seen.build_id,
+            base_ami=seen.base_ami,
+            seed_snapshot=seen.seed_snapshot,
+            root_snapshot=seen.root_snapshot,
+            mount_point=seen.mount_point,
+            device=seen.device,
+            paths=seen.paths,
             snapshots=tuple(
                 m["Ebs"]["SnapshotId"]
                 for m in raw.get("BlockDeviceMappings") or []
@@ -123,14 +120,14 @@ def role_images(
 ) -> list[RoleImage]:
     """Return the tool's complete, available role AMIs (of ``roles``, or with fingerprints ``values``)."""
     base_filters = [
-        {"Name": f"tag:{tag('status')}", "Values": ["complete"]},
-        {"Name": f"tag:{tag('kind')}", "Values": ["image"]},
+        {"Name": f"tag:{tags.STATUS}", "Values": [tags.STATUS_COMPLETE]},
+        {"Name": f"tag:{tags.KIND}", "Values": [tags.KIND_IMAGE]},
         {"Name": "state", "Values": ["available"]},
     ]
     key, wanted = (
-        (tag("fingerprint"), sorted(set(values)))
+        (tags.FINGERPRINT, sorted(set(values)))
         if values is not None
-        else (tag("role"), sorted(set(roles)))
+        else (tags.ROLE, sorted(set(roles)))
         if roles is not None
         else (None, [])
     )

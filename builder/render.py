@@ -19,9 +19,10 @@ import jinja2
 
 from builder import __version__
 from builder.errors import TemplateError
-from builder.roles import PROJECT_DIR, Role
+from builder.roles import PACKAGE_DIR, Role
 
-TEMPLATES_DIR = PROJECT_DIR / "templates"
+# Package data: shipped in the wheel, next to the code that reads them.
+TEMPLATES_DIR = PACKAGE_DIR / "templates"
 
 # The scripts, in the order the builder runs them.
 SCRIPTS = ("provision.sh", "verify.sh", "image-hygiene.sh")

@@ -18,18 +18,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from builder import __version__
+from builder import tags
 from builder.backups import MARKER, nightly_snapshots
 from builder.cleanup import UndoStack
-from builder.ec2 import EC2, CloudError, tag, tag_list, tag_specs, tags_of
-from builder.errors import BuildError, InvalidInput, SSHError
+from builder.ec2 import EC2
+from builder.errors import BuildError, CloudError, CopiesFailed, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks
 from builder.pipeline import ssh_ranges
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
-from builder.schedule import target as backup_target
+from builder.tags import RESTORABLE, tag_list, tag_specs
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,9 @@ class Source:
     started: str = ""  # EC2's StartTime, ISO
 
 
-# Kinds of snapshot a restore may start from: nightly backups (the tool's or its DLM
-# policy's) and the seed of a role AMI. Root snapshots, a builder's temporary ones and
-# snapshots the tool did not make are never restored.
-RESTORABLE = ("nightly", "seed-snapshot")
+# Kinds of snapshot a restore may start from (tags.RESTORABLE): nightly backups (the tool's
+# or its DLM policy's) and the seed of a role AMI. Root snapshots, a builder's temporary
+# ones and snapshots the tool did not make are never restored.
 
 
 def current_image(ec2: EC2, role: str) -> RoleImage:
@@ -96,18 +95,9 @@ def choose_source(
     if refused:
         hint = "--allow-other-role restores another role's snapshot" if "not of role" in refused[0] else None
         raise InvalidInput(f"--from {choice}: " + "; ".join(refused), hint=hint)
-    tags = tags_of(raw[0])
+    seen = tags.parse(raw[0])
     start = _iso(raw[0].get("StartTime"))
-    return Source(
-        choice,
-        tags.get(tag("kind"), ""),
-        tags.get(tag("date")) or start[:10],
-        tags.get(tag("source-az"), ""),
-        tags.get(tag("marker")),
-        tags.get(tag("env"), ""),
-        tags.get(tag("role"), ""),
-        start,
-    )
+    return Source(choice, seen.kind, seen.date or start[:10], seen.source_az, seen.marker, seen.env, seen.role, start)
 
 
 def _latest(ec2: EC2, role: str, source_env: str, account: str) -> Source:
@@ -126,13 +116,13 @@ def _latest(ec2: EC2, role: str, source_env: str, account: str) -> Source:
             "the AMI's seed: --from seed",
         )
     snap = found[0]  # newest by StartTime: cron's and DLM's rank together
-    tags = snap["tags"]
+    seen = tags.view(snap["tags"])
     return Source(
         snap["id"],
-        "nightly",
+        tags.KIND_NIGHTLY,
         snap["date"] or snap["start"][:10],
-        tags.get(tag("source-az"), ""),
-        tags.get(tag("marker")),
+        seen.source_az,
+        seen.marker,
         snap["env"],
         role,
         snap["start"],
@@ -141,17 +131,17 @@ def _latest(ec2: EC2, role: str, source_env: str, account: str) -> Source:
 
 def _refusals(raw: dict[str, Any], role: str, source_env: str, account: str, allow_other_role: bool) -> list[str]:
     """Return why snapshot ``raw`` must not be restored for ``role`` (empty: it may)."""
-    tags = tags_of(raw)
-    kind, owner, of_role = tags.get(tag("kind"), ""), str(raw.get("OwnerId", "")), tags.get(tag("role"), "")
+    seen = tags.parse(raw)
+    kind, owner, of_role = seen.kind, str(raw.get("OwnerId", "")), seen.role
     refused = []
     if of_role != role and not allow_other_role:
         refused.append(f"a snapshot of role {of_role or '(none)'}, not of role {role}")
     if owner != account:
         refused.append(f"owned by account {owner or '(unknown)'}, not by this account {account}")
-    if kind not in RESTORABLE or tags.get(tag("temporary")) == "true":
+    if kind not in RESTORABLE or seen.temporary:
         refused.append(f"kind {kind or '(none)'} is not a backup ebsrole restores (those are: {', '.join(RESTORABLE)})")
-    env = tags.get(tag("env"), "")
-    if kind == "nightly" and env != source_env:
+    env = seen.env
+    if kind == tags.KIND_NIGHTLY and env != source_env:
         refused.append(f"from environment {env or '(none)'}, not {source_env or '(none)'} (give --source-env {env})")
     if raw.get("State") == "error":
         refused.append("in state error")
@@ -205,14 +195,7 @@ def launch(
     }
     ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
     name = f"{role.name}-{env}" if env else role.name
-    tags = {
-        "Name": name,
-        tag("role"): role.name,
-        tag("env"): env,
-        tag("restored-from"): source.snapshot_id,
-        tag("created-by"): f"ebsrole {__version__}",
-        **(extra_tags or {}),
-    }
+    shared = {**tags.launched(name, role.name, env, source.snapshot_id), **(extra_tags or {})}
     params: dict[str, Any] = {
         "ImageId": image.image_id,
         "MinCount": count,
@@ -221,8 +204,8 @@ def launch(
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
         "BlockDeviceMappings": [{"DeviceName": image.device or vol.device, "Ebs": ebs}],
         "TagSpecifications": [
-            *tag_specs("instance", {**tags, tag("kind"): "instance"}),
-            *tag_specs("volume", {**tags, tag("kind"): "volume"}),
+            *tag_specs("instance", tags.with_kind(shared, tags.KIND_INSTANCE)),
+            *tag_specs("volume", tags.with_kind(shared, tags.KIND_VOLUME)),
         ],
     }
     if az:
@@ -263,13 +246,7 @@ def launch(
             ec2.call(
                 "create_tags",
                 Resources=[volume],
-                Tags=tag_list(
-                    {
-                        tag("data-of"): role.name,
-                        tag("kind"): "data-volume",
-                        tag("backup-target"): backup_target(role.name, env),  # its env's DLM policy
-                    }
-                ),
+                Tags=tag_list(tags.data_volume(role.name, env)),  # backup-target: its env's DLM policy
             )
         launched.append(
             Launched(
@@ -360,13 +337,7 @@ class DrillReport:
 
 def drill_tags(drill_id: str, role: str) -> dict[str, str]:
     """Return the tags of every temporary resource of a drill: what `sweep` needs to find them after a kill."""
-    return {
-        tag("build-id"): drill_id,
-        tag("temporary"): "true",
-        tag("role"): role,
-        tag("created-by"): f"ebsrole {__version__}",
-        tag("created-at"): time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return tags.drill(drill_id, role)
 
 
 def drill(
@@ -400,7 +371,7 @@ def drill(
                     "create_security_group",
                     GroupName=f"ebsrole-drill-{drill_id}",
                     Description=f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
-                    TagSpecifications=tag_specs("security-group", {**common, tag("kind"): "security-group"}),
+                    TagSpecifications=tag_specs("security-group", tags.with_kind(common, tags.KIND_SECURITY_GROUP)),
                 )["GroupId"]
             )
             undo.push("security-group", group, lambda: ec2.delete_security_group(group))
@@ -418,7 +389,7 @@ def drill(
             env="drill",
             security_group_ids=[group],
             user_data=login_user_data(login),
-            extra_tags={**common, tag("kind"): "drill"},
+            extra_tags=tags.with_kind(common, tags.KIND_DRILL),
             delete_data_on_termination=True,
             undo=undo,
         )[0]
@@ -499,17 +470,6 @@ class Copied:
     source_region: str
 
 
-class CopiesFailed(BuildError):
-    """Some copies failed; the others are complete. Names each failure."""
-
-    def __init__(self, failed: dict[str, BuildError], done: list[Copied]) -> None:
-        self.failed, self.done = failed, done
-        self.exit_code = next(iter(failed.values())).exit_code
-        lines = [f"copy to {region}: {exc}" for region, exc in failed.items()]
-        lines += [f"copy to {c.region}: done, AMI {c.ami}" for c in done]
-        super().__init__("; ".join(lines), hint="run the copy again: it resumes each copy EC2 already has")
-
-
 def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
     """Copy a role AMI to every target region at once; return the copies in the targets' order.
 
@@ -560,7 +520,7 @@ def copy_image(
     the copy's AMI id as soon as EC2 has given it.
     """
     raw = raw or source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
-    tags = tags_of(raw)
+    source_tags = tags.tags_of(raw)
     reply = target.call(
         "copy_image",
         SourceImageId=image.image_id,
@@ -588,18 +548,10 @@ def copy_image(
     }
     root = by_device.get(str(described.get("RootDeviceName")), "")
     seed = by_device.get(image.device, "")
-    origin = {tag("copied-from"): f"{source.region}/{image.image_id}"}
-    target.call(
-        "create_tags",
-        Resources=[copied],
-        Tags=tag_list({**tags, **origin, tag("seed-snapshot"): seed, tag("root-snapshot"): root}),
-    )
-    for snapshot, kind in ((seed, "seed-snapshot"), (root, "root-snapshot")):
+    origin = f"{source.region}/{image.image_id}"
+    target.call("create_tags", Resources=[copied], Tags=tag_list(tags.copied_image(source_tags, origin, seed, root)))
+    for snapshot, kind in ((seed, tags.KIND_SEED_SNAPSHOT), (root, tags.KIND_ROOT_SNAPSHOT)):
         if snapshot:
-            snap_tags = {k: v for k, v in tags.items() if k not in (tag("seed-snapshot"), tag("root-snapshot"), "Name")}
-            target.call(
-                "create_tags",
-                Resources=[snapshot],
-                Tags=tag_list({**snap_tags, **origin, tag("kind"): kind, tag("ami"): copied}),
-            )
+            snap_tags = tags.copied_snapshot(source_tags, origin, kind, copied)
+            target.call("create_tags", Resources=[snapshot], Tags=tag_list(snap_tags))
     return Copied(target.region, copied, seed, root, image.image_id, source.region)

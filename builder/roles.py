@@ -3,7 +3,7 @@
 A role file is ``roles/<name>.yaml``; ``roles/defaults.yaml`` (optional, not a role)
 holds values shared by every role. Validation runs before anything touches the
 network and reports every problem at once, each as ``<file>: <key path>: <what>``.
-Structure (keys, types, enums, patterns) comes from ``schema/role.schema.json``,
+Structure (keys, types, enums, patterns) comes from ``builder/schema/role.schema.json``,
 the same file editors use; the rules that need the whole merged role (path
 nesting, volume limits per type, protected system paths) live here.
 """
@@ -25,12 +25,25 @@ import jsonschema
 
 from builder import yamlload
 from builder.errors import InputFileInvalid, Problem, RoleInvalid, RoleNotFound
+from builder.tags import PATHS_CHUNK as PATHS_TAG_CHUNK
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-ROLES_DIR = PROJECT_DIR / "roles"
-SCHEMA_PATH = PROJECT_DIR / "schema" / "role.schema.json"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent  # the checkout, when running from one
+SCHEMA_PATH = PACKAGE_DIR / "schema" / "role.schema.json"
 DEFAULTS_STEM = "defaults"
 DEBIAN_OWNER = "136693071363"
+
+
+def default_roles_dir() -> Path:
+    """Return where roles are read from without --roles-dir.
+
+    In a checkout (build.py beside the package) that is the checkout's ``roles/``, wherever
+    the command runs from; an installed ``ebsrole`` reads ``./roles``, as a user expects.
+    """
+    return PROJECT_DIR / "roles" if (PROJECT_DIR / "build.py").is_file() else Path("roles")
+
+
+ROLES_DIR = default_roles_dir()
 
 # Words the CLI takes as commands: a role may not be called like one.
 CLI_VERBS = frozenset(
@@ -169,7 +182,6 @@ TAG_VALUE_MAX = 256
 # root-snapshot and copied-from (15), plus one paths tag per PATHS_TAG_CHUNK characters
 # of the externalized paths (paths, paths-2, ...).
 TOOL_TAGS = 15
-PATHS_TAG_CHUNK = 250
 # Linux's limits, in bytes: a whole path (PATH_MAX counts the closing NUL) and one
 # component; systemd's for a unit name (the mount unit it generates from /etc/fstab).
 PATH_MAX = 4096

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from builder import __version__
-from builder.ec2 import EC2, tag
+from builder import tags
+from builder.ec2 import EC2
 from builder.errors import InvalidInput
 
 DEFAULT_ROLE_NAME = "AWSDataLifecycleManagerDefaultRole"
@@ -26,11 +26,6 @@ TIME = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 # An IAM role ARN, with a path or without: role/NAME, role/service-role/NAME, ...
 ROLE_ARN = re.compile(r"^arn:aws(-[a-z]+)*:iam::\d{12}:role/([\w+=,.@-]+/)*[\w+=,.@-]{1,64}$")
 ENV = re.compile(r"^[A-Za-z0-9_-]{0,64}$")  # DLM descriptions allow [0-9A-Za-z _-] only
-
-
-def target(role: str, env: str) -> str:
-    """Return the ``ebsrole:backup-target`` value of the data volumes of ``role`` in ``env``."""
-    return f"{role}@{env}" if env else role
 
 
 def dlm_policy(
@@ -59,13 +54,7 @@ def dlm_policy(
     if not ENV.match(env):
         raise InvalidInput(f"--env {env!r}: letters, digits, '-' and '_' only")
     hour, minute = (int(x) for x in time.split(":"))
-    added = [
-        {"Key": tag("role"), "Value": role},
-        {"Key": tag("kind"), "Value": "nightly"},
-        {"Key": tag("env"), "Value": env},
-        {"Key": tag("scheduled-by"), "Value": "dlm"},
-        {"Key": tag("created-by"), "Value": f"ebsrole {__version__}"},
-    ]
+    added = tags.tag_list(tags.dlm_snapshot(role, env))
 
     def schedule(name: str, create: dict[str, Any], count: int, unit: str) -> dict[str, Any]:
         rule: dict[str, Any] = {
@@ -98,10 +87,10 @@ def dlm_policy(
         "PolicyDetails": {
             "PolicyType": "EBS_SNAPSHOT_MANAGEMENT",
             "ResourceTypes": ["VOLUME"],
-            "TargetTags": [{"Key": tag("backup-target"), "Value": target(role, env)}],
+            "TargetTags": tags.tag_list({tags.BACKUP_TARGET: tags.backup_target(role, env)}),
             "Schedules": schedules,
         },
-        "Tags": {tag("role"): role, tag("env"): env, tag("created-by"): f"ebsrole {__version__}"},
+        "Tags": tags.dlm_policy(role, env),
     }
 
 
@@ -113,9 +102,7 @@ def apply_policy(ec2: EC2, role: str, env: str, policy: dict[str, Any]) -> tuple
     """
     summaries = ec2.dlm_call("get_lifecycle_policies", ResourceTypes=["VOLUME"])["Policies"]
     mine = [
-        p["PolicyId"]
-        for p in summaries
-        if (p.get("Tags") or {}).get(tag("role")) == role and (p.get("Tags") or {}).get(tag("env"), "") == env
+        p["PolicyId"] for p in summaries if (seen := tags.view(p.get("Tags") or {})).role == role and seen.env == env
     ]
     if len(mine) > 1:
         raise InvalidInput(

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from builder import tags
 from builder.cleanup import already_gone
-from builder.ec2 import EC2, CloudError, tag, tags_of
-from builder.errors import InvalidInput
+from builder.ec2 import EC2
+from builder.errors import CloudError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,13 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # What pipeline.new_build_id makes (pipeline imports this module, so it is spelt here;
 # a test holds the two together).
 BUILD_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
-CREATED_AT = "%Y-%m-%dT%H:%M:%SZ"
+CREATED_AT = tags.TIME_FORMAT
 # The build's default time limit (build --timeout, BuildOptions.timeout), after which its
 # dead-man switch powers the builder off. Sweeping younger than twice that could hit a
 # build that is still running.
 BUILD_TIME_LIMIT = 3600.0
 # The kinds of volume that hold a role's data (launch, drills), as opposed to a builder's.
-DATA_VOLUMES = ("volume", "data-volume")
+DATA_VOLUMES = tags.DATA_VOLUMES
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Found:
 
 # A builder's volumes (root and data) go with it: DeleteOnTermination. ("builder-root" is
 # what builds before the data volume joined the launch tagged the root with.)
-BUILDER_VOLUMES = ("builder-volume", "builder-root")
+BUILDER_VOLUMES = tags.BUILDER_VOLUMES
 
 
 def parse_age(text: str) -> float:
@@ -106,18 +107,18 @@ def survey(ec2: EC2, older_than: float, now: datetime | None = None, build_id: s
     """Return the leftovers of builds (fate ``found``) and what looks like one but is spared (with its reason)."""
     now = now or datetime.now(UTC)
     if build_id:
-        filters = [{"Name": f"tag:{tag('build-id')}", "Values": [build_id]}]
+        filters = [{"Name": f"tag:{tags.BUILD_ID}", "Values": [build_id]}]
     else:
-        filters = [{"Name": "tag-key", "Values": [tag("build-id")]}]
+        filters = [{"Name": "tag-key", "Values": [tags.BUILD_ID]}]
     found: list[Found] = []
     attached: dict[str, str] = {}  # volume -> the instance it is attached to
     for kind in KINDS:
         for resource in ec2.find_tagged(kind, filters):
-            tags = tags_of(resource)
-            if not _abandoned(kind, resource, tags):
+            seen = tags.parse(resource)
+            if not _abandoned(kind, resource, seen):
                 continue
-            item = _found(kind, resource, tags)
-            item.reason = _not_ours(kind, resource, tags) or _too_young(tags, now, older_than)
+            item = _found(kind, resource, seen)
+            item.reason = _not_ours(kind, resource, seen) or _too_young(seen, now, older_than)
             item.fate = "spared" if item.reason else "found"
             found.append(item)
             for attachment in resource.get("Attachments") or [] if kind == "volumes" else []:
@@ -138,26 +139,26 @@ def find_volumes(ec2: EC2) -> list[Found]:
     """
     filters = [
         {"Name": "status", "Values": ["available"]},
-        {"Name": "tag:" + tag("kind"), "Values": [*DATA_VOLUMES, *BUILDER_VOLUMES]},
+        {"Name": "tag:" + tags.KIND, "Values": [*DATA_VOLUMES, *BUILDER_VOLUMES]},
     ]
-    volumes = [v for v in ec2.find_tagged("volumes", filters) if _by_tool(tags_of(v))]
+    volumes = [v for v in ec2.find_tagged("volumes", filters) if tags.parse(v).by_tool]
     snapshots = _last_snapshots(ec2, [str(v["VolumeId"]) for v in volumes])
     found = []
     for volume in volumes:
-        tags = tags_of(volume)
-        item = _found("volumes", volume, tags)
+        seen = tags.parse(volume)
+        item = _found("volumes", volume, seen)
         item.created_at = item.created_at or _iso(volume.get("CreateTime"))
         last = snapshots.get(item.id)
         item.note = " ".join(
             part
             for part in (
-                f"env {tags[tag('env')]}" if tags.get(tag("env")) else "",
-                f"restored from {tags[tag('restored-from')]}" if tags.get(tag("restored-from")) else "",
+                f"env {seen.env}" if seen.env else "",
+                f"restored from {seen.restored_from}" if seen.restored_from else "",
                 f"last snapshot {last[0]} {last[1]}" if last else "never snapshotted",
             )
             if part
         )
-        if not last and item.tool_kind in DATA_VOLUMES and tags.get(tag("temporary")) != "true":
+        if not last and item.tool_kind in DATA_VOLUMES and not seen.temporary:
             item.fate, item.reason = "spared", "no completed snapshot of it: its data exists nowhere else"
         found.append(item)
     return found
@@ -200,38 +201,27 @@ def remove(ec2: EC2, found: list[Found]) -> list[Found]:
     return found
 
 
-def _abandoned(kind: str, resource: dict[str, Any], tags: dict[str, str]) -> bool:
+def _abandoned(kind: str, resource: dict[str, Any], seen: tags.TagView) -> bool:
     if kind == "instances" and resource["State"]["Name"] in ("terminated", "shutting-down"):
         return False
-    if tags.get(tag("temporary")) == "true":
+    if seen.temporary:
         return True
-    return kind in ("images", "snapshots") and tags.get(tag("status")) != "complete"
+    return kind in ("images", "snapshots") and seen.status != tags.STATUS_COMPLETE
 
 
-def _found(kind: str, resource: dict[str, Any], tags: dict[str, str]) -> Found:
-    return Found(
-        kind,
-        _id(kind, resource),
-        tags.get(tag("build-id"), ""),
-        tags.get(tag("role"), ""),
-        tags.get(tag("created-at"), ""),
-        tool_kind=tags.get(tag("kind"), ""),
-    )
+def _found(kind: str, resource: dict[str, Any], seen: tags.TagView) -> Found:
+    return Found(kind, _id(kind, resource), seen.build_id, seen.role, seen.created_at, tool_kind=seen.kind)
 
 
-def _by_tool(tags: dict[str, str]) -> bool:
-    return tags.get(tag("created-by"), "").split(" ")[0] == "ebsrole"
-
-
-def _not_ours(kind: str, resource: dict[str, Any], tags: dict[str, str]) -> str:
+def _not_ours(kind: str, resource: dict[str, Any], seen: tags.TagView) -> str:
     """Return why ``resource`` is not one the tool made (tags and naming disagree), or ''."""
-    build_id, role = tags.get(tag("build-id"), ""), tags.get(tag("role"), "")
-    if not _by_tool(tags):
+    build_id, role = seen.build_id, seen.role
+    if not seen.by_tool:
         return "no created-by tag of ebsrole"
     if not BUILD_ID.fullmatch(build_id):
         return f"build id {build_id!r} is not one the tool makes"
-    if _created(tags) is None:
-        return f"created-at {tags.get(tag('created-at'), '')!r} is not a time: never old"
+    if _created(seen) is None:
+        return f"created-at {seen.created_at!r} is not a time: never old"
     names = {f"ebsrole-{role}-{build_id}", f"ebsrole-drill-{build_id}"}
     if kind == "key_pairs" and resource.get("KeyName") not in names:
         return f"key pair {resource.get('KeyName')!r} is not named after build {build_id}"
@@ -248,17 +238,17 @@ def _not_ours(kind: str, resource: dict[str, Any], tags: dict[str, str]) -> str:
     return ""
 
 
-def _too_young(tags: dict[str, str], now: datetime, older_than: float) -> str:
-    created = _created(tags)
+def _too_young(seen: tags.TagView, now: datetime, older_than: float) -> str:
+    created = _created(seen)
     if created is None or (now - created).total_seconds() < older_than:
         return f"younger than {duration(older_than)}: its build may still be running"
     return ""
 
 
-def _created(tags: dict[str, str]) -> datetime | None:
+def _created(seen: tags.TagView) -> datetime | None:
     """Return the created-at time, or None when there is none or it cannot be read (never "old")."""
     try:
-        return datetime.strptime(tags.get(tag("created-at"), ""), CREATED_AT).replace(tzinfo=UTC)
+        return datetime.strptime(seen.created_at, CREATED_AT).replace(tzinfo=UTC)
     except ValueError:
         return None
 

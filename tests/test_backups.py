@@ -524,8 +524,9 @@ def test_one_failing_copy_does_not_stop_the_others() -> None:
     from moto import mock_aws
 
     from builder.ec2 import EC2, RETRIES
+    from builder.errors import CopiesFailed
     from builder.registry import RoleImage
-    from builder.restore import CopiesFailed, copy_images
+    from builder.restore import copy_images
 
     with mock_aws():
         client = boto3.client("ec2", region_name="us-east-1", config=RETRIES)

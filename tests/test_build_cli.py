@@ -17,8 +17,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from builder.ec2 import tag
 from builder.sandbox.machine import free_port
+from builder.tags import tag
 from tests.conftest import MINI_ROLE, PROJECT, run_cli
 
 REGION = "eu-west-1"

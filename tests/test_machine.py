@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import HostKeyMismatch, SSHAuthFailed
+from builder.errors import HostKeyMismatch, MachineError, SSHAuthFailed
 from builder.keys import KeyPair
 from builder.remote import Remote
-from builder.sandbox.machine import Disk, Machine, MachineError, make_image
+from builder.sandbox.machine import Disk, Machine, make_image
 from tests.machines import VOLUME_ID, boot, leftovers, machine_name, needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]

@@ -14,13 +14,14 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from builder.ec2 import EC2, RETRIES, CloudError, Waits, poll_delay, tag
-from builder.errors import BuildError, ExitCode, HostKeyMismatch, RemoteCommandFailed
+from builder.ec2 import EC2, RETRIES, Waits, poll_delay
+from builder.errors import BuildError, CloudError, ExitCode, HostKeyMismatch, LeftBehind, RemoteCommandFailed
 from builder.keys import KeyPair
-from builder.pipeline import BuildOptions, LeftBehind, build, ssh_cidr
+from builder.pipeline import BuildOptions, build, ssh_cidr
 from builder.remote import Remote
 from builder.roles import load_role
 from builder.sandbox.control import Running
+from builder.tags import tag
 from builder.userdata import builder_user_data
 from tests.conftest import MINI_ROLE
 from tests.dataplane import DataPlane

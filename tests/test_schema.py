@@ -23,7 +23,7 @@ def test_shipped_role_files_and_defaults_match_the_schema() -> None:
     for path in ROLES_DIR.glob("*.yaml"):
         data = yaml.safe_load(path.read_text())
         assert not list(validator.iter_errors(data)), path
-        assert path.read_text().startswith("# yaml-language-server: $schema=../schema/role.schema.json")
+        assert path.read_text().startswith("# yaml-language-server: $schema=../builder/schema/role.schema.json")
     assert role_names() == ["database", "management", "web"]
 
 

@@ -17,8 +17,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from builder import sweep
-from builder.ec2 import tag
-from builder.pipeline import BuildOptions, LeftBehind, new_build_id
+from builder.errors import LeftBehind
+from builder.pipeline import BuildOptions, new_build_id
+from builder.tags import tag
 from tests.conftest import MINI_ROLE, run_cli
 from tests.test_build_cli import both_volumes_attached, resources, start_build, wait_until
 

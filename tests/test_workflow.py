@@ -36,7 +36,7 @@ def commands(doc: dict[Any, Any]) -> list[list[str]]:
 def test_workflow_triggers_permissions_and_jobs() -> None:
     doc = load()
     on = doc[True] if True in doc else doc["on"]  # YAML 1.1 reads the key `on` as true
-    assert set(on["push"]["paths"]) == {"roles/**", "templates/**"}
+    assert set(on["push"]["paths"]) == {"roles/**", "builder/templates/**"}
     assert doc["permissions"]["id-token"] == "write"  # OIDC, no stored keys
     build = doc["jobs"]["build"]
     assert build["needs"] == "changed"

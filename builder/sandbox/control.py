@@ -11,6 +11,7 @@ endpoint answers only requests signed with them, and ``env`` gives them to other
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ def loopback_only_env(home: Path) -> dict[str, str]:
 
 
 START_TIMEOUT = 60.0
+# What the server imports beyond the runtime install: the extra ``ebsrole[sandbox]``.
+SERVER_PACKAGES = ("moto", "flask", "werkzeug")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,16 @@ def running(state: Path = STATE_DIR) -> Running | None:
     return Running(pid, str(info["endpoint"]), info.get("latency"))
 
 
+def require_packages() -> None:
+    """Raise EnvironmentProblem when the sandbox's Python packages (the extra ``sandbox``) are missing."""
+    missing = [name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EnvironmentProblem(
+            f"the sandbox needs moto[server] (not installed: {', '.join(missing)})",
+            hint="pip install 'ebsrole[sandbox]'",
+        )
+
+
 def check_host() -> None:
     """Raise EnvironmentProblem (one line with the fix) when this host cannot run the sandbox."""
     require_root("the sandbox")
@@ -118,6 +131,7 @@ def start(
 
     ``latency`` is (preset, scale, EC2 calls per second) of the EC2 latency model.
     """
+    require_packages()
     check_host()
     for release in releases:
         ensure_rootfs(release, "amd64", cache)

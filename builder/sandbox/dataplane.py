@@ -31,22 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.errors import BuildError
+from builder.errors import DataPlaneError, MachineError
 from builder.files import write_atomic
-from builder.sandbox.machine import Disk, Machine, MachineError, make_image
+from builder.sandbox.machine import Disk, Machine, make_image
 
 log = logging.getLogger(__name__)
 
 ADDRESS_NET = "127.77"  # instances get 127.77.x.y, one each; all of 127/8 is local on Linux
 INDEX = "dataplane.json"
-
-
-class DataPlaneError(BuildError):
-    """A data-plane step failed; ``code`` is the EC2 error code to answer with."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
 
 
 def device_node(device: str) -> str:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import BuildError, EnvironmentProblem
+from builder.errors import BuildError, EnvironmentProblem, MachineError
 from builder.sandbox.host import require_root, require_tools
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,6 @@ DEVICES_ALLOWED = (
     "c 10:200 rwm",
 )
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
-
-
-class MachineError(BuildError):
-    """A local machine failed to start, or a step on it failed; carries the console's tail."""
-
-    def __init__(self, name: str, what: str, console: str = "") -> None:
-        self.name = name
-        tail = f"\nlast console lines:\n{console}" if console else ""
-        super().__init__(f"machine {name}: {what}{tail}")
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from builder.errors import DataPlaneError, EC2Error
 from builder.files import write_atomic
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
-from builder.sandbox.dataplane import Attachment, DataPlane, DataPlaneError
+from builder.sandbox.dataplane import Attachment, DataPlane
 from builder.sandbox.latency import Latency, Model
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
 
@@ -66,16 +67,6 @@ MAX_BODY = 16 * 2**20  # EC2's largest calls (RunInstances with user-data) are f
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
-
-
-class EC2Error(Exception):
-    """An error to answer the current EC2 call with, as AWS would."""
-
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 def error_response(code: str, message: str, status: int) -> tuple[str, list[tuple[str, str]], bytes]:
