@@ -439,6 +439,9 @@ def test_snapshot_then_restore_elsewhere_serves_the_new_page(world: World, roles
     known.write_text(f"{production['address']} {host_key}\n")
     snap = cli(world, roles, "snapshot", "web", "--identity", str(key), "--known-hosts", str(known), "--format", "json")
     assert snap.returncode == 0, snap.stderr
+    tonight = [s["snapshot_id"] for s in json.loads(snap.stdout)["snapshots"]]
+    # "latest" is the newest *completed* snapshot: wait for tonight's, as a restore after a backup would.
+    wait_until(lambda: completed(world, tonight), 120, "tonight's snapshot completed")
 
     other_az = f"{REGION}c" if production["az"] != f"{REGION}c" else f"{REGION}d"
     staging = json.loads(cli(world, roles, "launch", "web", "--from", "latest", "--source-env", "production",
