@@ -14,7 +14,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -312,6 +312,79 @@ def drop_login(remote: Remote, login: KeyPair) -> None:
     )
 
 
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What a launch asks for: the snapshot to restore, how many instances, where, and whether to verify them."""
+
+    choice: str = "latest"  # latest | seed | snap-...
+    source_env: str = ""
+    allow_other_role: bool = False
+    count: int = 1
+    az: str | None = None
+    env: str = ""
+    instance_type: str | None = None
+    key_name: str | None = None
+    subnet_id: str | None = None
+    security_group_ids: tuple[str, ...] = ()
+    wait: bool = False  # log in with a temporary key and run the verify script on each
+    ssh_user: str = "admin"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A launch's result: the AMI, the snapshot its data came from, the instances."""
+
+    image: RoleImage
+    source: Source
+    instances: list[Launched]
+
+
+def restore(ec2: EC2, role: Role, request: LaunchRequest) -> Restored:
+    """Launch instances of ``role``'s current AMI with the data of the snapshot ``request`` names.
+
+    With ``request.wait`` each instance is logged in to (host key pinned from its console)
+    and verified; ``Launched.verified`` says how that went, each failed check is logged.
+    Raises like :func:`current_image`, :func:`choose_source` and :func:`launch`.
+    """
+    image = current_image(ec2, role.name)
+    source = choose_source(
+        ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
+    )
+    login = KeyPair.generate(f"ebsrole-launch-{role.name}") if request.wait else None
+    launched = launch(
+        ec2,
+        role,
+        image,
+        source,
+        count=request.count,
+        az=request.az,
+        env=request.env,
+        instance_type=request.instance_type,
+        key_name=request.key_name,
+        subnet_id=request.subnet_id,
+        security_group_ids=list(request.security_group_ids) or None,
+        user_data=login_user_data(login) if login else None,
+    )
+    if login is not None:
+        for instance in launched:
+            verify_launched(ec2, instance, role, login, request.ssh_user)
+    return Restored(image, source, launched)
+
+
+def verify_launched(ec2: EC2, instance: Launched, role: Role, login: KeyPair, user: str) -> None:
+    """Run the verify script on ``instance``, set its ``verified``, then remove the temporary login."""
+    remote = connect(ec2, instance, login, user)
+    try:
+        checks = verify_checks(remote, role)
+        instance.verified = all(c["state"] == "ok" for c in checks)
+        for check in checks:
+            if check["state"] != "ok":
+                log.warning("%s: %s %s: %s", instance.instance_id, check["check"], check["subject"], check["detail"])
+        drop_login(remote, login)
+    finally:
+        remote.close()
+
+
 # ---------------------------------------------------------------- drill
 
 
@@ -468,6 +541,35 @@ class Copied:
     root_snapshot: str
     source_ami: str
     source_region: str
+
+
+def copy_to_regions(
+    source: EC2, connect: Callable[[str], EC2], role: str, ami: str | None, regions: Sequence[str]
+) -> list[Copied]:
+    """Copy AMI ``ami`` of ``role`` (default: its newest) to each of ``regions`` at once; return the copies.
+
+    ``connect(region)`` gives the EC2 of a region; every region is connected to before the
+    first copy, so a bad one stops it all. Raises InvalidInput when there is no such AMI or a
+    region is the AMI's own, CopiesFailed like :func:`copy_images`.
+    """
+    if not ami:
+        images = role_images(source, roles=[role])
+        if not images:
+            raise InvalidInput(f"no AMI of role {role} in {source.region}", hint=f"build it: python build.py {role}")
+        ami = images[0].image_id
+    raw = source.call("describe_images", ImageIds=[ami])["Images"]
+    if not raw:
+        raise InvalidInput(f"{role}: no AMI {ami} in {source.region}")
+    image = RoleImage.of(raw[0])
+    wanted = list(dict.fromkeys(regions))
+    if source.region in wanted:
+        raise InvalidInput(f"--copy-to {source.region}: that is the AMI's own region")
+    targets = {region: connect(region) for region in wanted}
+    started = time.monotonic()
+    log.info("%s: copying %s to %s at once ...", role, image.image_id, ", ".join(wanted))
+    made = copy_images(source, targets, image)
+    log.info("%s: copies done after %.1f s", role, time.monotonic() - started)
+    return made
 
 
 def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
