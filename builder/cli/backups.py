@@ -166,7 +166,7 @@ def schedule(args: argparse.Namespace) -> int:
 
 def launch(args: argparse.Namespace) -> int:
     """Launch instances of a role from a snapshot; with --wait, verify each over SSH."""
-    from builder.restore import LaunchRequest, restore
+    from builder.launch import LaunchRequest, restore
 
     role = load_role(roles_dir(args), args.role)
     if args.count < 1:
@@ -192,9 +192,9 @@ def launch(args: argparse.Namespace) -> int:
 
 def drill(args: argparse.Namespace) -> int:
     """Run a restore drill; exit 0 when it passed."""
+    from builder.drill import drill as run_drill
+    from builder.launch import choose_source, current_image
     from builder.pipeline import new_build_id, ssh_cidr
-    from builder.restore import choose_source, current_image
-    from builder.restore import drill as run_drill
 
     role = load_role(roles_dir(args), args.role)
     ec2 = connect_args(args)

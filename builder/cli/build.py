@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _copy(request: BuildRequest, ec2: EC2, role: str, ami: str | None) -> list[dict[str, str]]:
     """Copy the AMI just built to each --copy-to region; return what was made."""
-    from builder.restore import copy_to_regions
+    from builder.copy import copy_to_regions
 
     made = copy_to_regions(ec2, lambda region: connect(request.target, region), role, str(ami), request.copy_to)
     return [asdict(c) for c in made]

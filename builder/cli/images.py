@@ -99,7 +99,7 @@ def prune(args: argparse.Namespace) -> int:
 
 def copy(args: argparse.Namespace) -> int:
     """Copy the role's AMI to other regions."""
-    from builder.restore import copy_to_regions
+    from builder.copy import copy_to_regions
 
     _check_role_name("copy", args.role, "")
     target = Target.of(args)

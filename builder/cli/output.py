@@ -236,7 +236,7 @@ def drilled(role: str, source: Any, report: Any, fmt: str) -> str:
     ]
     if report.seconds_to_verified is not None:
         lines.append(f"  restored and verified in {report.seconds_to_verified} s; {report.seconds_total} s in all")
-    lines += [f"  {c['state']:4} {c['check']:10} {c['subject']} {c['detail']}".rstrip() for c in report.checks]
+    lines += [f"  {c.state:4} {c.check:10} {c.subject} {c.detail}".rstrip() for c in report.checks]
     lines += [f"  reason: {reason}" for reason in report.reasons]
     lines += [f"  LEFT BEHIND: {left}" for left in report.left_behind]
     return "\n".join(lines)
