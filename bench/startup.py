@@ -20,7 +20,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
 COMMANDS = {"build.py --help": ["--help"], "build.py render web": ["render", "web"]}
-TARGETS = {"build.py --help": 0.3, "build.py render web": 0.5}
+TARGETS = {"build.py --help": 0.1, "build.py render web": 0.5}
 
 
 def main() -> int:

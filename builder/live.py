@@ -9,12 +9,14 @@ known_hosts file (pinned: never trusted on first use).
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from builder import tags
+from builder.checks import FAIL, Check
 from builder.ec2 import EC2
 from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
@@ -59,12 +61,12 @@ def check_instance(
         "image": instance["ImageId"],
         "role": role.name,
         "address": address,
-        "passed": all(c["state"] == "ok" for c in checks),
-        "checks": checks,
+        "passed": all(c.ok for c in checks),
+        "checks": [asdict(c) for c in checks],
     }
 
 
-def verify_checks(remote: Remote, role: Role) -> list[dict[str, str]]:
+def verify_checks(remote: Remote, role: Role) -> list[Check]:
     """Run the role's verify.sh on the instance; return its checks."""
     verify = next(s for s in render_role(role) if s.name == "verify.sh")
     # Over stdin, never from a file: on a live instance other users may write where a
@@ -74,16 +76,9 @@ def verify_checks(remote: Remote, role: Role) -> list[dict[str, str]]:
     for line in result.stdout.splitlines():
         fields = line.split("\t")
         if len(fields) == 4 and fields[0] in ("ok", "FAIL"):
-            checks.append(dict(zip(("state", "check", "subject", "detail"), fields, strict=True)))
+            checks.append(Check(*fields))
     if not checks:
-        checks.append(
-            {
-                "state": "FAIL",
-                "check": "verify",
-                "subject": "verify.sh",
-                "detail": f"no report (exit {result.exit_status})",
-            }
-        )
+        checks.append(Check(FAIL, "verify", "verify.sh", f"no report (exit {result.exit_status})"))
     return checks
 
 

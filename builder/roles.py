@@ -15,7 +15,7 @@ import difflib
 import json
 import posixpath
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -45,29 +45,6 @@ def default_roles_dir() -> Path:
 
 ROLES_DIR = default_roles_dir()
 
-# Words the CLI takes as commands: a role may not be called like one.
-CLI_VERBS = frozenset(
-    {
-        "validate",
-        "render",
-        "audit",
-        "sweep",
-        "sandbox",
-        "fingerprint",
-        "changed",
-        "prune",
-        "snapshot",
-        "schedule",
-        "launch",
-        "drill",
-        "copy",
-        "help",
-        "version",
-        "build",
-        "all",
-        DEFAULTS_STEM,
-    }
-)
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 RELEASES = {"bookworm": 12, "trixie": 13}
@@ -286,8 +263,13 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def load_roles(names: Sequence[str] | None = None, roles_dir: Path = ROLES_DIR) -> list[Role]:
+def load_roles(
+    names: Sequence[str] | None = None, roles_dir: Path = ROLES_DIR, reserved: Collection[str] = ()
+) -> list[Role]:
     """Load and validate the named roles (all roles when ``names`` is empty or None).
+
+    ``reserved`` are names a role may not have (the command line's commands, which
+    it passes in: a role named like one could never be built).
 
     Raises RoleNotFound for a name without a file, RoleInvalid with every problem
     of every file otherwise.
@@ -301,7 +283,7 @@ def load_roles(names: Sequence[str] | None = None, roles_dir: Path = ROLES_DIR) 
     defaults = _load_defaults(roles_dir, problems)
     roles = []
     for name in wanted:
-        role = _load_one(roles_dir / f"{name}.yaml", defaults, problems)
+        role = _load_one(roles_dir / f"{name}.yaml", defaults, problems, reserved)
         if role is not None:
             roles.append(role)
     if problems:
@@ -449,10 +431,12 @@ def _load_defaults(roles_dir: Path, problems: list[Problem]) -> dict[str, Any]:
     return {} if errors else data
 
 
-def _load_one(path: Path, defaults: Mapping[str, Any], problems: list[Problem]) -> Role | None:
+def _load_one(
+    path: Path, defaults: Mapping[str, Any], problems: list[Problem], reserved: Collection[str]
+) -> Role | None:
     shown = display_path(path)
     before = len(problems)
-    if not ROLE_NAME.match(path.stem) or path.stem in CLI_VERBS:
+    if not ROLE_NAME.match(path.stem) or path.stem in {*reserved, DEFAULTS_STEM}:
         problems.append(
             Problem(
                 shown,

@@ -15,6 +15,8 @@ StartTime instead. One policy per role and environment: `--apply` updates it in 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
@@ -114,6 +116,52 @@ def apply_policy(ec2: EC2, role: str, env: str, policy: dict[str, Any]) -> tuple
         ec2.dlm_call("update_lifecycle_policy", PolicyId=mine[0], **update)
         return mine[0], "updated"
     return str(ec2.dlm_call("create_lifecycle_policy", **policy)["PolicyId"]), "created"
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A role's DLM policy, and with --apply its id and whether it was created or updated."""
+
+    policy: dict[str, Any]
+    policy_id: str | None = None
+    done: str | None = None  # created | updated
+
+
+def schedule(
+    role: str,
+    connect: Callable[[], EC2],
+    *,
+    apply: bool,
+    execution_role_arn: str | None,
+    env: str,
+    time: str,
+    keep_daily: int,
+    keep_weekly: int,
+    copy_to: str | None,
+) -> Scheduled:
+    """Return ``role``'s DLM policy; with ``apply``, create it (or update the existing one) too.
+
+    ``connect()`` is called only when EC2 is needed: for the account's default execution
+    role, or to apply. Raises like :func:`dlm_policy` and :func:`apply_policy`.
+    """
+    ec2 = None
+    arn = execution_role_arn
+    if not arn:
+        ec2 = connect()
+        arn = default_role_arn(ec2.account_id())
+    policy = dlm_policy(
+        role,
+        execution_role_arn=arn,
+        env=env,
+        time=time,
+        keep_daily=keep_daily,
+        keep_weekly=keep_weekly,
+        copy_to=copy_to,
+    )
+    if not apply:
+        return Scheduled(policy)
+    policy_id, done = apply_policy(ec2 or connect(), role, env, policy)
+    return Scheduled(policy, policy_id, done)
 
 
 def default_role_arn(account: str) -> str:

@@ -25,8 +25,8 @@ from builder.backups import plan_retention
 from builder.ec2 import EC2
 from builder.errors import InvalidInput
 from builder.keys import KeyPair
+from builder.launch import HOST_KEYS, KEY_LINE
 from builder.remote import Remote
-from builder.restore import HOST_KEYS, KEY_LINE
 from builder.sandbox import control
 from builder.schedule import apply_policy, dlm_policy
 from tests.conftest import MINI_ROLE, PROJECT, run_cli
@@ -526,10 +526,10 @@ def test_build_copy_to_other_regions(world: World, roles: Path) -> None:
 def test_one_failing_copy_does_not_stop_the_others() -> None:
     from moto import mock_aws
 
+    from builder.copy import copy_images
     from builder.ec2 import EC2, RETRIES
     from builder.errors import CopiesFailed
     from builder.registry import RoleImage
-    from builder.restore import copy_images
 
     with mock_aws():
         client = boto3.client("ec2", region_name="us-east-1", config=RETRIES)

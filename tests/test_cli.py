@@ -136,9 +136,16 @@ def test_audit_csv_and_markdown_and_table() -> None:
     assert table[0].split()[:3] == ["role", "path", "target"] and len(table) == 4
 
 
-def test_every_command_is_a_reserved_role_name() -> None:
+def test_every_command_is_a_reserved_role_name(roles_dir: Path, write_role: Callable[..., Path]) -> None:
     """A role named like a command could never be built: validation refuses those names."""
-    from builder.cli import VERBS
-    from builder.roles import CLI_VERBS
+    from builder.cli.registry import RESERVED, VERBS
 
-    assert set(VERBS) <= CLI_VERBS
+    assert set(VERBS) <= RESERVED
+    for verb in VERBS:
+        write_role(verb, GOOD_ROLE)
+    done = run_cli("validate", "--roles-dir", str(roles_dir))
+    assert done.returncode == 2
+    refused = {
+        line.split(".yaml:")[0].rsplit("/", 1)[-1] for line in done.stderr.splitlines() if "not be a command" in line
+    }
+    assert refused == set(VERBS)

@@ -32,8 +32,11 @@ def changed(**changes: Any) -> dict[str, Any]:
 
 
 def problems_of(roles_dir: Path, name: str = "r") -> list[str]:
+    """Return the problems of role ``name``, loaded as the command line loads it (its commands reserved)."""
+    from builder.cli.registry import RESERVED
+
     with pytest.raises(RoleInvalid) as caught:
-        load_roles([name], roles_dir)
+        load_roles([name], roles_dir, reserved=RESERVED)
     return [str(p) for p in caught.value.problems]
 
 

@@ -255,8 +255,8 @@ def test_sweep_volumes_lists_the_tools_available_volumes_and_deletes_only_when_a
 
 
 def test_a_killed_drills_security_group_is_found_by_its_build_id(endpoint: str, client: Any) -> None:
-    """A drill's group carries the drill's own tags (restore.drill_tags): sweep --build-id removes it."""
-    from builder.restore import drill_tags
+    """A drill's group carries the drill's own tags (drill.drill_tags): sweep --build-id removes it."""
+    from builder.drill import drill_tags
 
     drill_id = new_build_id()
     tags = [{"Key": k, "Value": v} for k, v in {**drill_tags(drill_id, "web"), tag("kind"): "security-group"}.items()]

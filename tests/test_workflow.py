@@ -52,10 +52,10 @@ def test_every_command_the_workflow_runs_exists() -> None:
     found = commands(load())
     assert [c[0] for c in found] == ["changed", "web"]
     for argv in found:
-        args = cli._parse(argv)  # argparse exits 2 on an unknown command or option
+        args = cli.parse(argv)  # argparse exits 2 on an unknown command or option
         assert callable(args.run)
-    assert cli._parse(found[0]).format == "github-matrix"
-    assert cli._parse(found[1]).if_changed
+    assert cli.parse(found[0]).format == "github-matrix"
+    assert cli.parse(found[1]).if_changed
 
 
 def test_the_build_job_reads_the_key_changed_prints() -> None:

@@ -1,4 +1,4 @@
-"""Restores: launch a role from a snapshot, prove a restore works (drill), copy AMIs across regions.
+"""Restores: launch a role from a snapshot, log in to what was launched, verify it.
 
 Bringing up an instance of a role *is* a restore: the role AMI with its data device made
 from a snapshot (the newest nightly, the seed, or one named), in any AZ of the region.
@@ -12,20 +12,18 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
-from builder.backups import MARKER, nightly_snapshots
+from builder.backups import nightly_snapshots
 from builder.cleanup import UndoStack
 from builder.ec2 import EC2
-from builder.errors import BuildError, CloudError, CopiesFailed, InvalidInput, SSHError
+from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks
-from builder.pipeline import ssh_ranges
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
@@ -35,7 +33,6 @@ log = logging.getLogger(__name__)
 
 HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 KEY_LINE = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) ([A-Za-z0-9+/]+=*)")
-WEB_SERVICES = ("apache2", "nginx", "httpd")
 
 
 @dataclass(frozen=True)
@@ -312,246 +309,74 @@ def drop_login(remote: Remote, login: KeyPair) -> None:
     )
 
 
-# ---------------------------------------------------------------- drill
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What a launch asks for: the snapshot to restore, how many instances, where, and whether to verify them."""
+
+    choice: str = "latest"  # latest | seed | snap-...
+    source_env: str = ""
+    allow_other_role: bool = False
+    count: int = 1
+    az: str | None = None
+    env: str = ""
+    instance_type: str | None = None
+    key_name: str | None = None
+    subnet_id: str | None = None
+    security_group_ids: tuple[str, ...] = ()
+    wait: bool = False  # log in with a temporary key and run the verify script on each
+    ssh_user: str = "admin"
 
 
-@dataclass
-class DrillReport:
-    role: str
-    passed: bool
-    snapshot_id: str
-    snapshot_kind: str
-    snapshot_date: str
-    source_az: str
-    az: str
-    instance_id: str = ""
-    seconds_to_verified: float | None = None
-    seconds_total: float = 0.0
-    checks: list[dict[str, str]] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-    left_behind: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class Restored:
+    """A launch's result: the AMI, the snapshot its data came from, the instances."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    image: RoleImage
+    source: Source
+    instances: list[Launched]
 
 
-def drill_tags(drill_id: str, role: str) -> dict[str, str]:
-    """Return the tags of every temporary resource of a drill: what `sweep` needs to find them after a kill."""
-    return tags.drill(drill_id, role)
+def restore(ec2: EC2, role: Role, request: LaunchRequest) -> Restored:
+    """Launch instances of ``role``'s current AMI with the data of the snapshot ``request`` names.
+
+    With ``request.wait`` each instance is logged in to (host key pinned from its console)
+    and verified; ``Launched.verified`` says how that went, each failed check is logged.
+    Raises like :func:`current_image`, :func:`choose_source` and :func:`launch`.
+    """
+    image = current_image(ec2, role.name)
+    source = choose_source(
+        ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
+    )
+    login = KeyPair.generate(f"ebsrole-launch-{role.name}") if request.wait else None
+    launched = launch(
+        ec2,
+        role,
+        image,
+        source,
+        count=request.count,
+        az=request.az,
+        env=request.env,
+        instance_type=request.instance_type,
+        key_name=request.key_name,
+        subnet_id=request.subnet_id,
+        security_group_ids=list(request.security_group_ids) or None,
+        user_data=login_user_data(login) if login else None,
+    )
+    if login is not None:
+        for instance in launched:
+            verify_launched(ec2, instance, role, login, request.ssh_user)
+    return Restored(image, source, launched)
 
 
-def drill(
-    ec2: EC2,
-    role: Role,
-    image: RoleImage,
-    source: Source,
-    *,
-    az: str | None,
-    ssh_cidr: str,
-    user: str = "admin",
-    timeout: float = 900,
-    drill_id: str,
-) -> DrillReport:
-    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
-    started = time.monotonic()
-    available = zones(ec2)
-    target = az or next((z for z in available if z != source.source_az), None)
-    if target is None:
-        raise InvalidInput(f"no AZ other than {source.source_az} in {ec2.region}: give --az")
-    if target not in available:
-        raise InvalidInput(f"--az {target}: not an available AZ of {ec2.region} ({', '.join(available)})")
-    report = DrillReport(role.name, False, source.snapshot_id, source.kind, source.date, source.source_az, target)
-    undo = UndoStack()
-    common = drill_tags(drill_id, role.name)
-    login = KeyPair.generate(f"ebsrole-drill-{drill_id}")
+def verify_launched(ec2: EC2, instance: Launched, role: Role, login: KeyPair, user: str) -> None:
+    """Run the verify script on ``instance``, set its ``verified``, then remove the temporary login."""
+    remote = connect(ec2, instance, login, user)
     try:
-        with undo.creating():
-            group = str(
-                ec2.call(
-                    "create_security_group",
-                    GroupName=f"ebsrole-drill-{drill_id}",
-                    Description=f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
-                    TagSpecifications=tag_specs("security-group", tags.with_kind(common, tags.KIND_SECURITY_GROUP)),
-                )["GroupId"]
-            )
-            undo.push("security-group", group, lambda: ec2.delete_security_group(group))
-        ec2.call(
-            "authorize_security_group_ingress",
-            GroupId=group,
-            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ssh_ranges(ssh_cidr)}],
-        )
-        launched = launch(
-            ec2,
-            role,
-            image,
-            source,
-            az=target,
-            env="drill",
-            security_group_ids=[group],
-            user_data=login_user_data(login),
-            extra_tags=tags.with_kind(common, tags.KIND_DRILL),
-            delete_data_on_termination=True,
-            undo=undo,
-        )[0]
-        report.instance_id = launched.instance_id
-        remote = connect(ec2, launched, login, user, timeout)
-        try:
-            report.checks = _drill_checks(remote, role, image, source)
-        finally:
-            remote.close()
-        report.seconds_to_verified = round(time.monotonic() - started, 1)
-        report.reasons = [f"{c['check']} {c['subject']}: {c['detail']}" for c in report.checks if c["state"] != "ok"]
-        report.passed = not report.reasons
-    except BuildError as exc:
-        report.reasons.append(str(exc).splitlines()[0])
+        checks = verify_checks(remote, role)
+        instance.verified = all(c.ok for c in checks)
+        for check in checks:
+            if not check.ok:
+                log.warning("%s: %s", instance.instance_id, check.line())
+        drop_login(remote, login)
     finally:
-        left = undo.unwind()
-        report.left_behind = [f"{r.kind} {r.id}: {r.error}" for r in left]
-        report.seconds_total = round(time.monotonic() - started, 1)
-    if report.left_behind:
-        report.passed = False
-    return report
-
-
-def _drill_checks(remote: Remote, role: Role, image: RoleImage, source: Source) -> list[dict[str, str]]:
-    checks = verify_checks(remote, role)
-    mount = image.mount_point or role.volume.mount_point
-    if source.marker:
-        found = remote.run(
-            f"sudo -n cat {shlex.quote(mount.rstrip('/') + '/' + MARKER)}", timeout=60, on_line=lambda *_: None
-        )
-        got = found.stdout.strip()
-        state = "ok" if got == source.marker else "FAIL"
-        detail = (
-            "the data is the snapshotted data"
-            if state == "ok"
-            else f"marker {got or 'missing'!r}, snapshot says {source.marker!r}"
-        )
-        checks.append({"state": state, "check": "marker", "subject": MARKER, "detail": detail})
-    for service in role.services:
-        active = remote.run(f"systemctl is-active {shlex.quote(service)}", timeout=60, on_line=lambda *_: None)
-        state = "ok" if active.stdout.strip() == "active" else "FAIL"
-        checks.append(
-            {"state": state, "check": "service", "subject": service, "detail": active.stdout.strip() or "unknown"}
-        )
-    if any(s.removesuffix(".service") in WEB_SERVICES for s in role.services):
-        probe = (
-            "python3 -c \"import urllib.request as u; r = u.urlopen('http://127.0.0.1/', timeout=20); "
-            'print(r.status, len(r.read()))"'
-        )
-        answer = ""
-        for _ in range(30):  # the service may still be starting
-            result = remote.run(probe, timeout=60, on_line=lambda *_: None)
-            answer = (
-                result.stdout.strip() or result.stderr.strip().splitlines()[-1:][0]
-                if (result.stdout or result.stderr)
-                else ""
-            )
-            if result.exit_status == 0:
-                break
-            time.sleep(1)
-        state = "ok" if answer.startswith("200 ") else "FAIL"
-        checks.append(
-            {"state": state, "check": "http", "subject": "http://127.0.0.1/", "detail": answer or "no answer"}
-        )
-    return checks
-
-
-# ---------------------------------------------------------------- copy to another region
-
-
-@dataclass
-class Copied:
-    region: str
-    ami: str
-    seed_snapshot: str
-    root_snapshot: str
-    source_ami: str
-    source_region: str
-
-
-def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
-    """Copy a role AMI to every target region at once; return the copies in the targets' order.
-
-    Each copy is EC2's work, so waiting for them one after another would add their times:
-    they run on one thread each. A failure in one region does not stop the others
-    (CopiesFailed names it and what completed). On Ctrl-C or SIGTERM the copies EC2 is still
-    making are named in a warning: they finish on their own, untagged, and running the copy
-    again (same client token) picks them up and tags them.
-    """
-    raw = source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
-    started: dict[str, str] = {}
-    done: dict[str, Copied] = {}
-    failed: dict[str, BuildError] = {}
-
-    def one(region: str, target: EC2) -> None:
-        try:
-            done[region] = copy_image(source, target, image, raw, on_started=lambda ami: started.update({region: ami}))
-        except BuildError as exc:
-            failed[region] = exc
-
-    threads = [threading.Thread(target=one, args=item, daemon=True, name=f"copy-{item[0]}") for item in targets.items()]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.2)  # short joins: Ctrl-C reaches this thread
-    except BaseException:
-        for region, ami in started.items():
-            if region not in done:
-                log.warning("copy to %s: AMI %s left copying (untagged); run the copy again to finish it", region, ami)
-        raise
-    if failed:
-        raise CopiesFailed(failed, [done[r] for r in targets if r in done])
-    return [done[region] for region in targets]
-
-
-def copy_image(
-    source: EC2,
-    target: EC2,
-    image: RoleImage,
-    raw: dict[str, Any] | None = None,
-    on_started: Callable[[str], None] | None = None,
-) -> Copied:
-    """Copy a role AMI (and so its snapshots) to ``target``'s region, tags and pairing kept.
-
-    ``raw`` is the source image's description if the caller has it; ``on_started`` hears
-    the copy's AMI id as soon as EC2 has given it.
-    """
-    raw = raw or source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
-    source_tags = tags.tags_of(raw)
-    reply = target.call(
-        "copy_image",
-        SourceImageId=image.image_id,
-        SourceRegion=source.region,
-        Name=image.name,
-        Description=str(raw.get("Description") or f"ebsrole {image.role}")[:255],
-        Encrypted=True,
-        ClientToken=f"ebsrole-copy-{image.image_id}-{target.region}"[:64],
-    )
-    copied = str(reply["ImageId"])
-    if on_started:
-        on_started(copied)
-    target.wait_for(
-        f"image {copied}",
-        lambda: target.image_state(copied),
-        "available",
-        timeout=3600,
-        failed=("failed", "invalid", "error", "deregistered"),
-    )
-    described = target.call("describe_images", ImageIds=[copied])["Images"][0]
-    by_device = {
-        m["DeviceName"]: m["Ebs"]["SnapshotId"]
-        for m in described.get("BlockDeviceMappings", [])
-        if m.get("Ebs", {}).get("SnapshotId")
-    }
-    root = by_device.get(str(described.get("RootDeviceName")), "")
-    seed = by_device.get(image.device, "")
-    origin = f"{source.region}/{image.image_id}"
-    target.call("create_tags", Resources=[copied], Tags=tag_list(tags.copied_image(source_tags, origin, seed, root)))
-    for snapshot, kind in ((seed, tags.KIND_SEED_SNAPSHOT), (root, tags.KIND_ROOT_SNAPSHOT)):
-        if snapshot:
-            snap_tags = tags.copied_snapshot(source_tags, origin, kind, copied)
-            target.call("create_tags", Resources=[snapshot], Tags=tag_list(snap_tags))
-    return Copied(target.region, copied, seed, root, image.image_id, source.region)
+        remote.close()

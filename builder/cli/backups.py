@@ -1,0 +1,210 @@
+"""snapshot, schedule, launch, drill: nightly backups, and restores from them."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+from builder.cli import output
+from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
+from builder.cli.registry import Parser, add, aws_options, ssh_login_options
+from builder.errors import ExitCode, InvalidInput
+
+
+def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """Add the parsers of snapshot, schedule, launch and drill."""
+    p = add(sub, "snapshot", common)
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+    p.add_argument("--env", help="only instances of this environment (the ebsrole:env tag)")
+    p.add_argument("--freeze", action="store_true", help="fsfreeze the volume over SSH around the snapshot start")
+    p.add_argument(
+        "--freeze-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --freeze: a watchdog on the instance thaws the volume after this long, "
+        "even if the connection dies (default 60)",
+    )
+    p.add_argument("--keep-daily", type=int, metavar="N", help="retention: keep the N newest nightly snapshots")
+    p.add_argument("--keep-weekly", type=int, default=0, metavar="M", help="and the newest of each of M weeks")
+    p.add_argument("--dry-run", action="store_true", help="retention: list what it would delete, delete nothing")
+    p.add_argument("--as-of", metavar="YYYY-MM-DD", help="the night to record (default: today, UTC)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
+    aws_options(p)
+    _schedule_parser(sub, common)
+    for verb in ("launch", "drill"):
+        _restore_parser(add(sub, verb, common))
+    p = sub.choices["drill"]
+    p.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address)")
+    p = sub.choices["launch"]
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--env", default="", help="environment name, tagged (production, staging, ...)")
+    p.add_argument("--instance-type", help="default: the role's instance_type")
+    p.add_argument("--key-name", help="EC2 key pair for your own logins")
+    p.add_argument("--subnet-id")
+    p.add_argument("--security-group-id", action="append", help="repeatable")
+    p.add_argument("--wait", action="store_true", help="wait until each instance passes the verify script over SSH")
+    for name in ("snapshot", "schedule", "launch", "drill"):
+        sub.choices[name].set_defaults(run=run)
+
+
+def _restore_parser(p: Parser) -> None:
+    """The options launch and drill share: which snapshot, which AZ, how to log in."""
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default="latest",
+        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
+    )
+    p.add_argument(
+        "--source-env",
+        help="restore this environment's data (launch: default its --env; drill: default no environment)",
+    )
+    p.add_argument(
+        "--allow-other-role",
+        action="store_true",
+        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
+    )
+    p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
+    p.add_argument("--ssh-user", default="admin")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    aws_options(p)
+
+
+def _schedule_parser(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    p = add(sub, "schedule", common)
+    p.add_argument("role", metavar="ROLE")
+    p.add_argument("--env", default="", help="the environment whose data volumes it snapshots (launch --env)")
+    p.add_argument("--time", default="03:00", help="daily snapshot time, HH:MM UTC (default 03:00)")
+    p.add_argument("--keep-daily", type=int, default=7)
+    p.add_argument("--keep-weekly", type=int, default=4)
+    p.add_argument("--copy-to", metavar="REGION", help="also copy each snapshot to this region")
+    p.add_argument("--execution-role-arn", help="the IAM role DLM uses (default: the account's DLM default role)")
+    p.add_argument(
+        "--apply", action="store_true", help="create the policy, or update the role's and env's existing one"
+    )
+    aws_options(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command of this group that ``args`` name; return its exit code."""
+    return {"snapshot": snapshot, "schedule": schedule, "launch": launch}.get(args.verb, drill)(args)
+
+
+def _night(as_of: str | None) -> dt.date:
+    """Return the night --as-of names (default today, UTC); raises InvalidInput for a bad or future one."""
+    today = dt.datetime.now(dt.UTC).date()
+    try:
+        date = dt.date.fromisoformat(as_of) if as_of else today
+    except ValueError:
+        raise InvalidInput(f"--as-of {as_of!r}: give a date as YYYY-MM-DD") from None
+    if date > today:
+        raise InvalidInput(f"--as-of {as_of}: a night in the future (today is {today.isoformat()}, UTC)")
+    return date
+
+
+def _check_snapshot_options(args: argparse.Namespace) -> None:
+    if args.keep_daily is not None and args.keep_daily < 1:
+        raise InvalidInput(f"--keep-daily {args.keep_daily}: keep at least 1")
+    if args.keep_weekly < 0:
+        raise InvalidInput(f"--keep-weekly {args.keep_weekly}: at least 0")
+    if (args.freeze or args.known_hosts) and not args.identity:
+        raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    if not 1 <= args.freeze_timeout <= 900:
+        raise InvalidInput(f"--freeze-timeout {args.freeze_timeout:g}: give 1 to 900 seconds")
+
+
+def snapshot(args: argparse.Namespace) -> int:
+    """Snapshot the data volumes of running role instances; apply retention."""
+    from builder.backups import apply_retention, role_instances, snapshot_instances, ssh_connector
+
+    date = _night(args.as_of)
+    _check_snapshot_options(args)
+    require_role_files(roles_dir(args), args.roles)
+    ec2 = connect_args(args)
+    instances = role_instances(ec2, args.roles or None, args.env)
+    known_hosts = args.known_hosts or Path.home() / ".ssh/known_hosts"
+    login = ssh_connector(args.identity, known_hosts, args.ssh_user) if args.identity else None
+    results = snapshot_instances(
+        ec2, instances, date, freeze=args.freeze, connect=login, freeze_timeout=args.freeze_timeout
+    )
+    failed = any(r.result == "failed" for r in results)
+    if failed:  # a failed night deletes nothing: its older snapshots are all there is
+        output.note(output.snapshot_failures(results))
+    retention = []
+    if args.keep_daily is not None and not failed:
+        volumes = [i.volume_id for i in instances]
+        retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
+    output.emit(output.snapshots(date.isoformat(), results, retention, args.format))
+    return ExitCode.FAILED if failed or any(r.fate == "left" for r in retention) else ExitCode.OK
+
+
+def schedule(args: argparse.Namespace) -> int:
+    """Print or create the role's DLM policy."""
+    from builder.schedule import schedule as role_schedule
+
+    load_role(roles_dir(args), args.role)  # the role must exist
+    if args.apply and args.sandbox:
+        raise InvalidInput("the sandbox has no Data Lifecycle Manager: print the policy without --apply")
+    done = role_schedule(
+        args.role,
+        lambda: connect_args(args),
+        apply=args.apply,
+        execution_role_arn=args.execution_role_arn,
+        env=args.env,
+        time=args.time,
+        keep_daily=args.keep_daily,
+        keep_weekly=args.keep_weekly,
+        copy_to=args.copy_to,
+    )
+    output.emit(f"{args.role}: DLM policy {done.policy_id} {done.done}" if args.apply else output.as_json(done.policy))
+    return ExitCode.OK
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Launch instances of a role from a snapshot; with --wait, verify each over SSH."""
+    from builder.launch import LaunchRequest, restore
+
+    role = load_role(roles_dir(args), args.role)
+    if args.count < 1:
+        raise InvalidInput(f"--count {args.count}: at least 1")
+    request = LaunchRequest(
+        choice=args.source,
+        source_env=args.env if args.source_env is None else args.source_env,  # production restores production's
+        allow_other_role=args.allow_other_role,
+        count=args.count,
+        az=args.az,
+        env=args.env,
+        instance_type=args.instance_type,
+        key_name=args.key_name,
+        subnet_id=args.subnet_id,
+        security_group_ids=tuple(args.security_group_id or ()),
+        wait=args.wait,
+        ssh_user=args.ssh_user,
+    )
+    done = restore(connect_args(args), role, request)
+    output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
+    return ExitCode.FAILED if any(i.verified is False for i in done.instances) else ExitCode.OK
+
+
+def drill(args: argparse.Namespace) -> int:
+    """Run a restore drill; exit 0 when it passed."""
+    from builder.drill import drill as run_drill
+    from builder.launch import choose_source, current_image
+    from builder.pipeline import new_build_id, ssh_cidr
+
+    role = load_role(roles_dir(args), args.role)
+    ec2 = connect_args(args)
+    cidr = ssh_cidr(args.ssh_cidr, ec2.endpoint_url)
+    image = current_image(ec2, role.name)
+    source = choose_source(
+        ec2, role.name, image, args.source, args.source_env or "", allow_other_role=args.allow_other_role
+    )
+    report = run_drill(ec2, role, image, source, az=args.az, ssh_cidr=cidr, user=args.ssh_user, drill_id=new_build_id())
+    output.emit(output.drilled(role.name, source, report, args.format))
+    if report.left_behind:
+        return ExitCode.LEFTOVERS
+    return ExitCode.OK if report.passed else ExitCode.FAILED

@@ -1,0 +1,169 @@
+"""Restore drills: restore a snapshot into another AZ, check it over SSH, remove it all, report.
+
+A drill proves a backup restores: the data is the snapshotted data (its marker), the
+role's services run, a web role answers HTTP. Everything it makes carries the drill's tags,
+so `sweep --build-id` finds it after a kill.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from builder import tags
+from builder.backups import MARKER
+from builder.checks import Check
+from builder.cleanup import UndoStack
+from builder.ec2 import EC2
+from builder.errors import BuildError, InvalidInput
+from builder.keys import KeyPair
+from builder.launch import Source, connect, launch, login_user_data, zones
+from builder.live import verify_checks
+from builder.pipeline import ssh_ranges
+from builder.registry import RoleImage
+from builder.remote import Remote
+from builder.roles import Role
+from builder.tags import tag_specs
+
+WEB_SERVICES = ("apache2", "nginx", "httpd")
+
+
+@dataclass
+class DrillReport:
+    role: str
+    passed: bool
+    snapshot_id: str
+    snapshot_kind: str
+    snapshot_date: str
+    source_az: str
+    az: str
+    instance_id: str = ""
+    seconds_to_verified: float | None = None
+    seconds_total: float = 0.0
+    checks: list[Check] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    left_behind: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def drill_tags(drill_id: str, role: str) -> dict[str, str]:
+    """Return the tags of every temporary resource of a drill: what `sweep` needs to find them after a kill."""
+    return tags.drill(drill_id, role)
+
+
+def drill(
+    ec2: EC2,
+    role: Role,
+    image: RoleImage,
+    source: Source,
+    *,
+    az: str | None,
+    ssh_cidr: str,
+    user: str = "admin",
+    timeout: float = 900,
+    drill_id: str,
+) -> DrillReport:
+    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
+    started = time.monotonic()
+    available = zones(ec2)
+    target = az or next((z for z in available if z != source.source_az), None)
+    if target is None:
+        raise InvalidInput(f"no AZ other than {source.source_az} in {ec2.region}: give --az")
+    if target not in available:
+        raise InvalidInput(f"--az {target}: not an available AZ of {ec2.region} ({', '.join(available)})")
+    report = DrillReport(role.name, False, source.snapshot_id, source.kind, source.date, source.source_az, target)
+    undo = UndoStack()
+    common = drill_tags(drill_id, role.name)
+    login = KeyPair.generate(f"ebsrole-drill-{drill_id}")
+    try:
+        with undo.creating():
+            group = str(
+                ec2.call(
+                    "create_security_group",
+                    GroupName=f"ebsrole-drill-{drill_id}",
+                    Description=f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
+                    TagSpecifications=tag_specs("security-group", tags.with_kind(common, tags.KIND_SECURITY_GROUP)),
+                )["GroupId"]
+            )
+            undo.push("security-group", group, lambda: ec2.delete_security_group(group))
+        ec2.call(
+            "authorize_security_group_ingress",
+            GroupId=group,
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ssh_ranges(ssh_cidr)}],
+        )
+        launched = launch(
+            ec2,
+            role,
+            image,
+            source,
+            az=target,
+            env="drill",
+            security_group_ids=[group],
+            user_data=login_user_data(login),
+            extra_tags=tags.with_kind(common, tags.KIND_DRILL),
+            delete_data_on_termination=True,
+            undo=undo,
+        )[0]
+        report.instance_id = launched.instance_id
+        remote = connect(ec2, launched, login, user, timeout)
+        try:
+            report.checks = _drill_checks(remote, role, image, source)
+        finally:
+            remote.close()
+        report.seconds_to_verified = round(time.monotonic() - started, 1)
+        report.reasons = [c.line() for c in report.checks if not c.ok]
+        report.passed = not report.reasons
+    except BuildError as exc:
+        report.reasons.append(str(exc).splitlines()[0])
+    finally:
+        left = undo.unwind()
+        report.left_behind = [f"{r.kind} {r.id}: {r.error}" for r in left]
+        report.seconds_total = round(time.monotonic() - started, 1)
+    if report.left_behind:
+        report.passed = False
+    return report
+
+
+def _drill_checks(remote: Remote, role: Role, image: RoleImage, source: Source) -> list[Check]:
+    """Return the verify script's checks, then the drill's probes: the marker, the services, HTTP."""
+    checks = verify_checks(remote, role)
+    mount = image.mount_point or role.volume.mount_point
+    if source.marker:
+        found = remote.run(
+            f"sudo -n cat {shlex.quote(mount.rstrip('/') + '/' + MARKER)}", timeout=60, on_line=lambda *_: None
+        )
+        got = found.stdout.strip()
+        state = "ok" if got == source.marker else "FAIL"
+        detail = (
+            "the data is the snapshotted data"
+            if state == "ok"
+            else f"marker {got or 'missing'!r}, snapshot says {source.marker!r}"
+        )
+        checks.append(Check(state, "marker", MARKER, detail))
+    for service in role.services:
+        active = remote.run(f"systemctl is-active {shlex.quote(service)}", timeout=60, on_line=lambda *_: None)
+        state = "ok" if active.stdout.strip() == "active" else "FAIL"
+        checks.append(Check(state, "service", service, active.stdout.strip() or "unknown"))
+    if any(s.removesuffix(".service") in WEB_SERVICES for s in role.services):
+        probe = (
+            "python3 -c \"import urllib.request as u; r = u.urlopen('http://127.0.0.1/', timeout=20); "
+            'print(r.status, len(r.read()))"'
+        )
+        answer = ""
+        for _ in range(30):  # the service may still be starting
+            result = remote.run(probe, timeout=60, on_line=lambda *_: None)
+            answer = (
+                result.stdout.strip() or result.stderr.strip().splitlines()[-1:][0]
+                if (result.stdout or result.stderr)
+                else ""
+            )
+            if result.exit_status == 0:
+                break
+            time.sleep(1)
+        state = "ok" if answer.startswith("200 ") else "FAIL"
+        checks.append(Check(state, "http", "http://127.0.0.1/", answer or "no answer"))
+    return checks
