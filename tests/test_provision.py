@@ -317,7 +317,9 @@ MIB = 1024**2
 
 # Sparse files, hard links, ACLs, user.* and security.* xattrs, file capabilities (also on
 # a file not owned by root: a chown after setting them would drop them), a socket, a fifo,
-# device nodes, setuid, and old times on files, directories and symlinks.
+# device nodes, setuid, and old times on files, directories and symlinks. The block node is of
+# major 240 (local/experimental use): no device of the host answers it, whatever the host's loop
+# devices are doing (a node of /dev/loop42 had its time moved while other runs used loop42).
 FILL_KEEP = r"""
 set -e
 mkdir -p /srv/keep/frozen /srv/keep/sub/deeper && cd /srv/keep
@@ -336,7 +338,7 @@ os.setxattr("dense", "security.ebsrole", b"label")
 socket.socket(socket.AF_UNIX).bind("sock")
 '
 mkfifo fifo
-mknod char-null c 1 3 && mknod block-loop b 7 42
+mknod char-null c 1 3 && mknod block-loop b 240 42
 cp /usr/bin/true setuid && chmod 4755 setuid
 ln -s sparse-1g link && ln -s /nowhere dangling
 touch -d '2001-02-03 04:05:06' dense immutable frozen/inside sub/deeper/hardlink-c fifo char-null sock
