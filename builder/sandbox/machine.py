@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,19 @@ log = logging.getLogger(__name__)
 
 STATE_ROOT = Path(os.environ.get("EBSROLE_STATE", "/var/lib/ebsrole/machines"))
 STAGE = Path(__file__).with_name("stage.sh")
+INSIDE = Path(__file__).with_name("inside")
+# Host uids and gids BASE..BASE+65535 are uids 0..65535 of every machine (root inside is BASE
+# on the host). Far above what /etc/subuid conventions hand out (100000 + 65536 per user).
+UID_BASE = 0x10000000
+# What the broker does for the machine, put in a layer above its root tree: mount(8) helpers
+# for the filesystems of data volumes, and fsfreeze.
+HELPERS = {
+    "usr/sbin/mount.ext4": "mount-helper",
+    "usr/sbin/mount.ext3": "mount-helper",
+    "usr/sbin/mount.ext2": "mount-helper",
+    "usr/sbin/mount.xfs": "mount-helper",
+    "usr/sbin/fsfreeze": "fsfreeze",
+}
 TOOLS = {
     "unshare": "util-linux",
     "nsenter": "util-linux",
@@ -72,6 +86,7 @@ DEVICES_ALLOWED = (
     "c 136:* rwm",
     "c 10:200 rwm",
 )
+_DELEGATED = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 
 
@@ -244,14 +259,20 @@ class Machine:
     def _launch(self, timeout: float) -> None:
         cgroup, devices = _cgroup_dirs(self.name)
         disks = " ".join(self._disk_specs())
+        # -P: the working directory (another checkout, say) never shadows this package.
+        broker = f"env PYTHONPATH={shlex.quote(str(Path(__file__).parents[2]))} {shlex.quote(sys.executable)} -P"
         env = {
             "STATE": str(self.state),
             "LOWER": ":".join(self._read("layers").splitlines()),
+            "HELPERS": str(self._make_helpers()),
             "NAME": self.name,
             "CGROUP": str(cgroup / "payload"),
             "CAPS": CAPS,
             "DISKS": disks,
+            "BASE": str(UID_BASE),
+            "BROKER": f"{broker} -m builder.sandbox.broker",
         }
+        self._start_broker()
         env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
         join = [
             f"echo $$ > {shlex.quote(str(self.state / 'unshare.pid'))}",
@@ -263,8 +284,8 @@ class Machine:
             [
                 "trap '' HUP",
                 *join,
-                "exec unshare --mount --pid --uts --ipc --net --fork --kill-child -- "
-                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {env_args} bash {shlex.quote(str(STAGE))} ns",
+                "exec unshare --mount -- "
+                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {env_args} bash {shlex.quote(str(STAGE))} host",
             ]
         )
         console = self.state / "console.log"
@@ -281,6 +302,37 @@ class Machine:
         leader = self._wait_leader(deadline, proc)
         self._start_network(leader, deadline)
         self._signal_go(deadline)
+
+    def _make_helpers(self) -> Path:
+        """Return the layer holding the in-machine ends of the broker (made afresh on each start)."""
+        layer = self.state / "helpers"
+        shutil.rmtree(layer, ignore_errors=True)
+        for inside, source in HELPERS.items():
+            (layer / inside).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(INSIDE / source, layer / inside)
+            (layer / inside).chmod(0o755)
+        return layer
+
+    def _start_broker(self) -> None:
+        read_fd, write_fd = os.pipe()
+        with open(self.state / "broker.log", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "builder.sandbox.broker", "serve", str(self.state), str(write_fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+            )
+        os.close(write_fd)
+        self._write("broker.pid", str(proc.pid))
+        try:
+            ready = os.read(read_fd, 1)
+        finally:
+            os.close(read_fd)
+        if not ready:
+            raise MachineError(self.name, f"the broker failed: {self._read('broker.log', '').strip()[-500:]}")
 
     def _wait_leader(self, deadline: float, proc: subprocess.Popen[bytes]) -> int:
         while time.monotonic() < deadline:
@@ -350,7 +402,8 @@ class Machine:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             return None
-        return int(children[0]) if children else None
+        # Before PID 1 exists, the launcher's children are the set-up steps of stage.sh.
+        return next((int(c) for c in children if _is_pid1(int(c))), None)
 
     @property
     def running(self) -> bool:
@@ -415,7 +468,7 @@ class Machine:
         if node.exists():
             raise MachineError(self.name, f"/dev/{disk.node} is already attached")
         os.mknod(node, 0o660 | 0o060000, os.makedev(major, minor))
-        os.chown(node, 0, 6)
+        os.chown(node, UID_BASE, UID_BASE + 6)
         links = [dev / "disk/by-id" / disk.by_id] if disk.by_id else []
         uuid_ = _fs_uuid(loop)
         if uuid_:
@@ -424,6 +477,7 @@ class Machine:
         for link in links:
             link.unlink(missing_ok=True)
             link.symlink_to(f"../../{disk.node}")
+            os.lchown(link, UID_BASE, UID_BASE)
         return loop
 
     def detach(self, node: str) -> None:
@@ -507,7 +561,7 @@ class Machine:
         if leader:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leader, signal.SIGKILL)
-        for pid_file in ("unshare.pid", "slirp.pid", "script.pid"):
+        for pid_file in ("unshare.pid", "slirp.pid", "script.pid", "broker.pid"):
             pid = self._read(pid_file, "").strip()
             if pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -535,6 +589,13 @@ class Machine:
                 )
         for sub in ("supervisor", "payload"):
             (cgroup / sub).mkdir(parents=True, exist_ok=True)
+        # Delegated to the machine's root, as systemd delegates to a container: PID 1 moves
+        # itself from supervisor to payload (which needs the common parent's cgroup.procs),
+        # and its systemd makes its own cgroups below payload.
+        os.chown(cgroup / "cgroup.procs", UID_BASE, UID_BASE)
+        for path in (cgroup / "payload", *(cgroup / "payload" / f for f in _DELEGATED)):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(path, UID_BASE, UID_BASE)
         if devices:
             devices.mkdir(parents=True, exist_ok=True)
             (devices / "devices.deny").write_text("a")
@@ -592,6 +653,16 @@ def _remove_cgroups(name: str) -> None:
             time.sleep(0.1)
         with contextlib.suppress(OSError):
             top.parent.rmdir()
+
+
+def _is_pid1(pid: int) -> bool:
+    """Return True when ``pid`` is PID 1 of a namespace below the host's."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    return len(ids) == 2 and ids[1] == "1"
 
 
 def _fs_uuid(device: str) -> str:
