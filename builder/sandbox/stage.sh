@@ -38,21 +38,25 @@ stage_host() {
   for layer in "${layers[@]}"; do
     mkdir -p "$STATE/map/l$i"
     binds+=("$layer" "$STATE/map/l$i")
-    lowers+=("$STATE/map/l$i")
+    lowers+=("map/l$i")
     i=$((i + 1))
   done
   $BROKER bind /proc/self/fd/9 "${binds[@]}"
   make_dev "$dev"
   export LOWER_MAPPED
   LOWER_MAPPED=$(IFS=:; echo "${lowers[*]}")
+  # Inside, paths are relative to the state directory: its parents may be closed to the
+  # machine's root (a 0700 temporary directory), and so may this script's checkout.
+  cp "$0" "$STATE/stage.sh"
+  cd "$STATE"
   exec nsenter --user=/proc/self/fd/9 -- unshare --mount --pid --uts --ipc --net --fork --kill-child -- \
-    bash "$0" ns
+    bash ./stage.sh ns
 }
 
 stage_ns() {
   exec 9<&-
   echo 0 >"$CGROUP/cgroup.procs"
-  exec unshare --cgroup -- bash "$0" root
+  exec unshare --cgroup -- bash ./stage.sh root
 }
 
 make_dev() {
@@ -128,7 +132,7 @@ GENERATOR
 }
 
 stage_root() {
-  local root=$STATE/root rw=$STATE/map/rw
+  local root=root rw=map/rw
   mount --make-rprivate /
   mount -t overlay overlay -o "userxattr,lowerdir=$LOWER_MAPPED,upperdir=$rw/upper,workdir=$rw/work" "$root"
   mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
@@ -142,14 +146,14 @@ stage_root() {
   fi
   mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
   mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$root/sys/fs/cgroup"
-  mount --rbind "$STATE/map/dev" "$root/dev"
+  mount --rbind map/dev "$root/dev"
   mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5,nosuid,noexec devpts "$root/dev/pts"
   mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
   mount -t tmpfs -o mode=755,size=256m,nosuid,nodev tmpfs "$root/run"
   mount -t tmpfs -o mode=1777,size=1g,nosuid,nodev tmpfs "$root/tmp"
   install_fstab_generator "$root/run/systemd/system-generators"
   hostname "$NAME"
-  read -r _ <"$STATE/go"
+  read -r _ <go
   cd "$root"
   pivot_root . .
   umount -l .
