@@ -123,43 +123,49 @@ class Broker:
                 return str(entry["loop"])
         raise BrokerRefused(f"device {os.major(rdev)}:{os.minor(rdev)} is not a volume of this machine")
 
-    def mount(self, device_fd: int, fstype: str, target: str, options: str) -> None:
+    def mount(self, device_fd: int, source: str, fstype: str, target: str, options: str) -> None:
         st = os.fstat(device_fd)
         if not stat.S_ISBLK(st.st_mode):
             raise BrokerRefused("the source is not a block device")
-        loop = self.volume_of(st.st_rdev)
+        self.volume_of(st.st_rdev)
         if fstype not in {"ext2", "ext3", "ext4", "xfs"}:
             raise BrokerRefused(f"filesystem type {fstype!r} is not one the broker mounts")
         leader = self.leader()
-        mount_fd = _fs_mount(fstype, loop, options)
-        try:
-            userns = os.open(f"/proc/{leader}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _idmap(mount_fd, userns)
-            finally:
-                os.close(userns)
-            self._attach(leader, mount_fd, target)
-        finally:
-            os.close(mount_fd)
-
-    def _attach(self, leader: int, mount_fd: int, target: str) -> None:
-        """Attach the detached mount at ``target`` as the machine resolves it (in a child: setns)."""
+        userns = os.open(f"/proc/{leader}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         mnt_ns = os.open(f"/proc/{leader}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._mount_inside(mnt_ns, userns, (fstype, source, options, target), st.st_rdev)
+        finally:
+            os.close(userns)
+            os.close(mnt_ns)
+
+    @staticmethod
+    def _mount_inside(mnt_ns: int, userns: int, spec: tuple[str, str, str, str], rdev: int) -> None:
+        """Mount in the machine's mount namespace (a child: setns), the source named as the machine names it.
+
+        The mount is attached only if the filesystem made is on device ``rdev``, whatever the
+        machine's path pointed to by then.
+        """
+        fstype, source, options, target = spec
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child only makes syscalls and reports
             os.close(read)
-            message = b""
+            failure = ""
             try:
                 if _libc.setns(mnt_ns, CLONE_NEWNS) != 0:
                     raise OSError(ctypes.get_errno(), "setns")
-                _call("move_mount", mount_fd, b"", -100, target.encode(), MOVE_MOUNT_F_EMPTY_PATH)
+                mount_fd = _fs_mount(fstype, source, options)
+                if os.fstat(mount_fd).st_dev != rdev:
+                    failure = f"{source} is not the device handed over"
+                else:
+                    _idmap(mount_fd, userns)
+                    _call("move_mount", mount_fd, b"", -100, target.encode(), MOVE_MOUNT_F_EMPTY_PATH)
             except OSError as exc:
-                message = f"mount on {target}: {os.strerror(exc.errno or 0)}".encode()
-            os.write(write, message)
+                failure = f"{exc.strerror or os.strerror(exc.errno or 0)}"
+            os.write(write, failure.encode())
             os._exit(0)
         os.close(write)
-        os.close(mnt_ns)
         with os.fdopen(read, "rb") as reply:
             failure = reply.read().decode()
         os.waitpid(pid, 0)
@@ -178,7 +184,13 @@ class Broker:
             if not fds:
                 raise BrokerRefused("no file handed over")
             if request["op"] == "mount":
-                self.mount(fds[0], str(request["type"]), str(request["target"]), str(request.get("options", "")))
+                self.mount(
+                    fds[0],
+                    str(request["source"]),
+                    str(request["type"]),
+                    str(request["target"]),
+                    str(request.get("options", "")),
+                )
             elif request["op"] in ("freeze", "unfreeze"):
                 self.freeze(fds[0], request["op"] == "unfreeze")
             else:

@@ -8,12 +8,25 @@ the caller's user-data, so the login key and the host key reach the machine the 
 reach an EC2 instance. Data volumes are sparse files on loop devices, visible inside as
 their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``.
 
-Containment: the machine's capability bounding set lacks CAP_MKNOD and the modules and
-raw-I/O capabilities, /sys and /proc/sys are read-only, and (where the host has the
-cgroup v1 devices controller) a device cgroup denies every device but the basic ones
-and the machine's own volumes. Stopping kills the namespace's PID 1 (``unshare``
-ignores SIGTERM), which ends every process inside and with them every mount; the loop
-devices and cgroups are then removed, so nothing is left.
+Containment: a machine runs in its own user namespace, made with the others (mount, pid,
+uts, ipc, cgroup, network are owned by it): uids and gids 0-65535 inside are
+``UID_BASE``.. on the host, so root inside is an unprivileged uid of the host, and its
+capabilities count only for what its namespaces own. Its root tree's layers and its
+writable layer are idmapped binds (what is uid 0 on disk is root inside), so root trees,
+their snapshots and images stay owned by root on disk. Its /dev is a tmpfs the host fills
+(a filesystem mounted inside a user namespace never honours device nodes, and the machine
+cannot make any); the host chowns its volumes' nodes to the machine's root. What needs the
+host's namespace is done by a broker process per machine (``broker.py``), reached through
+/dev/.ebsrole-broker: mounting a block filesystem of one of its own volumes (ext4/xfs are
+not mountable in a user namespace), and fsfreeze. Known limits: ``chattr +i``/``+a`` fail
+(CAP_LINUX_IMMUTABLE counts only in the host's namespace), so do online resize and any
+mknod of a device node. Still shared with the host: the kernel, the page cache and the
+loopback addresses the host forwards; every machine uses the same uid range (another
+machine's files are out of its view, not out of its uid's reach). /sys is read-only, and
+(where the host has the cgroup v1 devices controller) a device cgroup denies every device
+but the basic ones and the machine's own volumes. Stopping kills the namespace's PID 1
+(``unshare`` ignores SIGTERM), which ends every process inside and with them every mount;
+the loop devices, the broker and cgroups are then removed, so nothing is left.
 """
 
 from __future__ import annotations
@@ -66,10 +79,11 @@ TOOLS = {
     "blkid": "util-linux",
 }
 # systemd-nspawn's default set, less CAP_MKNOD (the host makes every device node) and
-# CAP_NET_ADMIN beyond the machine's own network namespace is harmless.
+# CAP_LINUX_IMMUTABLE (it counts only in the host's user namespace). All of them are
+# capabilities of the machine's user namespace: they act on what its namespaces own.
 CAPS = (
     "-all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid,+ipc_owner,+kill,+lease,"
-    "+linux_immutable,+net_bind_service,+net_broadcast,+net_raw,+net_admin,+setgid,+setfcap,"
+    "+net_bind_service,+net_broadcast,+net_raw,+net_admin,+setgid,+setfcap,"
     "+setpcap,+setuid,+sys_admin,+sys_boot,+sys_chroot,+sys_nice,+sys_ptrace,+sys_resource,"
     "+sys_tty_config,+audit_write,+audit_control"
 )
