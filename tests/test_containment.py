@@ -62,7 +62,7 @@ def test_root_in_a_machine_cannot_read_host_files(rootfs: Path, state_root: Path
             assert seen.exit_status != 0 and secret not in seen.stdout
         finally:
             host_file.unlink()
-        assert booted.sh("cat /proc/1/root/etc/hostname").stdout.strip() == "m-files"
+        assert booted.sh("cat /proc/1/root/etc/hostname").stdout.strip() == booted.machine.name
         # Root's capabilities reach nothing the user namespace does not own: no chattr +i
         # (CAP_LINUX_IMMUTABLE counts only in the host's namespace), no device nodes.
         assert booted.sh("mknod /tmp/sda b 8 0", check=False).exit_status != 0
