@@ -127,3 +127,59 @@ def test_root_in_a_machine_sees_only_its_processes(rootfs: Path, state_root: Pat
     finally:
         booted.machine.stop()
     assert leftovers(booted.machine) == []
+
+
+def test_the_host_makes_xfs_only_on_the_machines_own_unmounted_volume(rootfs: Path, state_root: Path) -> None:
+    booted = boot("m-mkfs", rootfs, state_root)
+    try:
+        # The machine's root cannot set a block size itself (BLKBSZSET is the host's): the real
+        # mkfs.xfs fails inside, whatever the machine installed.
+        booted.sh("cloud-init status --wait >/dev/null; apt-get update -q >/dev/null; apt-get install -y -q xfsprogs")
+        real = booted.sh("/usr/sbin/mkfs.xfs -q /dev/xvdf", check=False)
+        assert real.exit_status != 0 and "cannot set blocksize" in real.stderr, real.stderr
+        assert booted.sh("blkid -p /dev/xvdf", check=False).exit_status == 2
+        # Forcing, a data section elsewhere, another device: refused before anything runs.
+        for command, why in (
+            ("mkfs.xfs -f /dev/xvdf", "'-f' is not one the sandbox passes on"),
+            ("mkfs.xfs -d name=/etc/passwd /dev/xvdf", "'-d' is not one the sandbox passes on"),
+            ("mkfs.xfs -q /dev/null", "not a block device"),
+        ):
+            refused = booted.sh(command, check=False)
+            assert refused.exit_status != 0 and why in refused.stderr, (command, refused.stderr)
+        assert booted.sh("blkid -p /dev/xvdf", check=False).exit_status == 2, "a refused mkfs wrote the volume"
+        booted.sh("mkfs.xfs -q -L keep -m crc=1 -- /dev/xvdf")
+        assert booted.sh("blkid -p -s TYPE -s LABEL -o value /dev/xvdf").stdout.split() == ["keep", "xfs"]
+        booted.sh("mkdir -p /data && mount /dev/xvdf /data && touch /data/kept")
+        mounted = booted.sh("mkfs.xfs -q /dev/xvdf", check=False)
+        assert mounted.exit_status != 0 and "is mounted at" in mounted.stderr
+        booted.sh("umount /data")
+        # Without -f, mkfs.xfs itself refuses a device that holds a filesystem.
+        again = booted.sh("mkfs.xfs -q -L other /dev/xvdf", check=False)
+        assert again.exit_status != 0 and "existing filesystem" in again.stderr
+        assert booted.sh("mount /dev/xvdf /data && ls /data").stdout.split() == ["kept"]
+    finally:
+        booted.machine.stop()
+    assert leftovers(booted.machine) == []
+
+
+def test_chattr_immutable_only_from_the_host(rootfs: Path, state_root: Path) -> None:
+    booted = boot("m-chattr", rootfs, state_root)
+    try:
+        booted.sh("mkfs.ext4 -q /dev/xvdf && mkdir -p /data && mount /dev/xvdf /data && touch /data/f /data/g")
+        # Root over SSH: CAP_LINUX_IMMUTABLE counts only in the host's user namespace.
+        over_ssh = booted.sh("chattr +i /data/f", check=False)
+        assert over_ssh.exit_status != 0 and "Operation not permitted" in over_ssh.stderr
+        # The host's exec (run_script_as_root in tests, root on EC2): the flag is set, and it
+        # holds against root inside.
+        booted.root_sh("chattr +i /data/g && chattr +a /data/f")
+        flags = dict(reversed(line.split()) for line in booted.sh("lsattr /data/f /data/g").stdout.splitlines())
+        assert "i" in flags["/data/g"] and "a" in flags["/data/f"]
+        assert booted.sh("rm -f /data/g", check=False).exit_status != 0
+        assert booted.sh("chattr -i /data/g", check=False).exit_status != 0
+        booted.root_sh("echo x > /data/h")
+        made = booted.sh("stat -c %u:%g /data/h").stdout.strip()
+        assert made == "0:0", "the host's exec must write as the machine's root"
+        booted.root_sh("chattr -i /data/g && chattr -a /data/f")
+    finally:
+        booted.machine.stop()
+    assert leftovers(booted.machine) == []

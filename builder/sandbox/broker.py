@@ -10,7 +10,12 @@ A machine's root is root of its own user namespace only, so three things need th
   too, so the volume's files are owned on disk as the machine sees them) in the machine's
   mount namespace, only if the device is one of the machine's own volumes;
 - FIFREEZE needs CAP_SYS_ADMIN over the filesystem's owner (the host): ``fsfreeze`` in the
-  machine hands over an open file of the mount point, frozen only if it is on one of its volumes.
+  machine hands over an open file of the mount point, frozen only if it is on one of its volumes;
+- mkfs.xfs sets the device's block size (BLKBSZSET, CAP_SYS_ADMIN of the host's namespace):
+  ``mkfs.xfs`` in the machine hands over an open file of the device and its arguments; the
+  broker runs the host's mkfs.xfs on the loop device behind it, only for one of the machine's
+  own volumes that is mounted nowhere, with options from a short allow-list (never ``-f``:
+  mkfs.xfs then refuses a device that holds a filesystem, on top of provision.sh's checks).
 
 The broker of a machine (``python -m builder.sandbox.broker serve STATE``) listens on
 ``STATE/broker.sock``, which only the machine's root reaches (inside as ``/dev/.ebsrole-broker``).
@@ -22,8 +27,11 @@ import ctypes
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +47,11 @@ FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 MOUNT_ATTRS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4, "noexec": 0x8, "noatime": 0x10, "nodiratime": 0x80}
 IGNORED = {"defaults", "rw", "auto", "noauto", "nofail", "user", "nouser", "users", "_netdev", "relatime", "suid"}
 SOCKET_INSIDE = "/dev/.ebsrole-broker"
+# mkfs.xfs options the broker passes on: quiet, a label, and -m's feature switches (0 or 1).
+MKFS_FLAGS = {"-q"}
+MKFS_LABEL = re.compile(r"[\w.+-]{1,12}", re.ASCII)
+MKFS_META = re.compile(r"(crc|finobt|rmapbt|reflink|inobtcount|bigtime)=[01]")
+MKFS_TIMEOUT = 300.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -172,36 +185,81 @@ class Broker:
         if failure:
             raise BrokerRefused(failure)
 
+    def mkfs(self, device_fd: int, fstype: str, args: list[str]) -> tuple[int, str]:
+        """Make a filesystem on the machine's volume open as ``device_fd``; return (exit status, output).
+
+        Raises BrokerRefused for anything but xfs on an unmounted volume of this machine with
+        allowed options.
+        """
+        st = os.fstat(device_fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise BrokerRefused("the device is not a block device")
+        loop = self.volume_of(st.st_rdev)
+        if fstype != "xfs":
+            raise BrokerRefused(f"filesystem type {fstype!r} is made inside the machine, not by the host")
+        options = mkfs_options(args)
+        self.check_unmounted(st.st_rdev)
+        mkfs = shutil.which("mkfs.xfs", path="/usr/sbin:/sbin")
+        if mkfs is None:
+            raise BrokerRefused("the host has no mkfs.xfs (Debian package xfsprogs; scripts/setup.sh installs it)")
+        done = subprocess.run(
+            [mkfs, *options, "--", loop],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=MKFS_TIMEOUT,
+            check=False,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+        )
+        # The machine knows the device by its own name, not by the host's loop device.
+        return done.returncode, (done.stdout + done.stderr).replace(loop, args[-1])
+
+    def check_unmounted(self, rdev: int) -> None:
+        """Raise BrokerRefused when device ``rdev`` is mounted in the machine or on the host."""
+        wanted = f"{os.major(rdev)}:{os.minor(rdev)}"
+        for table in (f"/proc/{self.leader()}/mountinfo", "/proc/self/mountinfo"):
+            for line in Path(table).read_text().splitlines():
+                if line.split()[2] == wanted:
+                    raise BrokerRefused(f"device {wanted} is mounted at {line.split()[4]}; not formatting it")
+
     def freeze(self, dir_fd: int, thaw: bool) -> None:
         st = os.fstat(dir_fd)
         self.volume_of(st.st_dev)
         fcntl.ioctl(dir_fd, FITHAW if thaw else FIFREEZE, 0)
 
     def handle(self, conn: socket.socket) -> None:
+        """Answer one request on ``conn``: {"ok": true, ...} or {"ok": false, "error": why}."""
         data, fds, _, _ = socket.recv_fds(conn, 65536, 1)
         try:
-            request = json.loads(data)
-            if not fds:
-                raise BrokerRefused("no file handed over")
-            if request["op"] == "mount":
-                self.mount(
-                    fds[0],
-                    str(request["source"]),
-                    str(request["type"]),
-                    str(request["target"]),
-                    str(request.get("options", "")),
-                )
-            elif request["op"] in ("freeze", "unfreeze"):
-                self.freeze(fds[0], request["op"] == "unfreeze")
-            else:
-                raise BrokerRefused(f"unknown request {request['op']!r}")
-            reply: dict[str, object] = {"ok": True}
-        except (BrokerRefused, OSError, ValueError, KeyError) as exc:
+            reply = {"ok": True, **self.dispatch(json.loads(data), fds)}
+        except (BrokerRefused, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
             reply = {"ok": False, "error": str(exc)}
         finally:
             for fd in fds:
                 os.close(fd)
         conn.sendall(json.dumps(reply).encode())
+
+    def dispatch(self, request: dict[str, object], fds: list[int]) -> dict[str, object]:
+        """Carry out ``request`` on the file handed over; return what the reply adds."""
+        if not fds:
+            raise BrokerRefused("no file handed over")
+        op = request["op"]
+        if op == "mount":
+            self.mount(
+                fds[0],
+                str(request["source"]),
+                str(request["type"]),
+                str(request["target"]),
+                str(request.get("options", "")),
+            )
+        elif op in ("freeze", "unfreeze"):
+            self.freeze(fds[0], op == "unfreeze")
+        elif op == "mkfs" and isinstance(request["args"], list):
+            status, output = self.mkfs(fds[0], str(request["type"]), [str(a) for a in request["args"]])
+            return {"status": status, "output": output}
+        else:
+            raise BrokerRefused(f"unknown request {op!r}")
+        return {}
 
     def serve(self, ready_fd: int | None = None) -> None:
         path = self.state / "broker.sock"
@@ -221,6 +279,33 @@ class Broker:
                         self.handle(conn)
                     except OSError:
                         continue
+
+
+def mkfs_options(args: list[str]) -> list[str]:
+    """Return mkfs.xfs's options among ``args`` (the device, the last argument, left out).
+
+    Raises BrokerRefused naming the first option outside the allow-list.
+    """
+    if not args or args[-1].startswith("-"):
+        raise BrokerRefused("usage: mkfs.xfs [-q] [-L LABEL] [-m FEATURE=0|1,...] [--] DEVICE")
+    rest, options = [a for a in args[:-1] if a != "--"], []
+    while rest:
+        option = rest.pop(0)
+        if option in MKFS_FLAGS:
+            options.append(option)
+        elif rest and _mkfs_value_ok(option, rest[0]):
+            options += [option, rest.pop(0)]
+        else:
+            raise BrokerRefused(
+                f"mkfs.xfs option {option!r} is not one the sandbox passes on (-q, -L LABEL, -m FEATURE=0|1)"
+            )
+    return options
+
+
+def _mkfs_value_ok(option: str, value: str) -> bool:
+    if option == "-L":
+        return MKFS_LABEL.fullmatch(value) is not None
+    return option == "-m" and all(MKFS_META.fullmatch(o) for o in value.split(","))
 
 
 def main(argv: list[str]) -> int:

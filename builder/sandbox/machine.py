@@ -11,22 +11,34 @@ their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_v
 Containment: a machine runs in its own user namespace, made with the others (mount, pid,
 uts, ipc, cgroup, network are owned by it): uids and gids 0-65535 inside are
 ``UID_BASE``.. on the host, so root inside is an unprivileged uid of the host, and its
-capabilities count only for what its namespaces own. Its root tree's layers and its
-writable layer are idmapped binds (what is uid 0 on disk is root inside), so root trees,
-their snapshots and images stay owned by root on disk. Its /dev is a tmpfs the host fills
-(a filesystem mounted inside a user namespace never honours device nodes, and the machine
-cannot make any); the host chowns its volumes' nodes to the machine's root. What needs the
-host's namespace is done by a broker process per machine (``broker.py``), reached through
-/dev/.ebsrole-broker: mounting a block filesystem of one of its own volumes (ext4/xfs are
-not mountable in a user namespace), and fsfreeze. Known limits: ``chattr +i``/``+a`` fail
-(CAP_LINUX_IMMUTABLE counts only in the host's namespace), so do online resize and any
-mknod of a device node. Still shared with the host: the kernel, the page cache and the
-loopback addresses the host forwards; every machine uses the same uid range (another
-machine's files are out of its view, not out of its uid's reach). /sys is read-only, and
-(where the host has the cgroup v1 devices controller) a device cgroup denies every device
-but the basic ones and the machine's own volumes. Stopping kills the namespace's PID 1
-(``unshare`` ignores SIGTERM), which ends every process inside and with them every mount;
-the loop devices, the broker and cgroups are then removed, so nothing is left.
+capabilities (systemd-nspawn's set less CAP_MKNOD and CAP_LINUX_IMMUTABLE: ``CAPS``) count
+only for what its namespaces own. Its root tree's layers and its writable layer are idmapped
+binds (what is uid 0 on disk is root inside), so root trees, their snapshots and images stay
+owned by root on disk. Its /dev is a tmpfs the host fills (a filesystem mounted inside a user
+namespace never honours device nodes, and the machine cannot make any); the host chowns its
+volumes' nodes to the machine's root. What needs the host's namespace is done by a broker
+process per machine (``broker.py``), reached through /dev/.ebsrole-broker, only for the
+machine's own volumes: mounting ext2/3/4 or xfs (not mountable in a user namespace), fsfreeze
+(FIFREEZE: CAP_SYS_ADMIN over the filesystem's owner, the host) and mkfs.xfs (BLKBSZSET:
+CAP_SYS_ADMIN of the host's namespace; only a volume mounted nowhere, only ``-q``, ``-L``,
+``-m``, never ``-f``). mkfs.ext4 runs inside. ``Machine.exec`` (the host's way in, used by
+tests as "root on EC2") enters every namespace but the user namespace, with the host's
+capabilities.
+
+Known limits, with their kernel reasons: ``chattr +i``/``+a`` by root inside fail
+(CAP_LINUX_IMMUTABLE counts only in the host's user namespace; the broker does not carry
+them: a machine could then make files even the host's cleanup must unflag), so does any
+mknod of a device node (CAP_MKNOD, and device nodes on a filesystem mounted in a user
+namespace never open), online resize (xfs_growfs/resize2fs ioctls need CAP_SYS_RESOURCE or
+CAP_SYS_ADMIN over the filesystem, which the host mounted), and xfsprogs' own
+/usr/sbin/mkfs.xfs once installed inside (the helper is ``/usr/local/sbin/mkfs.xfs``, first on
+every PATH the scripts set). Still shared with the host: the kernel, the page cache and the loopback addresses the
+host forwards; every machine uses the same uid range (another machine's files are out of its
+view, not out of its uid's reach). /sys is read-only, and (where the host has the cgroup v1
+devices controller) a device cgroup denies every device but the basic ones and the machine's
+own volumes. Stopping kills the namespace's PID 1 (``unshare`` ignores SIGTERM), which ends
+every process inside and with them every mount; the loop devices, the broker and cgroups are
+then removed, so nothing is left.
 """
 
 from __future__ import annotations
@@ -60,13 +72,17 @@ INSIDE = Path(__file__).with_name("inside")
 # on the host). Far above what /etc/subuid conventions hand out (100000 + 65536 per user).
 UID_BASE = 0x10000000
 # What the broker does for the machine, put in a layer above its root tree: mount(8) helpers
-# for the filesystems of data volumes, and fsfreeze.
+# for the filesystems of data volumes (where mount(8) looks: /sbin), fsfreeze and mkfs.xfs (in
+# /usr/local/sbin, first on PATH: a package installed in the machine writes /usr/sbin/mkfs.xfs
+# to the upper layer, which would hide a helper in /usr/sbin).
 HELPERS = {
     "usr/sbin/mount.ext4": "mount-helper",
     "usr/sbin/mount.ext3": "mount-helper",
     "usr/sbin/mount.ext2": "mount-helper",
     "usr/sbin/mount.xfs": "mount-helper",
     "usr/sbin/fsfreeze": "fsfreeze",
+    "usr/local/sbin/fsfreeze": "fsfreeze",
+    "usr/local/sbin/mkfs.xfs": "mkfs.xfs",
 }
 TOOLS = {
     "unshare": "util-linux",
@@ -100,6 +116,15 @@ DEVICES_ALLOWED = (
     "c 136:* rwm",
     "c 10:200 rwm",
 )
+# Capability names by number (linux/capability.h), as setpriv knows them.
+CAP_NAMES = (
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
+    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
+    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+)  # fmt: skip
 _DELEGATED = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 
@@ -453,12 +478,32 @@ class Machine:
     def exec(
         self, *argv: str, check: bool = True, timeout: float = 120, input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the machine (all its namespaces) as root; return the result."""
+        """Run a command inside the machine as root with the host's capabilities; return the result.
+
+        Like root on an EC2 instance (chattr +i, mknod, mkfs.xfs work), which root reached over
+        SSH is not: the command enters the machine's mount, uts, ipc, network, pid and cgroup
+        namespaces but not its user namespace, as the host uid of the machine's root
+        (UID_BASE, so what it writes is root's inside) with the host's capabilities kept
+        (ambient). For the host and tests only: nothing inside can reach this.
+        """
         leader = self.leader
         if leader is None:
             raise MachineError(self.name, "not running")
+        caps = _host_caps()
+        enter = ["nsenter", "-t", str(leader), "-m", "-u", "-i", "-n", "-p", "-C", "--wdns=/"]
         done = subprocess.run(
-            ["nsenter", "-t", str(leader), "-a", "--wdns=/", "--", *argv],
+            [
+                "setpriv",
+                f"--reuid={UID_BASE}",
+                f"--regid={UID_BASE}",
+                "--clear-groups",
+                f"--inh-caps={caps}",
+                f"--ambient-caps={caps}",
+                "--",
+                *enter,
+                "--",
+                *argv,
+            ],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -667,6 +712,13 @@ def _remove_cgroups(name: str) -> None:
             time.sleep(0.1)
         with contextlib.suppress(OSError):
             top.parent.rmdir()
+
+
+def _host_caps() -> str:
+    """Return setpriv's capability list for every capability this process has ("-all,+chown,...")."""
+    status = Path("/proc/self/status").read_text()
+    permitted = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapPrm:")), 16)
+    return ",".join(["-all", *(f"+{name}" for bit, name in enumerate(CAP_NAMES) if permitted >> bit & 1)])
 
 
 def _is_pid1(pid: int) -> bool:
