@@ -162,24 +162,32 @@ def test_the_host_makes_xfs_only_on_the_machines_own_unmounted_volume(rootfs: Pa
     assert leftovers(booted.machine) == []
 
 
-def test_chattr_immutable_only_from_the_host(rootfs: Path, state_root: Path) -> None:
+def test_chattr_immutable_and_device_nodes_only_for_the_hosts_root(rootfs: Path, state_root: Path) -> None:
     booted = boot("m-chattr", rootfs, state_root)
     try:
-        booted.sh("mkfs.ext4 -q /dev/xvdf && mkdir -p /data && mount /dev/xvdf /data && touch /data/f /data/g")
-        # Root over SSH: CAP_LINUX_IMMUTABLE counts only in the host's user namespace.
-        over_ssh = booted.sh("chattr +i /data/f", check=False)
-        assert over_ssh.exit_status != 0 and "Operation not permitted" in over_ssh.stderr
-        # The host's exec (run_script_as_root in tests, root on EC2): the flag is set, and it
-        # holds against root inside.
-        booted.root_sh("chattr +i /data/g && chattr +a /data/f")
-        flags = dict(reversed(line.split()) for line in booted.sh("lsattr /data/f /data/g").stdout.splitlines())
-        assert "i" in flags["/data/g"] and "a" in flags["/data/f"]
-        assert booted.sh("rm -f /data/g", check=False).exit_status != 0
-        assert booted.sh("chattr -i /data/g", check=False).exit_status != 0
-        booted.root_sh("echo x > /data/h")
-        made = booted.sh("stat -c %u:%g /data/h").stdout.strip()
-        assert made == "0:0", "the host's exec must write as the machine's root"
-        booted.root_sh("chattr -i /data/g && chattr -a /data/f")
+        booted.sh("mkfs.ext4 -q /dev/xvdf && mkdir -p /data && mount /dev/xvdf /data && touch /data/f")
+        # CAP_LINUX_IMMUTABLE and CAP_MKNOD count only in the host's user namespace: root of
+        # the machine has neither, over SSH or entered from the host.
+        for probe in ("chattr +i /data/f", "chattr +a /data/f", "mknod /data/null c 1 3"):
+            over_ssh = booted.sh(probe, check=False)
+            assert over_ssh.exit_status != 0 and "Operation not permitted" in over_ssh.stderr, probe
+            assert booted.machine.exec("bash", "-c", probe, check=False).returncode != 0, probe
+        flags = booted.sh("lsattr /data/f").stdout.split()[0]
+        assert "i" not in flags and "a" not in flags
     finally:
         booted.machine.stop()
     assert leftovers(booted.machine) == []
+    # A host_root machine (tests of what real root does): the host's exec has every capability,
+    # root over SSH still has only the machine's.
+    privileged = boot("m-hostroot", rootfs, state_root, host_root=True)
+    try:
+        privileged.sh("mkfs.ext4 -q /dev/xvdf && mkdir -p /data && mount /dev/xvdf /data && touch /data/f /data/g")
+        assert privileged.sh("chattr +i /data/f", check=False).exit_status != 0
+        privileged.root_sh("chattr +i /data/g && chown nobody:nogroup /data/f")
+        assert "i" in privileged.sh("lsattr /data/g").stdout.split()[0]
+        assert privileged.sh("stat -c %U /data/f").stdout.strip() == "nobody"
+        assert privileged.sh("rm -f /data/g", check=False).exit_status != 0
+        privileged.root_sh("chattr -i /data/g")
+    finally:
+        privileged.machine.stop()
+    assert leftovers(privileged.machine) == []

@@ -21,9 +21,9 @@ process per machine (``broker.py``), reached through /dev/.ebsrole-broker, only 
 machine's own volumes: mounting ext2/3/4 or xfs (not mountable in a user namespace), fsfreeze
 (FIFREEZE: CAP_SYS_ADMIN over the filesystem's owner, the host) and mkfs.xfs (BLKBSZSET:
 CAP_SYS_ADMIN of the host's namespace; only a volume mounted nowhere, only ``-q``, ``-L``,
-``-m``, never ``-f``). mkfs.ext4 runs inside. ``Machine.exec`` (the host's way in, used by
-tests as "root on EC2") enters every namespace but the user namespace, with the host's
-capabilities.
+``-m``, never ``-f``). mkfs.ext4 runs inside. A machine started with ``host_root`` (tests of
+what only real root does) maps its uids onto the same host uids, so that ``exec`` can run as
+the host's root in it with the host's capabilities; over SSH its root is still contained.
 
 Known limits, with their kernel reasons: ``chattr +i``/``+a`` by root inside fail
 (CAP_LINUX_IMMUTABLE counts only in the host's user namespace; the broker does not carry
@@ -116,15 +116,6 @@ DEVICES_ALLOWED = (
     "c 136:* rwm",
     "c 10:200 rwm",
 )
-# Capability names by number (linux/capability.h), as setpriv knows them.
-CAP_NAMES = (
-    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
-    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
-    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
-    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
-    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
-    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
-)  # fmt: skip
 _DELEGATED = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 
@@ -192,11 +183,16 @@ class Machine:
         public_keys: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
         timeout: float = 20.0,
+        host_root: bool = False,
     ) -> Machine:
         """Start a machine whose root is an overlay of ``layers`` (topmost first).
 
         Returns once systemd is PID 1 and the network is wired (SSH answers a little
-        later: see wait_for_ssh). Raises EnvironmentProblem when the host lacks root or
+        later: see wait_for_ssh). ``host_root`` maps the machine's uids onto the same host
+        uids (root inside is uid 0 of the host, still without the host's capabilities), so
+        that ``exec`` can run as the host's root with every capability, as root on EC2 has
+        them: for tests of what only real root does (chattr +i, device nodes); never for
+        machines of the sandbox endpoint. Raises EnvironmentProblem when the host lacks root or
         a tool, MachineError (with the console's tail) when the machine does not start;
         a machine that fails to start is stopped and leaves nothing.
         """
@@ -214,6 +210,7 @@ class Machine:
                 port=ssh_port or free_port(ssh_address),
                 disks=disks,
                 public_keys=public_keys,
+                base=0 if host_root else UID_BASE,
             ),
             timeout,
             keep_state=False,
@@ -271,6 +268,7 @@ class Machine:
         port: int,
         disks: Sequence[Disk],
         public_keys: Sequence[str],
+        base: int,
     ) -> None:
         for layer in layers:
             if not (layer / "sbin/init").exists() and not (layer / "etc").is_dir():
@@ -280,6 +278,7 @@ class Machine:
         (self.state / "root").mkdir()
         os.mkfifo(self.state / "go")
         self._write("layers", "\n".join(str(p) for p in layers))
+        self._write("base", str(base))
         self._write("ssh", f"{address} {port}")
         (upper / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         (upper / "etc/hostname").write_text(self.name + "\n")
@@ -308,7 +307,7 @@ class Machine:
             "CGROUP": str(cgroup / "payload"),
             "CAPS": CAPS,
             "DISKS": disks,
-            "BASE": str(UID_BASE),
+            "BASE": str(self.base),
             "BROKER": f"{broker} -m builder.sandbox.broker",
         }
         self._start_broker()
@@ -445,6 +444,11 @@ class Machine:
         return next((int(c) for c in children if _is_pid1(int(c))), None)
 
     @property
+    def base(self) -> int:
+        """Return the host uid (and gid) of the machine's root: UID_BASE, or 0 for a ``host_root`` machine."""
+        return int(self._read("base", str(UID_BASE)))
+
+    @property
     def running(self) -> bool:
         """Return True while the machine's PID 1 lives."""
         return self.leader is not None
@@ -478,32 +482,21 @@ class Machine:
     def exec(
         self, *argv: str, check: bool = True, timeout: float = 120, input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the machine as root with the host's capabilities; return the result.
+        """Run a command inside the machine as its root; return the result.
 
-        Like root on an EC2 instance (chattr +i, mknod, mkfs.xfs work), which root reached over
-        SSH is not: the command enters the machine's mount, uts, ipc, network, pid and cgroup
-        namespaces but not its user namespace, as the host uid of the machine's root
-        (UID_BASE, so what it writes is root's inside) with the host's capabilities kept
-        (ambient). For the host and tests only: nothing inside can reach this.
+        In a ``host_root`` machine the command is the host's root with every capability,
+        like root on an EC2 instance (chattr +i, mknod), which root reached over SSH is not:
+        it enters the machine's mount, uts, ipc, network, pid and cgroup namespaces but not
+        its user namespace. In a contained machine it enters the user namespace too: root
+        there has only the machine's capabilities (a host process whose uids are not the
+        machine's would see its files, chown and ACLs shifted). For the host and tests only.
         """
         leader = self.leader
         if leader is None:
             raise MachineError(self.name, "not running")
-        caps = _host_caps()
-        enter = ["nsenter", "-t", str(leader), "-m", "-u", "-i", "-n", "-p", "-C", "--wdns=/"]
+        namespaces = ["-m", "-u", "-i", "-n", "-p", "-C"] if self.base == 0 else ["-a"]
         done = subprocess.run(
-            [
-                "setpriv",
-                f"--reuid={UID_BASE}",
-                f"--regid={UID_BASE}",
-                "--clear-groups",
-                f"--inh-caps={caps}",
-                f"--ambient-caps={caps}",
-                "--",
-                *enter,
-                "--",
-                *argv,
-            ],
+            ["nsenter", "-t", str(leader), *namespaces, "--wdns=/", "--", *argv],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -527,7 +520,7 @@ class Machine:
         if node.exists():
             raise MachineError(self.name, f"/dev/{disk.node} is already attached")
         os.mknod(node, 0o660 | 0o060000, os.makedev(major, minor))
-        os.chown(node, UID_BASE, UID_BASE + 6)
+        os.chown(node, self.base, self.base + 6)
         links = [dev / "disk/by-id" / disk.by_id] if disk.by_id else []
         uuid_ = _fs_uuid(loop)
         if uuid_:
@@ -536,7 +529,7 @@ class Machine:
         for link in links:
             link.unlink(missing_ok=True)
             link.symlink_to(f"../../{disk.node}")
-            os.lchown(link, UID_BASE, UID_BASE)
+            os.lchown(link, self.base, self.base)
         return loop
 
     def detach(self, node: str) -> None:
@@ -651,10 +644,10 @@ class Machine:
         # Delegated to the machine's root, as systemd delegates to a container: PID 1 moves
         # itself from supervisor to payload (which needs the common parent's cgroup.procs),
         # and its systemd makes its own cgroups below payload.
-        os.chown(cgroup / "cgroup.procs", UID_BASE, UID_BASE)
+        os.chown(cgroup / "cgroup.procs", self.base, self.base)
         for path in (cgroup / "payload", *(cgroup / "payload" / f for f in _DELEGATED)):
             with contextlib.suppress(FileNotFoundError):
-                os.chown(path, UID_BASE, UID_BASE)
+                os.chown(path, self.base, self.base)
         if devices:
             devices.mkdir(parents=True, exist_ok=True)
             (devices / "devices.deny").write_text("a")
@@ -712,13 +705,6 @@ def _remove_cgroups(name: str) -> None:
             time.sleep(0.1)
         with contextlib.suppress(OSError):
             top.parent.rmdir()
-
-
-def _host_caps() -> str:
-    """Return setpriv's capability list for every capability this process has ("-all,+chown,...")."""
-    status = Path("/proc/self/status").read_text()
-    permitted = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapPrm:")), 16)
-    return ",".join(["-all", *(f"+{name}" for bit, name in enumerate(CAP_NAMES) if permitted >> bit & 1)])
 
 
 def _is_pid1(pid: int) -> bool:
