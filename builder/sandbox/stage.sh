@@ -41,7 +41,17 @@ stage_host() {
     lowers+=("map/l$i")
     i=$((i + 1))
   done
-  $BROKER bind /proc/self/fd/9 "${binds[@]}"
+  if ((BASE == 0)); then
+    # A host_root machine (tests): uids are not shifted, so the host mounts the overlay
+    # itself over the plain layers. It writes its upper layer with the host's credentials,
+    # which an overlay mounted inside the user namespace cannot (security.* xattrs, device
+    # nodes made by the host's root through Machine.exec); root inside is still held to its
+    # own capabilities, which the overlay checks first.
+    mount -t overlay overlay -o "lowerdir=$HELPERS:$LOWER,upperdir=$STATE/rw/upper,workdir=$STATE/rw/work" \
+      "$STATE/root"
+  else
+    $BROKER bind /proc/self/fd/9 "${binds[@]}"
+  fi
   make_dev "$dev"
   export LOWER_MAPPED
   LOWER_MAPPED=$(IFS=:; echo "${lowers[*]}")
@@ -134,7 +144,12 @@ GENERATOR
 stage_root() {
   local root=root rw=map/rw
   mount --make-rprivate /
-  mount -t overlay overlay -o "userxattr,lowerdir=$LOWER_MAPPED,upperdir=$rw/upper,workdir=$rw/work" "$root"
+  if mountpoint -q "$root"; then
+    # The host's overlay (host_root) is locked here, and pivot_root refuses a locked mount.
+    mount --bind "$root" "$root"
+  else
+    mount -t overlay overlay -o "userxattr,lowerdir=$LOWER_MAPPED,upperdir=$rw/upper,workdir=$rw/work" "$root"
+  fi
   mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
   # /proc/sys read-only, except the per-network-namespace net.* that networking needs.
   mount --bind "$root/proc/sys" "$root/proc/sys"
