@@ -73,7 +73,7 @@ class Booted:
         Root over SSH has only the capabilities of the machine's user namespace (containment):
         no CAP_MKNOD, no CAP_LINUX_IMMUTABLE; root on an EC2 instance has them, and copying
         device nodes and chattr flags needs them. In a machine booted with ``host_root`` this
-        enters the machine's namespaces but its user namespace from the host instead, as the
+        enters all of the machine's namespaces but its user namespace, from the host, as the
         host's root (the machine's own userland still runs it).
         """
         text = self.scripts[name].text
