@@ -341,3 +341,7 @@ class EC2Error(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+class BrokerRefused(BuildError):
+    """The sandbox's broker turned down a machine's request (mount, freeze); its text goes back inside."""

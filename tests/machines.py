@@ -70,9 +70,11 @@ class Booted:
     def run_script_as_root(self, name: str, *args: str, check: bool = True) -> CommandResult:
         """Run one of the role's scripts with all of root's capabilities; return its result.
 
-        sudo over SSH keeps the machine's bounding set, which lacks CAP_MKNOD (containment);
-        root on an EC2 instance has it, and copying device nodes needs it. This enters the
-        machine's namespaces from the host instead (the machine's own userland still runs it).
+        Root over SSH has only the capabilities of the machine's user namespace (containment):
+        no CAP_MKNOD, no CAP_LINUX_IMMUTABLE; root on an EC2 instance has them, and copying
+        device nodes and chattr flags needs them. In a machine booted with ``host_root`` this
+        enters all of the machine's namespaces but its user namespace, from the host, as the
+        host's root (the machine's own userland still runs it).
         """
         text = self.scripts[name].text
         done = self.machine.exec("bash", "-c", 'eval "$(cat)"', name, *args, check=False, timeout=900, input_text=text)
@@ -118,8 +120,12 @@ def boot(
     role: Role | None = None,
     image: Path | None = None,
     size_gib: float = 2,
+    host_root: bool = False,
 ) -> Booted:
-    """Start a machine with a data volume at /dev/xvdf (by-id name of VOLUME_ID); log in."""
+    """Start a machine with a data volume at /dev/xvdf (by-id name of VOLUME_ID); log in.
+
+    ``host_root``: root_sh and run_script_as_root run as the host's root (see Machine.start).
+    """
     login, host_key = KeyPair.generate("ebsrole-test"), KeyPair.generate("ebsrole-test-host")
     if image is None:
         image = make_image(state_root.parent / "images" / f"{name}.img", size_gib)
@@ -131,6 +137,7 @@ def boot(
         ssh_address=next_address(),
         disks=[disk],
         state_root=state_root,
+        host_root=host_root,
     )
     try:
         remote = Remote.connect(*machine.ssh_endpoint, "admin", login, host_key, deadline=90)

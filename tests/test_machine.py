@@ -118,15 +118,17 @@ def test_a_killed_machines_cgroups_do_not_stop_the_next_of_its_name(rootfs: Path
     """A supervisor killed with its machine leaves the machine's cgroups behind, children included."""
     from builder.sandbox.machine import _cgroup_dirs
 
-    for top in _cgroup_dirs(machine_name("m-stale")):
+    name = machine_name("m-stale")  # the name boot() gives the machine
+    for top in _cgroup_dirs(name):
         if top is not None:
             (top / "payload").mkdir(parents=True)
     booted = boot("m-stale", rootfs, state_root)
     try:
+        assert booted.machine.name == name
         assert booted.sh("true").exit_status == 0
     finally:
         booted.machine.stop()
-    assert not any(top is not None and top.exists() for top in _cgroup_dirs(booted.machine.name))
+    assert not any(top is not None and top.exists() for top in _cgroup_dirs(name))
 
 
 def test_failed_start_says_why_and_cleans_up(state_root: Path, tmp_path: Path) -> None:

@@ -361,7 +361,7 @@ def keep(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     base = tmp_path_factory.mktemp("keep")
     (base / "roles").mkdir()
     (base / "roles/keep.yaml").write_text(yaml.safe_dump(KEEP_ROLE))
-    booted = boot("p-keep", rootfs, base / "machines", role=load_role("keep", base / "roles"))
+    booted = boot("p-keep", rootfs, base / "machines", role=load_role("keep", base / "roles"), host_root=True)
     try:
         install_packages(booted, ("acl", "rsync"))
         _fill_keep(booted, "/srv/keep")

@@ -8,12 +8,37 @@ the caller's user-data, so the login key and the host key reach the machine the 
 reach an EC2 instance. Data volumes are sparse files on loop devices, visible inside as
 their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``.
 
-Containment: the machine's capability bounding set lacks CAP_MKNOD and the modules and
-raw-I/O capabilities, /sys and /proc/sys are read-only, and (where the host has the
-cgroup v1 devices controller) a device cgroup denies every device but the basic ones
-and the machine's own volumes. Stopping kills the namespace's PID 1 (``unshare``
-ignores SIGTERM), which ends every process inside and with them every mount; the loop
-devices and cgroups are then removed, so nothing is left.
+Containment: a machine runs in its own user namespace, made with the others (mount, pid,
+uts, ipc, cgroup, network are owned by it): uids and gids 0-65535 inside are
+``UID_BASE``.. on the host, so root inside is an unprivileged uid of the host, and its
+capabilities (systemd-nspawn's set less CAP_MKNOD and CAP_LINUX_IMMUTABLE: ``CAPS``) count
+only for what its namespaces own. Its root tree's layers and its writable layer are idmapped
+binds (what is uid 0 on disk is root inside), so root trees, their snapshots and images stay
+owned by root on disk. Its /dev is a tmpfs the host fills (a filesystem mounted inside a user
+namespace never honours device nodes, and the machine cannot make any); the host chowns its
+volumes' nodes to the machine's root. What needs the host's namespace is done by a broker
+process per machine (``broker.py``), reached through /dev/.ebsrole-broker, only for the
+machine's own volumes: mounting ext2/3/4 or xfs (not mountable in a user namespace), fsfreeze
+(FIFREEZE: CAP_SYS_ADMIN over the filesystem's owner, the host) and mkfs.xfs (BLKBSZSET:
+CAP_SYS_ADMIN of the host's namespace; only a volume mounted nowhere, only ``-q``, ``-L``,
+``-m``, never ``-f``). mkfs.ext4 runs inside. A machine started with ``host_root`` (tests of
+what only real root does) maps its uids onto the same host uids, so that ``exec`` can run as
+the host's root in it with the host's capabilities; over SSH its root is still contained.
+
+Known limits, with their kernel reasons: ``chattr +i``/``+a`` by root inside fail
+(CAP_LINUX_IMMUTABLE counts only in the host's user namespace; the broker does not carry
+them: a machine could then make files even the host's cleanup must unflag), so does any
+mknod of a device node (CAP_MKNOD, and device nodes on a filesystem mounted in a user
+namespace never open), online resize (xfs_growfs/resize2fs ioctls need CAP_SYS_RESOURCE or
+CAP_SYS_ADMIN over the filesystem, which the host mounted), and xfsprogs' own
+/usr/sbin/mkfs.xfs once installed inside (the helper is ``/usr/local/sbin/mkfs.xfs``, first on
+every PATH the scripts set). Still shared with the host: the kernel, the page cache and the loopback addresses the
+host forwards; every machine uses the same uid range (another machine's files are out of its
+view, not out of its uid's reach). /sys is read-only, and (where the host has the cgroup v1
+devices controller) a device cgroup denies every device but the basic ones and the machine's
+own volumes. Stopping kills the namespace's PID 1 (``unshare`` ignores SIGTERM), which ends
+every process inside and with them every mount; the loop devices, the broker and cgroups are
+then removed, so nothing is left.
 """
 
 from __future__ import annotations
@@ -28,6 +53,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +67,23 @@ log = logging.getLogger(__name__)
 
 STATE_ROOT = Path(os.environ.get("EBSROLE_STATE", "/var/lib/ebsrole/machines"))
 STAGE = Path(__file__).with_name("stage.sh")
+INSIDE = Path(__file__).with_name("inside")
+# Host uids and gids BASE..BASE+65535 are uids 0..65535 of every machine (root inside is BASE
+# on the host). Far above what /etc/subuid conventions hand out (100000 + 65536 per user).
+UID_BASE = 0x10000000
+# What the broker does for the machine, put in a layer above its root tree: mount(8) helpers
+# for the filesystems of data volumes (where mount(8) looks: /sbin), fsfreeze and mkfs.xfs (in
+# /usr/local/sbin, first on PATH: a package installed in the machine writes /usr/sbin/mkfs.xfs
+# to the upper layer, which would hide a helper in /usr/sbin).
+HELPERS = {
+    "usr/sbin/mount.ext4": "mount-helper",
+    "usr/sbin/mount.ext3": "mount-helper",
+    "usr/sbin/mount.ext2": "mount-helper",
+    "usr/sbin/mount.xfs": "mount-helper",
+    "usr/sbin/fsfreeze": "fsfreeze",
+    "usr/local/sbin/fsfreeze": "fsfreeze",
+    "usr/local/sbin/mkfs.xfs": "mkfs.xfs",
+}
 TOOLS = {
     "unshare": "util-linux",
     "nsenter": "util-linux",
@@ -52,10 +95,11 @@ TOOLS = {
     "blkid": "util-linux",
 }
 # systemd-nspawn's default set, less CAP_MKNOD (the host makes every device node) and
-# CAP_NET_ADMIN beyond the machine's own network namespace is harmless.
+# CAP_LINUX_IMMUTABLE (it counts only in the host's user namespace). All of them are
+# capabilities of the machine's user namespace: they act on what its namespaces own.
 CAPS = (
     "-all,+chown,+dac_override,+dac_read_search,+fowner,+fsetid,+ipc_owner,+kill,+lease,"
-    "+linux_immutable,+net_bind_service,+net_broadcast,+net_raw,+net_admin,+setgid,+setfcap,"
+    "+net_bind_service,+net_broadcast,+net_raw,+net_admin,+setgid,+setfcap,"
     "+setpcap,+setuid,+sys_admin,+sys_boot,+sys_chroot,+sys_nice,+sys_ptrace,+sys_resource,"
     "+sys_tty_config,+audit_write,+audit_control"
 )
@@ -72,6 +116,7 @@ DEVICES_ALLOWED = (
     "c 136:* rwm",
     "c 10:200 rwm",
 )
+_DELEGATED = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
 
 
@@ -138,11 +183,16 @@ class Machine:
         public_keys: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
         timeout: float = 20.0,
+        host_root: bool = False,
     ) -> Machine:
         """Start a machine whose root is an overlay of ``layers`` (topmost first).
 
         Returns once systemd is PID 1 and the network is wired (SSH answers a little
-        later: see wait_for_ssh). Raises EnvironmentProblem when the host lacks root or
+        later: see wait_for_ssh). ``host_root`` maps the machine's uids onto the same host
+        uids (root inside is uid 0 of the host, still without the host's capabilities), so
+        that ``exec`` can run as the host's root with every capability, as root on EC2 has
+        them: for tests of what only real root does (chattr +i, device nodes); never for
+        machines of the sandbox endpoint. Raises EnvironmentProblem when the host lacks root or
         a tool, MachineError (with the console's tail) when the machine does not start;
         a machine that fails to start is stopped and leaves nothing.
         """
@@ -160,6 +210,7 @@ class Machine:
                 port=ssh_port or free_port(ssh_address),
                 disks=disks,
                 public_keys=public_keys,
+                base=0 if host_root else UID_BASE,
             ),
             timeout,
             keep_state=False,
@@ -217,6 +268,7 @@ class Machine:
         port: int,
         disks: Sequence[Disk],
         public_keys: Sequence[str],
+        base: int,
     ) -> None:
         for layer in layers:
             if not (layer / "sbin/init").exists() and not (layer / "etc").is_dir():
@@ -226,6 +278,7 @@ class Machine:
         (self.state / "root").mkdir()
         os.mkfifo(self.state / "go")
         self._write("layers", "\n".join(str(p) for p in layers))
+        self._write("base", str(base))
         self._write("ssh", f"{address} {port}")
         (upper / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         (upper / "etc/hostname").write_text(self.name + "\n")
@@ -244,14 +297,20 @@ class Machine:
     def _launch(self, timeout: float) -> None:
         cgroup, devices = _cgroup_dirs(self.name)
         disks = " ".join(self._disk_specs())
+        # -P: the working directory (another checkout, say) never shadows this package.
+        broker = f"env PYTHONPATH={shlex.quote(str(Path(__file__).parents[2]))} {shlex.quote(sys.executable)} -P"
         env = {
             "STATE": str(self.state),
             "LOWER": ":".join(self._read("layers").splitlines()),
+            "HELPERS": str(self._make_helpers()),
             "NAME": self.name,
             "CGROUP": str(cgroup / "payload"),
             "CAPS": CAPS,
             "DISKS": disks,
+            "BASE": str(self.base),
+            "BROKER": f"{broker} -m builder.sandbox.broker",
         }
+        self._start_broker()
         env_args = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
         join = [
             f"echo $$ > {shlex.quote(str(self.state / 'unshare.pid'))}",
@@ -263,8 +322,8 @@ class Machine:
             [
                 "trap '' HUP",
                 *join,
-                "exec unshare --mount --pid --uts --ipc --net --fork --kill-child -- "
-                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {env_args} bash {shlex.quote(str(STAGE))} ns",
+                "exec unshare --mount -- "
+                f"env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin {env_args} bash {shlex.quote(str(STAGE))} host",
             ]
         )
         console = self.state / "console.log"
@@ -281,6 +340,37 @@ class Machine:
         leader = self._wait_leader(deadline, proc)
         self._start_network(leader, deadline)
         self._signal_go(deadline)
+
+    def _make_helpers(self) -> Path:
+        """Return the layer holding the in-machine ends of the broker (made afresh on each start)."""
+        layer = self.state / "helpers"
+        shutil.rmtree(layer, ignore_errors=True)
+        for inside, source in HELPERS.items():
+            (layer / inside).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(INSIDE / source, layer / inside)
+            (layer / inside).chmod(0o755)
+        return layer
+
+    def _start_broker(self) -> None:
+        read_fd, write_fd = os.pipe()
+        with open(self.state / "broker.log", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "builder.sandbox.broker", "serve", str(self.state), str(write_fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+            )
+        os.close(write_fd)
+        self._write("broker.pid", str(proc.pid))
+        try:
+            ready = os.read(read_fd, 1)
+        finally:
+            os.close(read_fd)
+        if not ready:
+            raise MachineError(self.name, f"the broker failed: {self._read('broker.log', '').strip()[-500:]}")
 
     def _wait_leader(self, deadline: float, proc: subprocess.Popen[bytes]) -> int:
         while time.monotonic() < deadline:
@@ -350,7 +440,13 @@ class Machine:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         except OSError:
             return None
-        return int(children[0]) if children else None
+        # Before PID 1 exists, the launcher's children are the set-up steps of stage.sh.
+        return next((int(c) for c in children if _is_pid1(int(c))), None)
+
+    @property
+    def base(self) -> int:
+        """Return the host uid (and gid) of the machine's root: UID_BASE, or 0 for a ``host_root`` machine."""
+        return int(self._read("base", str(UID_BASE)))
 
     @property
     def running(self) -> bool:
@@ -386,12 +482,21 @@ class Machine:
     def exec(
         self, *argv: str, check: bool = True, timeout: float = 120, input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the machine (all its namespaces) as root; return the result."""
+        """Run a command inside the machine as its root; return the result.
+
+        In a ``host_root`` machine the command is the host's root with every capability,
+        like root on an EC2 instance (chattr +i, mknod), which root reached over SSH is not:
+        it enters the machine's mount, uts, ipc, network, pid and cgroup namespaces but not
+        its user namespace. In a contained machine it enters the user namespace too: root
+        there has only the machine's capabilities (a host process whose uids are not the
+        machine's would see its files, chown and ACLs shifted). For the host and tests only.
+        """
         leader = self.leader
         if leader is None:
             raise MachineError(self.name, "not running")
+        namespaces = ["-m", "-u", "-i", "-n", "-p", "-C"] if self.base == 0 else ["-a"]
         done = subprocess.run(
-            ["nsenter", "-t", str(leader), "-a", "--wdns=/", "--", *argv],
+            ["nsenter", "-t", str(leader), *namespaces, "--wdns=/", "--", *argv],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -415,7 +520,7 @@ class Machine:
         if node.exists():
             raise MachineError(self.name, f"/dev/{disk.node} is already attached")
         os.mknod(node, 0o660 | 0o060000, os.makedev(major, minor))
-        os.chown(node, 0, 6)
+        os.chown(node, self.base, self.base + 6)
         links = [dev / "disk/by-id" / disk.by_id] if disk.by_id else []
         uuid_ = _fs_uuid(loop)
         if uuid_:
@@ -424,6 +529,7 @@ class Machine:
         for link in links:
             link.unlink(missing_ok=True)
             link.symlink_to(f"../../{disk.node}")
+            os.lchown(link, self.base, self.base)
         return loop
 
     def detach(self, node: str) -> None:
@@ -507,7 +613,7 @@ class Machine:
         if leader:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(leader, signal.SIGKILL)
-        for pid_file in ("unshare.pid", "slirp.pid", "script.pid"):
+        for pid_file in ("unshare.pid", "slirp.pid", "script.pid", "broker.pid"):
             pid = self._read(pid_file, "").strip()
             if pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -535,6 +641,13 @@ class Machine:
                 )
         for sub in ("supervisor", "payload"):
             (cgroup / sub).mkdir(parents=True, exist_ok=True)
+        # Delegated to the machine's root, as systemd delegates to a container: PID 1 moves
+        # itself from supervisor to payload (which needs the common parent's cgroup.procs),
+        # and its systemd makes its own cgroups below payload.
+        os.chown(cgroup / "cgroup.procs", self.base, self.base)
+        for path in (cgroup / "payload", *(cgroup / "payload" / f for f in _DELEGATED)):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(path, self.base, self.base)
         if devices:
             devices.mkdir(parents=True, exist_ok=True)
             (devices / "devices.deny").write_text("a")
@@ -592,6 +705,16 @@ def _remove_cgroups(name: str) -> None:
             time.sleep(0.1)
         with contextlib.suppress(OSError):
             top.parent.rmdir()
+
+
+def _is_pid1(pid: int) -> bool:
+    """Return True when ``pid`` is PID 1 of a namespace below the host's."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+    return len(ids) == 2 and ids[1] == "1"
 
 
 def _fs_uuid(device: str) -> str:

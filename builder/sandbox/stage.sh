@@ -1,24 +1,77 @@
 #!/bin/bash
 # The part of a local machine's start that runs inside its new namespaces; started by
-# builder/sandbox/machine.py through unshare. Two stages:
-#   stage.sh ns     PID 1 of the new pid namespace: joins the payload cgroup and
-#                   re-executes itself in a new cgroup namespace rooted there
-#   stage.sh root   builds the machine's root (overlay over the cached tree, /proc, a
-#                   read-only /sys, a cgroup2 view, a /dev holding only basic devices and
-#                   the attached volumes), waits for the host to wire the network, then
-#                   pivots into it and executes systemd with a reduced capability set.
-# Environment: STATE (machine state dir), LOWER (cached tree), NAME, CGROUP (payload
-# cgroup2 dir on the host), CAPS (setpriv bounding set), DISKS ("node:maj:min:byid:uuid ...").
+# builder/sandbox/machine.py through unshare. Three stages:
+#   stage.sh host   real root, in a private mount namespace of its own: makes the machine's
+#                   user namespace (uid/gid 0-65535 inside are BASE.. on the host), gives it
+#                   the root tree's layers and the writable layer as idmapped binds, makes its
+#                   /dev (a tmpfs of the host's: device nodes work there and only there), then
+#                   enters the user namespace and unshares the others (owned by it)
+#   stage.sh ns     PID 1 of the new pid namespace, root of the user namespace only: joins
+#                   the payload cgroup (delegated to it) and re-executes itself in a new
+#                   cgroup namespace rooted there
+#   stage.sh root   builds the machine's root (overlay of the idmapped layers, /proc, a
+#                   read-only /sys, a cgroup2 view, the /dev made by the host), waits for the
+#                   host to wire the network, then pivots into it and executes systemd with a
+#                   reduced capability set (capabilities of the user namespace only).
+# Environment: STATE (machine state dir), LOWER (root tree layers, topmost first, ":"),
+# HELPERS (host-made layer above them), NAME, CGROUP (payload cgroup2 dir on the host),
+# CAPS (setpriv bounding set), DISKS ("node:maj:min:byid:uuid ..."), BASE (first host uid
+# and gid of the machine), BROKER (python command of builder.sandbox.broker).
 set -euo pipefail
 
+stage_host() {
+  local holder i layer lowers=() dev=$STATE/map/dev
+  mount --make-rprivate /
+  # The user namespace, made by a holder process and mapped from here (util-linux's
+  # --map-users needs newuidmap); kept open on fd 9 while the namespaces are made.
+  unshare --user -- sleep 60 &
+  holder=$!
+  while [[ $(readlink "/proc/$holder/ns/user") == "$(readlink /proc/self/ns/user)" ]]; do sleep 0.002; done
+  echo "0 $BASE 65536" >"/proc/$holder/uid_map"
+  echo "0 $BASE 65536" >"/proc/$holder/gid_map"
+  exec 9<"/proc/$holder/ns/user"
+  kill "$holder"
+  wait "$holder" 2>/dev/null || true
+  mkdir -p "$STATE/map/rw" "$dev" "$STATE/rw/upper" "$STATE/rw/work"
+  local binds=("$STATE/rw" "$STATE/map/rw") i=0
+  IFS=: read -r -a layers <<<"$HELPERS:$LOWER"
+  for layer in "${layers[@]}"; do
+    mkdir -p "$STATE/map/l$i"
+    binds+=("$layer" "$STATE/map/l$i")
+    lowers+=("map/l$i")
+    i=$((i + 1))
+  done
+  if ((BASE == 0)); then
+    # A host_root machine (tests): uids are not shifted, so the host mounts the overlay
+    # itself over the plain layers. It writes its upper layer with the host's credentials,
+    # which an overlay mounted inside the user namespace cannot (security.* xattrs, device
+    # nodes made by the host's root through Machine.exec); root inside is still held to its
+    # own capabilities, which the overlay checks first.
+    mount -t overlay overlay -o "lowerdir=$HELPERS:$LOWER,upperdir=$STATE/rw/upper,workdir=$STATE/rw/work" \
+      "$STATE/root"
+  else
+    $BROKER bind /proc/self/fd/9 "${binds[@]}"
+  fi
+  make_dev "$dev"
+  export LOWER_MAPPED
+  LOWER_MAPPED=$(IFS=:; echo "${lowers[*]}")
+  # Inside, paths are relative to the state directory: its parents may be closed to the
+  # machine's root (a 0700 temporary directory), and so may this script's checkout.
+  cp "$0" "$STATE/stage.sh"
+  cd "$STATE"
+  exec nsenter --user=/proc/self/fd/9 -- unshare --mount --pid --uts --ipc --net --fork --kill-child -- \
+    bash ./stage.sh ns
+}
+
 stage_ns() {
+  exec 9<&-
   echo 0 >"$CGROUP/cgroup.procs"
-  exec unshare --cgroup -- bash "$0" root
+  exec unshare --cgroup -- bash ./stage.sh root
 }
 
 make_dev() {
   local dev=$1 spec node maj min byid uuid
-  mount -t tmpfs -o mode=755,size=4m,nosuid,noexec tmpfs "$dev"
+  mount -t tmpfs -o "mode=755,size=4m,nosuid,noexec,uid=$BASE,gid=$BASE" tmpfs "$dev"
   mknod -m 666 "$dev/null" c 1 3
   mknod -m 666 "$dev/zero" c 1 5
   mknod -m 666 "$dev/full" c 1 7
@@ -28,22 +81,30 @@ make_dev() {
   mkdir -m 755 "$dev/pts" "$dev/net" "$dev/disk" "$dev/disk/by-id"
   mkdir -m 1777 "$dev/shm"
   mknod -m 666 "$dev/net/tun" c 10 200
-  mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5,nosuid,noexec devpts "$dev/pts"
   ln -s pts/ptmx "$dev/ptmx"
-  mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$dev/shm"
   ln -s /proc/self/fd "$dev/fd"
   ln -s /proc/self/fd/0 "$dev/stdin"
   ln -s /proc/self/fd/1 "$dev/stdout"
   ln -s /proc/self/fd/2 "$dev/stderr"
   # The console is the pty that `script` gives the machine: its output is console.log.
   touch "$dev/console"
-  if tty -s; then mount --bind "$(tty)" "$dev/console"; else mount --bind /dev/null "$dev/console"; fi
+  if tty -s; then
+    chown "$BASE:$((BASE + 5))" "$(tty)"
+    mount --bind "$(tty)" "$dev/console"
+  else
+    mount --bind /dev/null "$dev/console"
+  fi
+  # The broker's socket: how the machine asks the host to mount or freeze its volumes.
+  touch "$dev/.ebsrole-broker"
+  mount --bind "$STATE/broker.sock" "$dev/.ebsrole-broker"
+  chown "$BASE:$BASE" "$dev/pts" "$dev/net" "$dev/disk" "$dev/disk/by-id" "$dev/shm" "$STATE/broker.sock"
   for spec in ${DISKS:-}; do
     IFS=: read -r node maj min byid uuid <<<"$spec"
     mknod -m 660 "$dev/$node" b "$maj" "$min"
-    chgrp 6 "$dev/$node"
+    chown "$BASE:$((BASE + 6))" "$dev/$node"
     if [[ -n $byid ]]; then ln -sf "../../$node" "$dev/disk/by-id/$byid"; fi
     if [[ -n $uuid ]]; then mkdir -p "$dev/disk/by-uuid" && ln -sf "../../$node" "$dev/disk/by-uuid/$uuid"; fi
+    chown -hR "$BASE:$BASE" "$dev/disk"/*
   done
 }
 
@@ -81,10 +142,14 @@ GENERATOR
 }
 
 stage_root() {
-  local root=$STATE/root rw=$STATE/rw
+  local root=root rw=map/rw
   mount --make-rprivate /
-  mkdir -p "$rw/upper" "$rw/work" "$root"
-  mount -t overlay overlay -o "lowerdir=$LOWER,upperdir=$rw/upper,workdir=$rw/work" "$root"
+  if mountpoint -q "$root"; then
+    # The host's overlay (host_root) is locked here, and pivot_root refuses a locked mount.
+    mount --bind "$root" "$root"
+  else
+    mount -t overlay overlay -o "userxattr,lowerdir=$LOWER_MAPPED,upperdir=$rw/upper,workdir=$rw/work" "$root"
+  fi
   mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
   # /proc/sys read-only, except the per-network-namespace net.* that networking needs.
   mount --bind "$root/proc/sys" "$root/proc/sys"
@@ -96,12 +161,14 @@ stage_root() {
   fi
   mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
   mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$root/sys/fs/cgroup"
-  make_dev "$root/dev"
+  mount --rbind map/dev "$root/dev"
+  mount -t devpts -o newinstance,ptmxmode=0666,mode=620,gid=5,nosuid,noexec devpts "$root/dev/pts"
+  mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/dev/shm"
   mount -t tmpfs -o mode=755,size=256m,nosuid,nodev tmpfs "$root/run"
   mount -t tmpfs -o mode=1777,size=1g,nosuid,nodev tmpfs "$root/tmp"
   install_fstab_generator "$root/run/systemd/system-generators"
   hostname "$NAME"
-  read -r _ <"$STATE/go"
+  read -r _ <go
   cd "$root"
   pivot_root . .
   umount -l .
@@ -114,7 +181,8 @@ stage_root() {
 }
 
 case ${1:-} in
+  host) stage_host ;;
   ns) stage_ns ;;
   root) stage_root ;;
-  *) echo "usage: stage.sh ns|root" >&2; exit 2 ;;
+  *) echo "usage: stage.sh host|ns|root" >&2; exit 2 ;;
 esac
