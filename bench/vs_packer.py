@@ -8,7 +8,7 @@ model (`realistic`, scaled by --scale) and API throttling, so each tool's instan
 real machines reached over SSH and every wait takes the modelled time. Three contenders,
 interleaved run by run (A B C A B C ...): ours, Packer with its defaults (waiters poll every
 15 s) and Packer with AWS_POLL_DELAY_SECONDS=1. Ours learns how long each kind of wait takes
-(builder.ec2.Waits); the bench starts it with nothing learnt and reports that first build
+(builder.aws.waits.Waits); the bench starts it with nothing learnt and reports that first build
 on its own row before the interleaved runs.
 
 For each: wall time (median, min, max); the lower bound no tool can beat, i.e. the modelled
@@ -201,7 +201,7 @@ def main() -> int:
                 (scripts / script.name).write_text(script.text)
             template = work / "packer.json"
             template.write_text(json.dumps(packer_template(scripts)))
-            # Our waits learn from earlier builds (builder.ec2.Waits): start from nothing, and
+            # Our waits learn from earlier builds (builder.aws.waits.Waits): start from nothing, and
             # report the first build, made with nothing learnt, on its own row.
             env = {**os.environ, "EBSROLE_SANDBOX": str(state), "EBSROLE_WAITS": str(work / "waits.json")}
             results: dict[str, list[dict[str, Any]]] = {}

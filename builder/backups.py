@@ -35,7 +35,7 @@ from typing import Any
 
 from builder import freeze as freezing
 from builder import tags
-from builder.ec2 import EC2
+from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CloudError, FreezeRefused
 from builder.keys import KeyPair
 from builder.live import known_host_key

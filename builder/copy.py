@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
-from builder.ec2 import EC2
+from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CopiesFailed, InvalidInput
 from builder.registry import RoleImage, role_images
 from builder.tags import tag_list

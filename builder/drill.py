@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from builder import tags
+from builder.aws.ec2 import EC2
 from builder.backups import MARKER
 from builder.checks import Check
 from builder.cleanup import UndoStack
-from builder.ec2 import EC2
 from builder.errors import BuildError, InvalidInput
 from builder.keys import KeyPair
 from builder.launch import Source, connect, launch, login_user_data, zones

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
+from builder.aws.ec2 import EC2
 from builder.backups import nightly_snapshots
 from builder.cleanup import UndoStack
-from builder.ec2 import EC2
 from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks

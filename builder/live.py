@@ -16,8 +16,8 @@ from typing import Any
 import paramiko
 
 from builder import tags
+from builder.aws.ec2 import EC2
 from builder.checks import FAIL, Check
-from builder.ec2 import EC2
 from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.remote import Remote, known_host_name

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from builder import __version__
+from builder.aws.ec2 import EC2, now_iso
 from builder.cleanup import Resource
-from builder.ec2 import EC2, now_iso
 from builder.files import write_atomic
 from builder.roles import Role
 

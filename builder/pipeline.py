@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder import tags
+from builder.aws.ec2 import EC2, Image
 from builder.cleanup import Resource, UndoStack
-from builder.ec2 import EC2, Image
 from builder.errors import CloudError, InvalidInput, LeftBehind, Unchanged
 from builder.files import write_atomic
 from builder.fingerprint import fingerprint

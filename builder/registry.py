@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
-from builder.ec2 import EC2, Image, image_from
+from builder.aws.ec2 import EC2, Image, image_from
 from builder.errors import CloudError
 from builder.fingerprint import Fingerprint, fingerprint, template_sources
 from builder.roles import Role

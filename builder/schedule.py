@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
-from builder.ec2 import EC2
+from builder.aws.ec2 import EC2
 from builder.errors import InvalidInput
 
 DEFAULT_ROLE_NAME = "AWSDataLifecycleManagerDefaultRole"

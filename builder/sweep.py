@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from builder import tags
+from builder.aws.ec2 import EC2
 from builder.cleanup import already_gone
-from builder.ec2 import EC2
 from builder.errors import CloudError, InvalidInput
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import yaml
 from botocore.stub import Stubber
 
 from builder.backups import plan_retention
-from builder.ec2 import EC2
+from builder.aws.ec2 import EC2
 from builder.errors import InvalidInput
 from builder.keys import KeyPair
 from builder.launch import HOST_KEYS, KEY_LINE
@@ -527,7 +527,7 @@ def test_one_failing_copy_does_not_stop_the_others() -> None:
     from moto import mock_aws
 
     from builder.copy import copy_images
-    from builder.ec2 import EC2, RETRIES
+    from builder.aws.ec2 import EC2, RETRIES
     from builder.errors import CopiesFailed
     from builder.registry import RoleImage
 

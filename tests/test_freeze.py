@@ -22,7 +22,7 @@ import yaml
 
 from builder import freeze as freezing
 from builder.backups import MARKER, RoleInstance, role_instances
-from builder.ec2 import EC2
+from builder.aws.ec2 import EC2
 from builder.errors import FreezeRefused
 from builder.remote import Remote
 from tests.conftest import MINI_ROLE, PROJECT

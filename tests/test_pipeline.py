@@ -14,7 +14,8 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from builder.ec2 import EC2, RETRIES, Waits, poll_delay
+from builder.aws.ec2 import EC2, RETRIES
+from builder.aws.waits import Waits, poll_delay
 from builder.errors import BuildError, CloudError, ExitCode, HostKeyMismatch, LeftBehind, RemoteCommandFailed
 from builder.keys import KeyPair
 from builder.pipeline import BuildOptions, build, ssh_cidr

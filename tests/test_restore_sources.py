@@ -15,7 +15,7 @@ import pytest
 from moto import mock_aws
 
 from builder import tags
-from builder.ec2 import EC2, RETRIES
+from builder.aws.ec2 import EC2, RETRIES
 from builder.errors import InvalidInput
 from builder.launch import choose_source
 from builder.registry import RoleImage

@@ -22,7 +22,7 @@ from builder.cli.registry import Parser, aws_options, command_list, port, prog, 
 from builder.errors import ExitCode, InvalidInput, exit_code_help
 
 if TYPE_CHECKING:
-    from builder.ec2 import EC2
+    from builder.aws.ec2 import EC2
     from builder.pipeline import BuildOptions
 
 log = logging.getLogger("builder")

@@ -16,7 +16,7 @@ from builder.cli.registry import RESERVED
 from builder.errors import InvalidInput, RoleNotFound
 
 if TYPE_CHECKING:
-    from builder.ec2 import EC2
+    from builder.aws.ec2 import EC2
     from builder.roles import Role
 
 
@@ -40,7 +40,7 @@ def connect(target: Target, region: str | None = None) -> EC2:
 
     Raises InvalidInput when --sandbox comes with its own endpoint or profile.
     """
-    from builder.ec2 import EC2
+    from builder.aws.ec2 import EC2
 
     if not target.sandbox:
         return EC2.connect(region or target.region, target.profile, target.endpoint_url)
