@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.backups import MARKER
 from builder.checks import Check
@@ -21,11 +22,9 @@ from builder.errors import BuildError, InvalidInput
 from builder.keys import KeyPair
 from builder.launch import Source, connect, launch, login_user_data, zones
 from builder.live import verify_checks
-from builder.pipeline import ssh_ranges
 from builder.registry import RoleImage
 from builder.remote import Remote
 from builder.roles import Role
-from builder.tags import tag_specs
 
 WEB_SERVICES = ("apache2", "nginx", "httpd")
 
@@ -80,20 +79,13 @@ def drill(
     common = drill_tags(drill_id, role.name)
     login = KeyPair.generate(f"ebsrole-drill-{drill_id}")
     try:
-        with undo.creating():
-            group = str(
-                ec2.call(
-                    "create_security_group",
-                    GroupName=f"ebsrole-drill-{drill_id}",
-                    Description=f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
-                    TagSpecifications=tag_specs("security-group", tags.with_kind(common, tags.KIND_SECURITY_GROUP)),
-                )["GroupId"]
-            )
-            undo.push("security-group", group, lambda: ec2.delete_security_group(group))
-        ec2.call(
-            "authorize_security_group_ingress",
-            GroupId=group,
-            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ssh_ranges(ssh_cidr)}],
+        group = resources.ssh_group(
+            ec2,
+            f"ebsrole-drill-{drill_id}",
+            f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
+            ssh_cidr,
+            group_tags=tags.with_kind(common, tags.KIND_SECURITY_GROUP),
+            undo=undo,
         )
         launched = launch(
             ec2,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.backups import nightly_snapshots
 from builder.cleanup import UndoStack
@@ -27,7 +28,7 @@ from builder.live import verify_checks
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
-from builder.tags import RESTORABLE, tag_list, tag_specs
+from builder.tags import RESTORABLE, tag_list
 
 log = logging.getLogger(__name__)
 
@@ -184,46 +185,31 @@ def launch(
 ) -> list[Launched]:
     """Launch ``count`` instances of the role AMI with the data device made from ``source``."""
     vol = role.volume
-    ebs: dict[str, Any] = {
-        "SnapshotId": source.snapshot_id,
-        "DeleteOnTermination": delete_data_on_termination,
-        "VolumeType": vol.type,
-        "Encrypted": True,
-    }
-    ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
     name = f"{role.name}-{env}" if env else role.name
     shared = {**tags.launched(name, role.name, env, source.snapshot_id), **(extra_tags or {})}
-    params: dict[str, Any] = {
-        "ImageId": image.image_id,
-        "MinCount": count,
-        "MaxCount": count,
-        "InstanceType": instance_type or role.instance_type,
-        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
-        "BlockDeviceMappings": [{"DeviceName": image.device or vol.device, "Ebs": ebs}],
-        "TagSpecifications": [
-            *tag_specs("instance", tags.with_kind(shared, tags.KIND_INSTANCE)),
-            *tag_specs("volume", tags.with_kind(shared, tags.KIND_VOLUME)),
-        ],
-    }
-    if az:
-        params["Placement"] = {"AvailabilityZone": az}
-    if key_name:
-        params["KeyName"] = key_name
-    if subnet_id:
-        params["SubnetId"] = subnet_id
-    if security_group_ids:
-        params["SecurityGroupIds"] = security_group_ids
-    if user_data:
-        params["UserData"] = user_data
-    if undo is not None:
-        with undo.creating():
-            reply = ec2.call("run_instances", **params)
-            ids = [i["InstanceId"] for i in reply["Instances"]]
-            for instance_id in ids:
-                undo.push("instance", instance_id, _terminator(ec2, instance_id))
-    else:
-        reply = ec2.call("run_instances", **params)
-        ids = [i["InstanceId"] for i in reply["Instances"]]
+    data = resources.Disk(
+        image.device or vol.device,
+        vol.type,
+        True,
+        delete_data_on_termination,
+        snapshot_id=source.snapshot_id,
+        iops=vol.iops,
+        throughput=vol.throughput,
+    )
+    spec = resources.LaunchSpec(
+        image_id=image.image_id,
+        instance_type=instance_type or role.instance_type,
+        disks=(data,),
+        instance_tags=tags.with_kind(shared, tags.KIND_INSTANCE),
+        volume_tags=tags.with_kind(shared, tags.KIND_VOLUME),
+        count=count,
+        user_data=user_data,
+        key_name=key_name,
+        subnet_id=subnet_id,
+        security_group_ids=tuple(security_group_ids or ()),
+        az=az,
+    )
+    ids = resources.launch(ec2, spec, undo)
     launched = []
     for instance_id in ids:
         ec2.wait_for(
@@ -255,10 +241,6 @@ def launch(
             )
         )
     return launched
-
-
-def _terminator(ec2: EC2, instance_id: str) -> Callable[[], None]:
-    return lambda: ec2.terminate(instance_id)
 
 
 def _state_of(ec2: EC2, instance_id: str) -> Callable[[], str]:

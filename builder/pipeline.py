@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2, Image
 from builder.cleanup import Resource, UndoStack
 from builder.errors import CloudError, InvalidInput, LeftBehind, Unchanged
@@ -221,31 +222,14 @@ def temporary_credentials(state: _Build) -> None:
         state.group_id = state.options.security_group_id
         return
     cidr = ssh_cidr(state.options.ssh_cidr, state.options.endpoint_url)
-    params: dict[str, Any] = {"GroupName": name, "Description": f"ebsrole build {state.build_id}: SSH from {cidr}"}
-    if state.options.subnet_id:
-        subnet = ec2.call("describe_subnets", SubnetIds=[state.options.subnet_id])["Subnets"][0]
-        params["VpcId"] = subnet["VpcId"]
-    with state.undo.creating():
-        group_id = str(
-            ec2.call(
-                "create_security_group",
-                **params,
-                TagSpecifications=tag_specs("security-group", state.stamp.temporary(tags.KIND_SECURITY_GROUP)),
-            )["GroupId"]
-        )
-        state.group_id = group_id
-        state.undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
-    ec2.call(
-        "authorize_security_group_ingress",
-        GroupId=group_id,
-        IpPermissions=[
-            {
-                "IpProtocol": "tcp",
-                "FromPort": 22,
-                "ToPort": 22,
-                **ssh_ranges(cidr),
-            }
-        ],
+    state.group_id = resources.ssh_group(
+        ec2,
+        name,
+        f"ebsrole build {state.build_id}: SSH from {cidr}",
+        cidr,
+        group_tags=state.stamp.temporary(tags.KIND_SECURITY_GROUP),
+        undo=state.undo,
+        subnet_id=state.options.subnet_id,
     )
 
 
@@ -292,13 +276,6 @@ def world_open(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     return network.prefixlen <= widest and not (network.is_private or network.is_loopback or network.is_link_local)
 
 
-def ssh_ranges(cidr: str) -> dict[str, list[dict[str, str]]]:
-    """Return the IpPermissions ranges that admit ``cidr``: IpRanges (IPv4) or Ipv6Ranges (IPv6)."""
-    if ipaddress.ip_network(cidr, strict=False).version == 6:
-        return {"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ebsrole SSH"}]}
-    return {"IpRanges": [{"CidrIp": cidr, "Description": "ebsrole SSH"}]}
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -313,50 +290,39 @@ def launch_builder(state: _Build) -> None:
     # Always armed: BuildOptions refuses a timeout that is not > 0; a fraction rounds up.
     deadline = math.ceil(state.options.timeout)
     user_data = builder_user_data(state.login, state.host_key, deadline_seconds=deadline)
-    root_ebs: dict[str, Any] = {"Encrypted": True, "DeleteOnTermination": True, "VolumeType": "gp3"}
-    if state.base.root_size_gib:
-        root_ebs["VolumeSize"] = state.base.root_size_gib
     vol = role.volume
-    # The data volume comes with the instance (in its block-device mapping): made in its AZ,
-    # attached at the role's device before it runs, and gone with it.
-    data_ebs: dict[str, Any] = {
-        "VolumeSize": vol.size_gib,
-        "VolumeType": vol.type,
-        "Encrypted": vol.encrypted,
-        "DeleteOnTermination": True,
-    }
-    data_ebs.update(
-        {k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput), ("KmsKeyId", vol.kms_key_id)) if v}
-    )
-    params: dict[str, Any] = {
-        "ImageId": state.base.image_id,
-        "InstanceType": role.instance_type,
-        "MinCount": 1,
-        "MaxCount": 1,
-        "KeyName": state.key_name,
-        "UserData": user_data,
-        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1},
-        "InstanceInitiatedShutdownBehavior": "terminate",
-        "BlockDeviceMappings": [
-            {"DeviceName": state.base.root_device_name, "Ebs": root_ebs},
-            {"DeviceName": vol.device, "Ebs": data_ebs},
-        ],
-        "TagSpecifications": [
-            *tag_specs(
-                "instance", {tags.NAME: f"ebsrole-builder-{role.name}", **state.stamp.temporary(tags.KIND_BUILDER)}
+    spec = resources.LaunchSpec(
+        image_id=state.base.image_id,
+        instance_type=role.instance_type,
+        disks=(
+            resources.Disk(state.base.root_device_name, "gp3", True, True, size_gib=state.base.root_size_gib),
+            # The data volume comes with the instance (in its block-device mapping): made in
+            # its AZ, attached at the role's device before it runs, and gone with it.
+            resources.Disk(
+                vol.device,
+                vol.type,
+                vol.encrypted,
+                True,
+                size_gib=vol.size_gib,
+                iops=vol.iops,
+                throughput=vol.throughput,
+                kms_key_id=vol.kms_key_id,
             ),
-            *tag_specs("volume", state.stamp.temporary(tags.KIND_BUILDER_VOLUME)),
-        ],
-        "ClientToken": f"{state.build_id}-builder",
-    }
-    if state.options.subnet_id:
-        params["SubnetId"] = state.options.subnet_id
-    if state.group_id:
-        params["SecurityGroupIds"] = [state.group_id]
-    with state.undo.creating():
-        instance_id = str(ec2.call("run_instances", **params)["Instances"][0]["InstanceId"])
-        state.instance_id = instance_id
-        state.undo.push("instance", instance_id, lambda: ec2.terminate(instance_id, requested=state.released))
+        ),
+        instance_tags={tags.NAME: f"ebsrole-builder-{role.name}", **state.stamp.temporary(tags.KIND_BUILDER)},
+        volume_tags=state.stamp.temporary(tags.KIND_BUILDER_VOLUME),
+        user_data=user_data,
+        key_name=state.key_name,
+        subnet_id=state.options.subnet_id,
+        security_group_ids=(state.group_id,) if state.group_id else (),
+        hop_limit=1,
+        terminate_on_shutdown=True,
+        client_token=f"{state.build_id}-builder",
+    )
+    (instance_id,) = resources.launch(
+        ec2, spec, state.undo, terminate=lambda i: lambda: ec2.terminate(i, requested=state.released)
+    )
+    state.instance_id = instance_id
     # SSH comes next: load its code (paramiko, ~0.1 s) while EC2 boots the builder, not after.
     threading.Thread(target=importlib.import_module, args=("builder.remote",), daemon=True).start()
     ec2.wait_for(
