@@ -35,6 +35,7 @@ from typing import Any
 
 from builder import freeze as freezing
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CloudError, FreezeRefused
 from builder.keys import KeyPair
@@ -265,13 +266,8 @@ def _create(ec2: EC2, instance: RoleInstance, date: dt.date, marker: str | None)
         instance.device,
         marker,
     )
-    reply = ec2.call(
-        "create_snapshot",
-        VolumeId=instance.volume_id,
-        Description=f"ebsrole nightly {instance.role} {instance.volume_id} {date.isoformat()}",
-        TagSpecifications=tags.tag_specs("snapshot", tags.nightly_snapshot(nightly)),
-    )
-    return str(reply["SnapshotId"])
+    description = f"ebsrole nightly {instance.role} {instance.volume_id} {date.isoformat()}"
+    return resources.snapshot(ec2, instance.volume_id, description, tags.nightly_snapshot(nightly))
 
 
 def nightly_snapshots(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CopiesFailed, InvalidInput
 from builder.registry import RoleImage, role_images
@@ -108,16 +109,8 @@ def copy_image(
     """
     raw = raw or source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
     source_tags = tags.tags_of(raw)
-    reply = target.call(
-        "copy_image",
-        SourceImageId=image.image_id,
-        SourceRegion=source.region,
-        Name=image.name,
-        Description=str(raw.get("Description") or f"ebsrole {image.role}")[:255],
-        Encrypted=True,
-        ClientToken=f"ebsrole-copy-{image.image_id}-{target.region}"[:64],
-    )
-    copied = str(reply["ImageId"])
+    description = str(raw.get("Description") or f"ebsrole {image.role}")
+    copied = resources.copy_image(target, source.region, image.image_id, image.name, description)
     if on_started:
         on_started(copied)
     target.wait_for(

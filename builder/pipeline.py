@@ -403,13 +403,11 @@ def snapshot_volumes(state: _Build) -> None:
     made: dict[str, str] = {}
     for kind, volume_id in ((tags.KIND_ROOT_SNAPSHOT, root_volume), (tags.KIND_SEED_SNAPSHOT, str(state.volume_id))):
         with state.undo.creating():
-            snapshot_id = str(
-                ec2.call(
-                    "create_snapshot",
-                    VolumeId=volume_id,
-                    Description=f"ebsrole {role.name} {kind} {state.build_id}",
-                    TagSpecifications=tag_specs("snapshot", state.stamp.artefact(kind, tags.STATUS_PENDING)),
-                )["SnapshotId"]
+            snapshot_id = resources.snapshot(
+                ec2,
+                volume_id,
+                f"ebsrole {role.name} {kind} {state.build_id}",
+                state.stamp.artefact(kind, tags.STATUS_PENDING),
             )
             state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
         made[kind] = snapshot_id
@@ -437,37 +435,33 @@ def register_image(state: _Build) -> None:
     """Register the role AMI: root and seed snapshot in its mapping, data kept on termination, IMDSv2."""
     assert state.base
     ec2, role, vol, manifest = state.ec2, state.role, state.role.volume, state.manifest
-    data_ebs: dict[str, Any] = {
-        "SnapshotId": manifest.seed_snapshot,
-        "DeleteOnTermination": False,
-        "VolumeType": vol.type,
-    }
-    data_ebs.update({k: v for k, v in (("Iops", vol.iops), ("Throughput", vol.throughput)) if v})
     name = _image_name(state)
-    params: dict[str, Any] = {
-        "Name": name,
-        "Description": role.description[:255],
-        "Architecture": state.base.architecture,
-        "RootDeviceName": state.base.root_device_name,
-        "VirtualizationType": "hvm",
-        "EnaSupport": state.base.ena_support,
-        "ImdsSupport": "v2.0",
-        "BlockDeviceMappings": [
-            {
-                "DeviceName": state.base.root_device_name,
-                "Ebs": {"SnapshotId": manifest.root_snapshot, "DeleteOnTermination": True, "VolumeType": "gp3"},
-            },
-            {"DeviceName": vol.device, "Ebs": data_ebs},
-        ],
-        "TagSpecifications": tag_specs(
-            "image",
-            {tags.NAME: name, **state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_PENDING, _image_facts(state))},
+    spec = resources.ImageSpec(
+        name=name,
+        description=role.description,
+        architecture=state.base.architecture,
+        root_device_name=state.base.root_device_name,
+        ena_support=state.base.ena_support,
+        boot_mode=state.base.boot_mode,
+        disks=(
+            resources.Disk(state.base.root_device_name, "gp3", None, True, snapshot_id=manifest.root_snapshot),
+            resources.Disk(
+                vol.device,
+                vol.type,
+                None,
+                False,
+                snapshot_id=manifest.seed_snapshot,
+                iops=vol.iops,
+                throughput=vol.throughput,
+            ),
         ),
-    }
-    if state.base.boot_mode:
-        params["BootMode"] = state.base.boot_mode
+        image_tags={
+            tags.NAME: name,
+            **state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_PENDING, _image_facts(state)),
+        },
+    )
     with state.undo.creating():
-        image_id = _register(ec2, params, state.build_id)
+        image_id = resources.register(ec2, spec, state.build_id)
         manifest.ami = image_id
         state.undo.push("image", image_id, lambda: ec2.call("deregister_image", ImageId=image_id))
     ec2.wait_for(
@@ -545,26 +539,6 @@ def _image_facts(state: _Build) -> dict[str, str]:
     return tags.image_facts(
         manifest.base_ami or "", manifest.fingerprint or "", role.volume.mount_point, role.volume.device, paths
     )
-
-
-def _register(ec2: EC2, params: dict[str, Any], build_id: str) -> str:
-    """RegisterImage has no client token; the unique name makes a retry adopt, not duplicate."""
-    try:
-        return str(ec2.call("register_image", **params)["ImageId"])
-    except CloudError as exc:
-        if exc.code != "InvalidAMIName.Duplicate":
-            raise
-    images = ec2.call("describe_images", Owners=["self"], Filters=[{"Name": "name", "Values": [params["Name"]]}])[
-        "Images"
-    ]
-    mine = [i for i in images if tags.parse(i).build_id == build_id]
-    if not mine:
-        raise CloudError(
-            "register_image",
-            "InvalidAMIName.Duplicate",
-            f"an AMI named {params['Name']} exists and is not this build's",
-        )
-    return str(mine[0]["ImageId"])
 
 
 def _deleter(ec2: EC2, operation: str, **params: str) -> Callable[[], object]:

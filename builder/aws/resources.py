@@ -1,7 +1,8 @@
 """Typed EC2 operations, used by the build and the restore alike.
 
 Each operation is the one home of its API payload: what ``run_instances`` is given (IMDSv2
-always required), how a security group admits SSH from one CIDR (IPv4 or IPv6). Callers
+always required), how a security group admits SSH from one CIDR (IPv4 or IPv6), how a
+snapshot, a registered image and a region copy are asked for. Callers
 say what they want in domain terms (a :class:`LaunchSpec`, a CIDR); tags come from
 :mod:`builder.tags`. Whatever an operation creates is on the caller's undo stack before it
 returns.
@@ -14,8 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from builder import tags
 from builder.aws.ec2 import EC2
 from builder.cleanup import UndoStack
+from builder.errors import CloudError
 from builder.tags import tag_specs
 
 Undo = Callable[[], object]
@@ -27,7 +30,7 @@ class Disk:
 
     device: str
     volume_type: str
-    encrypted: bool
+    encrypted: bool | None  # None: as the snapshot is (an image's mapping says nothing)
     delete_on_termination: bool
     size_gib: int | None = None
     snapshot_id: str | None = None
@@ -157,3 +160,84 @@ def ssh_ranges(cidr: str) -> dict[str, list[dict[str, str]]]:
     if ipaddress.ip_network(cidr, strict=False).version == 6:
         return {"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ebsrole SSH"}]}
     return {"IpRanges": [{"CidrIp": cidr, "Description": "ebsrole SSH"}]}
+
+
+def snapshot(ec2: EC2, volume_id: str, description: str, snapshot_tags: Mapping[str, str]) -> str:
+    """Start a snapshot of ``volume_id``, tagged at creation; return its id (CloudError)."""
+    reply = ec2.call(
+        "create_snapshot",
+        VolumeId=volume_id,
+        Description=description,
+        TagSpecifications=tag_specs("snapshot", snapshot_tags),
+    )
+    return str(reply["SnapshotId"])
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An AMI to register from snapshots: hvm, IMDSv2 required, tagged at creation."""
+
+    name: str
+    description: str
+    architecture: str
+    root_device_name: str
+    ena_support: bool
+    boot_mode: str | None
+    disks: tuple[Disk, ...]
+    image_tags: Mapping[str, str]
+
+
+def register_params(spec: ImageSpec) -> dict[str, Any]:
+    """Return the register_image parameters of ``spec``."""
+    params: dict[str, Any] = {
+        "Name": spec.name,
+        "Description": spec.description[:255],
+        "Architecture": spec.architecture,
+        "RootDeviceName": spec.root_device_name,
+        "VirtualizationType": "hvm",
+        "EnaSupport": spec.ena_support,
+        "ImdsSupport": "v2.0",
+        "BlockDeviceMappings": [d.mapping() for d in spec.disks],
+        "TagSpecifications": tag_specs("image", spec.image_tags),
+    }
+    if spec.boot_mode:
+        params["BootMode"] = spec.boot_mode
+    return params
+
+
+def register(ec2: EC2, spec: ImageSpec, build_id: str) -> str:
+    """Register ``spec`` and return the AMI id; raise CloudError.
+
+    RegisterImage has no client token; the unique name makes a retry adopt the image
+    this build (``build_id``) made, never another's.
+    """
+    try:
+        return str(ec2.call("register_image", **register_params(spec))["ImageId"])
+    except CloudError as exc:
+        if exc.code != "InvalidAMIName.Duplicate":
+            raise
+    filters = [{"Name": "name", "Values": [spec.name]}]
+    images = ec2.call("describe_images", Owners=["self"], Filters=filters)["Images"]
+    mine = [i for i in images if tags.parse(i).build_id == build_id]
+    if not mine:
+        raise CloudError(
+            "register_image", "InvalidAMIName.Duplicate", f"an AMI named {spec.name} exists and is not this build's"
+        )
+    return str(mine[0]["ImageId"])
+
+
+def copy_image(target: EC2, source_region: str, image_id: str, name: str, description: str) -> str:
+    """Start an encrypted copy of ``image_id`` into ``target``'s region; return the copy's id (CloudError).
+
+    The client token makes a retried copy of the same AMI to the same region the same copy.
+    """
+    reply = target.call(
+        "copy_image",
+        SourceImageId=image_id,
+        SourceRegion=source_region,
+        Name=name,
+        Description=description[:255],
+        Encrypted=True,
+        ClientToken=f"ebsrole-copy-{image_id}-{target.region}"[:64],
+    )
+    return str(reply["ImageId"])
