@@ -21,8 +21,8 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
-from builder.backups import plan_retention
 from builder.aws.ec2 import EC2
+from builder.backups import plan_retention
 from builder.errors import InvalidInput
 from builder.keys import KeyPair
 from builder.launch import HOST_KEYS, KEY_LINE
@@ -526,8 +526,8 @@ def test_build_copy_to_other_regions(world: World, roles: Path) -> None:
 def test_one_failing_copy_does_not_stop_the_others() -> None:
     from moto import mock_aws
 
-    from builder.copy import copy_images
     from builder.aws.ec2 import EC2, RETRIES
+    from builder.copy import copy_images
     from builder.errors import CopiesFailed
     from builder.registry import RoleImage
 

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from builder import freeze as freezing
-from builder.backups import MARKER, RoleInstance, role_instances
 from builder.aws.ec2 import EC2
+from builder.backups import MARKER, RoleInstance, role_instances
 from builder.errors import FreezeRefused
 from builder.remote import Remote
 from tests.conftest import MINI_ROLE, PROJECT

@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Unpack
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from builder.aws.waits import Waits, wait_for, waits_file
+from builder.aws.waits import Limits, Waits, wait_for, waits_file
 from builder.errors import CloudError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,8 @@ class EC2:
         describe: Callable[[], str],
         wanted: str | Sequence[str],
         *,
-        timeout: float,
-        failed: Iterable[str] = (),
-        missing: str = "not-yet-visible",
         kind: str | None = None,
+        **limits: Unpack[Limits],
     ) -> str:
         """Poll ``describe`` (returns a state) until it is ``wanted``; see :func:`builder.aws.waits.wait_for`.
 
@@ -202,7 +200,7 @@ class EC2:
         earlier waits of that kind at this endpoint and region. Raises CloudError, WaitTimeout.
         """
         key = self._wait_key(kind) if kind else None
-        return wait_for(self.waits, key, what, describe, wanted, timeout=timeout, failed=failed, missing=missing)
+        return wait_for(self.waits, key, what, describe, wanted, **limits)
 
     def _wait_key(self, kind: str | None) -> str:
         return f"{self.wait_scope}|{self.region}|{kind}"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from builder.errors import CloudError, WaitTimeout
 from builder.files import write_atomic
@@ -116,16 +116,21 @@ def poll_delay(waited: float) -> float:
     return min(5.0, max(0.25, waited / 3))
 
 
+class Limits(TypedDict, total=False):
+    """How a wait ends besides success: ``timeout`` (s), ``failed`` states, the state a NotFound means."""
+
+    timeout: Required[float]
+    failed: Iterable[str]
+    missing: str
+
+
 def wait_for(
     waits: Waits,
     key: str | None,
     what: str,
     describe: Callable[[], str],
     wanted: str | Sequence[str],
-    *,
-    timeout: float,
-    failed: Iterable[str] = (),
-    missing: str = "not-yet-visible",
+    **limits: Unpack[Limits],
 ) -> str:
     """Poll ``describe`` (returns a state) until it is ``wanted``; fast first, then back off.
 
@@ -135,8 +140,9 @@ def wait_for(
     such waits took lately is remembered (``Waits``) and sets when to look (``WaitPlan``);
     without, or when a wait runs long, looks back off geometrically (``poll_delay``).
     """
+    timeout, missing = limits["timeout"], limits.get("missing", "not-yet-visible")
     wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
-    bad = set(failed)
+    bad = set(limits.get("failed", ()))
     started = time.monotonic()
     deadline = started + timeout
     plan = waits.plan(key) if key else None
