@@ -31,7 +31,7 @@ if "EBSROLE_WAITS" not in os.environ:
 import logging
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,36 @@ def run_cli(*args: str, cwd: Path = PROJECT, timeout: float = 60) -> subprocess.
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """moto's EC2 as a real HTTP server in this process, one per test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def client(endpoint: str) -> Iterator[Any]:
+    """An EC2 client of ``endpoint``, whose state is reset first (nothing of another test stays)."""
+    import urllib.request
+
+    import boto3
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+    yield boto3.client("ec2", region_name=os.environ["AWS_DEFAULT_REGION"], endpoint_url=endpoint)
+
+
+@pytest.fixture
+def mini_dir(roles_dir: Path, write_role: Callable[..., Path]) -> Path:
+    """A roles directory holding MINI_ROLE as ``mini``."""
+    write_role("mini", MINI_ROLE)
+    return roles_dir
 
 
 @pytest.fixture(scope="session")

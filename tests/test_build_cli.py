@@ -8,41 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from builder.sandbox.machine import free_port
 from builder.tags import tag
 from tests.conftest import MINI_ROLE, PROJECT, run_cli
 
 REGION = "eu-west-1"
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def client(endpoint: str) -> Iterator[Any]:
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
-    yield boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
-
-
-@pytest.fixture
-def mini_dir(roles_dir: Path, write_role: Callable[..., Path]) -> Path:
-    write_role("mini", MINI_ROLE)
-    return roles_dir
 
 
 def resources(client: Any) -> dict[str, list[str]]:

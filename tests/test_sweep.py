@@ -7,45 +7,18 @@ user runs it, and a running build is a real build process waiting at SSH with ev
 from __future__ import annotations
 
 import json
-import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import boto3
-import pytest
-from moto.server import ThreadedMotoServer
 
 from builder import sweep
 from builder.errors import LeftBehind
 from builder.pipeline import BuildOptions, new_build_id
 from builder.tags import tag
-from tests.conftest import MINI_ROLE, run_cli
+from tests.conftest import run_cli
 from tests.test_build_cli import both_volumes_attached, resources, start_build, wait_until
 
 REGION = "eu-west-1"
 OLD = "2020-01-01T00:00:00Z"
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def client(endpoint: str) -> Iterator[Any]:
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
-    yield boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
-
-
-@pytest.fixture
-def mini_dir(roles_dir: Path, write_role: Callable[..., Path]) -> Path:
-    write_role("mini", MINI_ROLE)
-    return roles_dir
 
 
 def swept(endpoint: str, *args: str) -> Any:
