@@ -37,6 +37,9 @@ def role_values(role: Role) -> dict[str, Any]:
     """Return the role after defaults as plain data, without where its file was found."""
     values = dataclasses.asdict(role)
     values.pop("file")
+    if list(values["instance_types"]) == [role.instance_type]:
+        # instance_type alone, as before instance_types existed: its fingerprint stays the same.
+        values.pop("instance_types")
     return values
 
 

@@ -50,7 +50,7 @@ ROLE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 RELEASES = {"bookworm": 12, "trixie": 13}
 REQUIRED = ("description", "volume.device", "volume.mount_point", "volume.size_gib", "externalize")
 
-# Built in beneath roles/defaults.yaml. instance_type depends on arch: see _instance_type.
+# Built in beneath roles/defaults.yaml. instance_type depends on arch: see _instance_types.
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "base": {"release": "bookworm", "arch": "amd64", "owner": DEBIAN_OWNER},
     "packages": [],
@@ -235,7 +235,10 @@ class Role:
     file: str
     description: str
     base: Base
-    instance_type: str
+    instance_type: str  # the first of instance_types: the one preferred
+    # The builder's types in order of preference: when one has no capacity in an AZ (or is
+    # not offered there), the next is tried. One item when the role gives instance_type.
+    instance_types: tuple[str, ...]
     packages: tuple[str, ...]
     services: tuple[str, ...]
     volume: Volume
@@ -395,6 +398,8 @@ def _message(error: jsonschema.ValidationError) -> str:
         return "must not be empty" if schema[kind] <= 1 else f"must be at least {schema[kind]} characters"
     if kind == "maxLength":
         return f"must be at most {schema[kind]} characters long"
+    if kind in ("minItems", "maxItems"):
+        return f"must list {'at least' if kind == 'minItems' else 'at most'} {schema[kind]}" + got
     if kind == "maxProperties":
         return f"must have at most {schema[kind]} entries"
     if kind == "required":
@@ -428,7 +433,9 @@ def _load_defaults(roles_dir: Path, problems: list[Problem]) -> dict[str, Any]:
     shown = display_path(path)
     errors = _schema_errors(data)
     problems.extend(p for error in errors for p in _explain(error, shown))
-    return {} if errors else data
+    both = [Problem(shown, key, message) for key, message in _type_key_problems(data)]
+    problems.extend(both)
+    return {} if errors or both else data
 
 
 def _load_one(
@@ -454,6 +461,9 @@ def _load_one(
     # out, so that one run reports every problem, not only the first kind.
     bad = [path for error in errors for path in _refused_paths(error)]
     pruned = _prune(data, bad)
+    problems.extend(Problem(shown, key, message) for key, message in _type_key_problems(pruned))
+    if "instance_type" in pruned or "instance_types" in pruned:  # the role's choice replaces the defaults'
+        defaults = {k: v for k, v in defaults.items() if k not in ("instance_type", "instance_types")}
     merged = _merge(_merge(BUILTIN_DEFAULTS, defaults), pruned)
     refused = [key_path(path) for path in bad]
     problems.extend(Problem(shown, key, msg) for key, msg in _rule_problems(merged) if not _below_any(key, refused))
@@ -541,10 +551,30 @@ def _base_problems(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     if "ami" in base and "name" in base:
         yield "base", "give either ami (a pinned image) or name (a lookup pattern), not both"
     arch = base.get("arch", "amd64")
-    itype = role.get("instance_type")
-    if isinstance(itype, str) and _is_graviton(itype) != (arch == "arm64"):
-        want = "an arm64 (Graviton, e.g. t4g)" if arch == "arm64" else "an amd64 (e.g. t3)"
-        yield "instance_type", f"{itype} does not run {arch}: base.arch {arch} needs {want} type"
+    want = "an arm64 (Graviton, e.g. t4g)" if arch == "arm64" else "an amd64 (e.g. t3)"
+    for key, itype in _given_types(role):
+        if _is_graviton(itype) != (arch == "arm64"):
+            yield key, f"{itype} does not run {arch}: base.arch {arch} needs {want} type"
+    yield from _unique("instance_types", role.get("instance_types") or [], str)
+
+
+def _given_types(role: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Yield (key path, instance type) for each type the role names (instance_type or instance_types)."""
+    single = role.get("instance_type")
+    if isinstance(single, str):
+        yield "instance_type", single
+    for index, itype in enumerate(role.get("instance_types") or []):
+        if isinstance(itype, str):
+            yield f"instance_types[{index}]", itype
+
+
+def _type_key_problems(data: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Yield a problem when one file gives both instance_type and instance_types."""
+    if "instance_type" in data and "instance_types" in data:
+        yield (
+            "instance_types",
+            "give either instance_type (one type) or instance_types (types to try in order), not both",
+        )
 
 
 def _is_graviton(instance_type: str) -> bool:
@@ -732,11 +762,12 @@ def _system_path_problems(path: str, what: str) -> Iterator[str]:
 # ---------------------------------------------------------------- values
 
 
-def _instance_type(role: Mapping[str, Any]) -> str:
-    given = role.get("instance_type")
-    if isinstance(given, str):
-        return given
-    return "t4g.small" if role["base"]["arch"] == "arm64" else "t3.small"
+def _instance_types(role: Mapping[str, Any]) -> tuple[str, ...]:
+    """Return the builder's types in order: instance_types, else instance_type, else the arch's default."""
+    given = role.get("instance_types") or [role.get("instance_type")]
+    if all(isinstance(t, str) for t in given):
+        return tuple(given)
+    return ("t4g.small",) if role["base"]["arch"] == "arm64" else ("t3.small",)
 
 
 def _build_role(name: str, shown: str, role: Mapping[str, Any]) -> Role:
@@ -756,7 +787,8 @@ def _build_role(name: str, shown: str, role: Mapping[str, Any]) -> Role:
             name_pattern=base.get("name") or f"debian-{version}-{base['arch']}-2*",
             ami=base.get("ami"),
         ),
-        instance_type=_instance_type(role),
+        instance_type=_instance_types(role)[0],
+        instance_types=_instance_types(role),
         packages=tuple(role["packages"]),
         services=tuple(unit_name(s) for s in role["services"]),
         volume=Volume(

@@ -156,6 +156,12 @@ BAD = [
     ("instance type form", {"instance_type": "large"}, "instance_type", "instance type"),
     ("arch mismatch arm", {"base__arch": "arm64", "instance_type": "t3.small"}, "instance_type", "does not run arm64"),
     ("arch mismatch amd", {"instance_type": "m7g.large"}, "instance_type", "does not run amd64"),
+    ("types and type", {"instance_type": "t3.small", "instance_types": ["t3a.small"]}, "instance_types", "not both"),
+    ("types empty", {"instance_types": []}, "instance_types", "at least 1"),
+    ("types not a list", {"instance_types": "t3.small"}, "instance_types", "must be a list"),
+    ("types item form", {"instance_types": ["t3.small", "large"]}, "instance_types[1]", "instance type"),
+    ("types arch", {"instance_types": ["t3.small", "m7g.large"]}, "instance_types[1]", "does not run amd64"),
+    ("types repeat", {"instance_types": ["t3.small", "t3.small"]}, "instance_types[1]", "repeats instance_types[0]"),
     ("package name", {"packages": ["Apache2!"]}, "packages[0]", "Debian package name"),
     ("duplicate package", {"packages": ["apache2", "apache2=2.4"]}, "packages[1]", "repeats packages[0]"),
     ("service name", {"services": ["apache 2"]}, "services[0]", "systemd unit"),
@@ -190,6 +196,7 @@ GOOD = [
     ("xfs", {"volume__filesystem": "xfs"}),
     ("trixie by number", {"base__release": 13}),
     ("arm64", {"base__arch": "arm64", "instance_type": "c7g.large"}),
+    ("arm64 types", {"base__arch": "arm64", "instance_types": ["t4g.small", "c7g.large"]}),
     ("pinned ami", {"base__ami": "ami-0123456789abcdef0"}),
     ("kms alias", {"volume__kms_key_id": "alias/ebs-data"}),
     ("var log allowed", {"externalize": ["/var/log/apache2"]}),
@@ -292,3 +299,29 @@ def test_shipped_roles_are_valid() -> None:
     assert roles["web"].services == ("apache2.service",)
     assert "mariadb-server" in roles["database"].packages
     assert "/var/lib/mysql" in [p.path for p in roles["database"].externalize]
+
+
+def test_instance_types_are_an_ordered_fallback_that_replaces_the_defaults(
+    roles_dir: Path, write_role: Callable[..., Path]
+) -> None:
+    from builder.fingerprint import role_values
+
+    write_role("defaults", {"instance_type": "t3.medium"})
+    write_role("one", GOOD_ROLE)
+    write_role("list", changed(instance_types=["t3.small", "t3a.small", "m6i.large"]))
+    write_role("single", changed(instance_types=["t3.small"]))
+    write_role("plain", changed(instance_type="t3.small"))
+    one, listed, single, plain = load_roles(["one", "list", "single", "plain"], roles_dir)
+    assert one.instance_types == ("t3.medium",) and one.instance_type == "t3.medium"
+    # The role's list replaces the defaults' instance_type (no "both" problem across files).
+    assert listed.instance_types == ("t3.small", "t3a.small", "m6i.large") and listed.instance_type == "t3.small"
+    # A one-item list is instance_type: the same fingerprint inputs as before the list existed.
+    assert {**role_values(single), "name": "plain"} == role_values(plain)
+    assert "instance_types" not in role_values(plain)
+    assert list(role_values(listed)["instance_types"]) == ["t3.small", "t3a.small", "m6i.large"]
+
+
+def test_both_type_keys_in_the_defaults_file_name_it(roles_dir: Path, write_role: Callable[..., Path]) -> None:
+    write_role("defaults", {"instance_type": "t3.small", "instance_types": ["t3a.small"]})
+    write_role("r", GOOD_ROLE)
+    assert [p for p in problems_of(roles_dir) if "defaults.yaml: instance_types: " in p and "not both" in p]
