@@ -18,7 +18,7 @@ from builder.aws.ec2 import EC2
 from builder.backups import MARKER
 from builder.checks import Check
 from builder.cleanup import UndoStack
-from builder.errors import BuildError, InvalidInput
+from builder.errors import BuildError, CloudError, InvalidInput
 from builder.keys import KeyPair
 from builder.launch import Source, connect, launch, login_user_data, zones
 from builder.live import verify_checks
@@ -69,11 +69,9 @@ def drill(
     """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
     started = time.monotonic()
     available = zones(ec2)
-    target = az or next((z for z in available if z != source.source_az), None)
-    if target is None:
-        raise InvalidInput(f"no AZ other than {source.source_az} in {ec2.region}: give --az")
-    if target not in available:
-        raise InvalidInput(f"--az {target}: not an available AZ of {ec2.region} ({', '.join(available)})")
+    if az and az not in available:
+        raise InvalidInput(f"--az {az}: not an available AZ of {ec2.region} ({', '.join(available)})")
+    target = az or other_zone(ec2, role, source.source_az, available)
     report = DrillReport(role.name, False, source.snapshot_id, source.kind, source.date, source.source_az, target)
     undo = UndoStack()
     common = drill_tags(drill_id, role.name)
@@ -118,6 +116,26 @@ def drill(
     if report.left_behind:
         report.passed = False
     return report
+
+
+def other_zone(ec2: EC2, role: Role, source_az: str, available: list[str]) -> str:
+    """Return the first available AZ other than ``source_az`` that offers one of the role's types.
+
+    Raises CloudError listing the AZs and the types when there is none.
+    """
+    offered = resources.offered_zones(ec2, role.instance_types)
+    offering = {z for zones in offered.values() for z in zones}
+    target = next((z for z in available if z != source_az and z in offering), None)
+    if target is None:
+        others = ", ".join(z for z in available if z != source_az) or "none"
+        raise CloudError(
+            "describe_instance_type_offerings",
+            "Unsupported",
+            f"no AZ of {ec2.region} other than {source_az or '(unknown)'} ({others}) offers "
+            f"{' or '.join(role.instance_types)}",
+            hint="give --az, or add a type offered there to the role's instance_types",
+        )
+    return target
 
 
 def _drill_checks(remote: Remote, role: Role, image: RoleImage, source: Source) -> list[Check]:

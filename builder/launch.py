@@ -13,7 +13,6 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,16 +208,10 @@ def launch(
         security_group_ids=tuple(security_group_ids or ()),
         az=az,
     )
-    ids = resources.launch(ec2, spec, undo)
+    fallback = () if instance_type else role.instance_types[1:]
+    ids = resources.launch(ec2, spec, undo, fallback=fallback, running=900)
     launched = []
     for instance_id in ids:
-        ec2.wait_for(
-            f"instance {instance_id}",
-            _state_of(ec2, instance_id),
-            "running",
-            timeout=900,
-            failed=("terminated", "shutting-down", "stopped"),
-        )
         described = ec2.instance(instance_id)
         device = image.device or vol.device
         volume = next(
@@ -241,10 +234,6 @@ def launch(
             )
         )
     return launched
-
-
-def _state_of(ec2: EC2, instance_id: str) -> Callable[[], str]:
-    return lambda: ec2.instance_state(instance_id)
 
 
 def login_user_data(login: KeyPair) -> str:

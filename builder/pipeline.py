@@ -319,21 +319,21 @@ def launch_builder(state: _Build) -> None:
         terminate_on_shutdown=True,
         client_token=f"{state.build_id}-builder",
     )
-    (instance_id,) = resources.launch(
-        ec2, spec, state.undo, terminate=lambda i: lambda: ec2.terminate(i, requested=state.released)
-    )
-    state.instance_id = instance_id
     # SSH comes next: load its code (paramiko, ~0.1 s) while EC2 boots the builder, not after.
     threading.Thread(target=importlib.import_module, args=("builder.remote",), daemon=True).start()
-    ec2.wait_for(
-        f"instance {instance_id}",
-        lambda: ec2.instance_state(instance_id),
-        "running",
-        timeout=600,
-        failed=("terminated", "shutting-down", "stopped"),
+    (instance_id,) = resources.launch(
+        ec2,
+        spec,
+        state.undo,
+        terminate=lambda i: lambda: ec2.terminate(i, requested=state.released),
+        fallback=role.instance_types[1:],
+        running=600,
         kind="instance-running",
     )
+    state.instance_id = instance_id
     state.instance = ec2.described[instance_id]
+    where = state.instance.get("Placement", {}).get("AvailabilityZone", "?")
+    log.info("%s: builder %s is a %s in %s", role.name, instance_id, state.instance.get("InstanceType"), where)
     volume_id = next(
         (m["Ebs"]["VolumeId"] for m in state.instance.get("BlockDeviceMappings", []) if m["DeviceName"] == vol.device),
         None,

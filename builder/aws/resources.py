@@ -11,8 +11,10 @@ returns.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from builder import tags
@@ -21,7 +23,16 @@ from builder.cleanup import UndoStack
 from builder.errors import CloudError
 from builder.tags import tag_specs
 
+log = logging.getLogger(__name__)
+
 Undo = Callable[[], object]
+
+# What makes a launch move on to the next (type, AZ): EC2 has no capacity for the type in that
+# AZ, does not support it there, or this account may run no more of it. Any other error stops.
+# A StateReason of an instance that ended `terminated` counts too (without its "Server.").
+NEXT_PLACEMENT = frozenset(
+    {"InsufficientInstanceCapacity", "InsufficientCapacity", "Unsupported", "InstanceLimitExceeded"}
+)
 
 
 @dataclass(frozen=True)
@@ -107,11 +118,168 @@ def launch(
     undo: UndoStack | None = None,
     *,
     terminate: Callable[[str], Undo] | None = None,
+    fallback: Sequence[str] = (),
+    running: float | None = None,
+    kind: str | None = None,
 ) -> list[str]:
     """Launch ``spec`` and return the instance ids (each on ``undo`` first, if given); raise CloudError.
 
-    ``terminate`` makes an instance's undo action (default: terminate it and wait).
+    The types to try are ``spec.instance_type`` then ``fallback``, AZ by AZ where offered
+    (:func:`placements`: only the subnet's AZ, or ``spec.az``, when given). A pair EC2 has
+    no capacity for (``NEXT_PLACEMENT``) is logged and the next is tried; when none is left,
+    CloudError names every attempt. With ``running`` (a timeout in s) each instance is waited
+    for until `running` (:func:`wait_running`; ``kind`` is the wait's kind), so one that ends
+    `terminated` for capacity moves on too. ``terminate`` makes an instance's undo action
+    (default: terminate it and wait).
     """
+    pairs = placements(ec2, (spec.instance_type, *fallback), spec.subnet_id, spec.az)
+    attempts: list[str] = []
+    for n, (itype, az) in enumerate(pairs):
+        token = spec.client_token and (spec.client_token if n == 0 else f"{spec.client_token[:60]}-{n}")
+        attempt = replace(spec, instance_type=itype, az=None if spec.subnet_id else az, client_token=token)
+        try:
+            return _launch_running(ec2, attempt, undo, terminate=terminate, running=running, kind=kind)
+        except CloudError as exc:
+            if exc.code.removeprefix("Server.") not in NEXT_PLACEMENT:
+                raise
+            attempts.append(f"{itype} in {az}: {exc.code} ({_reason(exc)})")
+            following = f"trying {pairs[n + 1][0]} in {pairs[n + 1][1]}" if n + 1 < len(pairs) else "none left to try"
+            log.warning("%s; %s", attempts[-1], following)
+    raise CloudError(
+        "run_instances",
+        "NoCapacity",
+        f"no instance type could be launched in any AZ offering it: {'; '.join(attempts)}",
+        hint="add types to the role's instance_types, give another --subnet-id (AZ), or try again later",
+    )
+
+
+def _reason(exc: CloudError) -> str:
+    return exc.message.removeprefix(f"EC2 {exc.operation}: {exc.code}: ")
+
+
+def _launch_running(
+    ec2: EC2,
+    spec: LaunchSpec,
+    undo: UndoStack | None,
+    *,
+    terminate: Callable[[str], Undo] | None,
+    running: float | None,
+    kind: str | None,
+) -> list[str]:
+    """Launch ``spec`` in its one placement; with ``running``, wait for each instance (raises CloudError)."""
+    ids = _launch_one(ec2, spec, undo, terminate)
+    if running is None:
+        return ids
+    try:
+        for instance_id in ids:
+            wait_running(ec2, instance_id, running, kind)
+    except CloudError:
+        _discard(ec2, ids)
+        raise
+    return ids
+
+
+def _discard(ec2: EC2, instance_ids: list[str]) -> None:
+    """Terminate a failed launch's instances and delete the volumes they would leave (not deleted on termination)."""
+    ec2.call("terminate_instances", InstanceIds=instance_ids)
+    for instance_id in instance_ids:
+        mappings = (ec2.described.get(instance_id) or ec2.instance(instance_id)).get("BlockDeviceMappings") or []
+        kept = [m["Ebs"]["VolumeId"] for m in mappings if not m.get("Ebs", {}).get("DeleteOnTermination", True)]
+        ec2.terminate(instance_id, requested=True)
+        for volume_id in kept:
+            try:
+                ec2.delete_volume(volume_id, instance_id)
+            except CloudError as exc:
+                if not exc.code.endswith("NotFound"):
+                    raise
+
+
+def wait_running(ec2: EC2, instance_id: str, timeout: float, kind: str | None = None) -> dict[str, Any]:
+    """Wait until ``instance_id`` is running and return its description (``ec2.described``).
+
+    Raises CloudError whose code and message are EC2's StateReason when it ends terminated,
+    shutting down or stopped instead (e.g. Server.InsufficientInstanceCapacity), WaitTimeout.
+    """
+    try:
+        ec2.wait_for(
+            f"instance {instance_id}",
+            lambda: ec2.instance_state(instance_id),
+            "running",
+            timeout=timeout,
+            failed=("terminated", "shutting-down", "stopped"),
+            kind=kind,
+        )
+    except CloudError as exc:
+        if exc.code != "UnexpectedState":
+            raise
+        described = ec2.described.get(instance_id, {})
+        reason = described.get("StateReason") or {}
+        code = str(reason.get("Code") or "NoStateReason")
+        where = f"{described.get('InstanceType', '?')} in {described.get('Placement', {}).get('AvailabilityZone', '?')}"
+        state = described.get("State", {}).get("Name", "?")
+        message = f"instance {instance_id} ({where}) went {state!r} before running: {reason.get('Message') or code}"
+        raise CloudError("run_instances", code, message, HINTS_BY_REASON.get(code)) from None
+    return ec2.described[instance_id]
+
+
+HINTS_BY_REASON = {
+    "Server.InsufficientInstanceCapacity": "add types to the role's instance_types, or give another --subnet-id (AZ)",
+    "Client.VolumeLimitExceeded": "the account's EBS volume limit is reached",
+    "Client.InternalError": "often a KMS key the instance's role may not use (volume.kms_key_id)",
+}
+
+
+def placements(
+    ec2: EC2, types: Sequence[str], subnet_id: str | None = None, az: str | None = None
+) -> list[tuple[str, str]]:
+    """Return the (instance type, AZ) pairs to try, in order: AZ by AZ, the types it offers in their order.
+
+    With ``subnet_id`` (or else ``az``) the AZ is fixed. A type not offered where asked is
+    skipped, with a log line. Raises CloudError when no type is offered there at all.
+    """
+    offered = offered_zones(ec2, types)
+    fixed = (
+        str(ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"][0]["AvailabilityZone"]) if subnet_id else az
+    )
+    where = (f"{fixed}" + (f" (subnet {subnet_id})" if subnet_id else "")) if fixed else f"any AZ of {ec2.region}"
+    wanted = list(dict.fromkeys(types))
+    for itype in wanted:
+        if not [z for z in offered.get(itype, []) if fixed in (None, z)]:
+            log.warning("%s is not offered in %s: skipped", itype, where)
+    zones = [fixed] if fixed else sorted({z for found in offered.values() for z in found})
+    pairs = [(itype, z) for z in zones for itype in wanted if z in offered.get(itype, [])]
+    if not pairs:
+        raise CloudError(
+            "describe_instance_type_offerings",
+            "Unsupported",
+            f"none of {', '.join(wanted)} is offered in {where}",
+            hint="choose instance_types that this region (and the subnet's AZ) offers",
+        )
+    return pairs
+
+
+def offered_zones(ec2: EC2, types: Sequence[str]) -> dict[str, list[str]]:
+    """Return the AZs (sorted; regular AZs of the region, not Local or Wavelength Zones) offering each type."""
+    zone = re.compile(re.escape(ec2.region) + "[a-z]")
+    found: dict[str, list[str]] = {}
+    params: dict[str, Any] = {
+        "LocationType": "availability-zone",
+        "Filters": [{"Name": "instance-type", "Values": list(dict.fromkeys(types))}],
+    }
+    while True:
+        reply = ec2.call("describe_instance_type_offerings", **params)
+        for offer in reply.get("InstanceTypeOfferings", []):
+            if zone.fullmatch(str(offer["Location"])):
+                found.setdefault(str(offer["InstanceType"]), []).append(str(offer["Location"]))
+        if not reply.get("NextToken"):
+            return {itype: sorted(set(zones)) for itype, zones in found.items()}
+        params["NextToken"] = reply["NextToken"]
+
+
+def _launch_one(
+    ec2: EC2, spec: LaunchSpec, undo: UndoStack | None, terminate: Callable[[str], Undo] | None
+) -> list[str]:
+    """Call RunInstances once for ``spec``; each instance is on ``undo`` (if given) before this returns."""
     if undo is None:
         return _instance_ids(ec2.call("run_instances", **run_params(spec)))
     undo_of = terminate or (lambda instance_id: lambda: ec2.terminate(instance_id))
