@@ -163,6 +163,17 @@ def sandbox_env(exports: Mapping[str, str], fmt: str) -> str:
     return f"unset AWS_PROFILE AWS_SESSION_TOKEN\nexport {names}"
 
 
+def sandbox_capacity(refusals: Mapping[str, Sequence[str]]) -> str:
+    """sandbox capacity, as text: what RunInstances refuses, and what it terminates at launch."""
+    refuse, late = refusals["refuse"], refusals["refuse_late"]
+    if not refuse and not late:
+        return "sandbox capacity: nothing refused"
+    lines = ["sandbox capacity:"]
+    lines += [f"  {p}: RunInstances answers InsufficientInstanceCapacity" for p in refuse]
+    lines += [f"  {p}: launched, then terminated (Server.InsufficientInstanceCapacity)" for p in late]
+    return "\n".join(lines)
+
+
 def sandbox_status(status: Mapping[str, Any]) -> str:
     """sandbox status, as text."""
     where = "running, EC2 endpoint " + str(status["endpoint"]) if status["running"] else "not running"

@@ -14,9 +14,23 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p = add(sub, "sandbox", common)
     p.add_argument(
         "action",
-        choices=("start", "status", "stop", "reset", "env"),
-        help="env: print the exports that point awscli, Terraform and Packer at it (its endpoint and credentials)",
+        choices=("start", "status", "stop", "reset", "env", "capacity"),
+        help="env: print the exports that point awscli, Terraform and Packer at it (its endpoint and credentials); "
+        "capacity: show or change which instance types it refuses in which AZs",
     )
+    p.add_argument(
+        "--refuse",
+        action="append",
+        metavar="TYPE@AZ",
+        help="capacity: RunInstances of TYPE in AZ fails with InsufficientInstanceCapacity (* for any; repeatable)",
+    )
+    p.add_argument(
+        "--refuse-late",
+        action="append",
+        metavar="TYPE@AZ",
+        help="capacity: such instances launch, then end terminated with Server.InsufficientInstanceCapacity",
+    )
+    p.add_argument("--clear", action="store_true", help="capacity: refuse nothing (before adding --refuse ones)")
     p.add_argument(
         "--release",
         action="append",
@@ -53,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
         control.reset()
         doc = {"running": False, "reset": True}
         text = f"sandbox reset: {control.STATE_DIR} removed"
+    elif args.action == "capacity":
+        from builder.sandbox import capacity
+
+        refusals = capacity.update(control.STATE_DIR, args.refuse or [], args.refuse_late or [], clear=args.clear)
+        doc = dict(refusals.to_dict())
+        text = output.sandbox_capacity(refusals.to_dict())
     elif args.action == "env":
         output.emit(output.sandbox_env(control.env(), args.format))
         return ExitCode.OK

@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from builder.errors import DataPlaneError, EC2Error
 from builder.files import write_atomic
+from builder.sandbox import capacity
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
 from builder.sandbox.dataplane import Attachment, DataPlane
 from builder.sandbox.latency import Latency, Model
@@ -311,6 +312,7 @@ class Sandbox:
     # ------------------------------------------------------------ instances
 
     def _before_RunInstances(self, backend: Any, params: dict[str, str]) -> dict[str, str]:
+        self._check_capacity(backend, params)
         image = self._image(backend, params.get("ImageId", ""))
         if image.architecture != "x86_64":
             raise EC2Error("Unsupported", f"the sandbox runs x86_64 images only; {image.id} is {image.architecture}")
@@ -339,12 +341,54 @@ class Sandbox:
             instance = backend.get_instance(instance_id)
             instance.sandbox_user_data = user_data
             instance.sandbox_keys = keys
+            if self._fails_late(backend, instance):
+                continue
             try:
                 self._make_volumes(backend, instance)
             except (DataPlaneError, EC2Error, OSError) as exc:
                 self._failed_launch(backend, instance, str(exc))
                 continue
             self._start_machine(backend, instance, first=True)
+
+    def _check_capacity(self, backend: Any, params: dict[str, str]) -> None:
+        """Refuse a type its AZ does not offer (Unsupported), or one `sandbox capacity` refuses there."""
+        itype = params.get("InstanceType", "m1.small")
+        subnet = params.get("SubnetId")
+        az = params.get("Placement.AvailabilityZone") or (
+            backend.get_subnet(subnet).availability_zone if subnet else f"{backend.region_name}a"
+        )
+        from moto.ec2.models.instance_types import INSTANCE_TYPE_OFFERINGS
+
+        offers = INSTANCE_TYPE_OFFERINGS["availability-zone"].get(backend.region_name, [])
+        offering = sorted({o["Location"] for o in offers if o["InstanceType"] == itype})
+        if offering and az not in offering:
+            raise EC2Error("Unsupported", capacity.unsupported_message(itype, az))
+        if capacity.load(self.state).refuses(itype, az):
+            log.info("RunInstances: %s in %s refused (sandbox capacity)", itype, az)
+            others = [z for z in offering if z != az]
+            raise EC2Error("InsufficientInstanceCapacity", capacity.insufficient_message(itype, az, others), 500)
+
+    def _fails_late(self, backend: Any, instance: Any) -> bool:
+        """End ``instance`` terminated for capacity when `sandbox capacity --refuse-late` says so."""
+        if not capacity.load(self.state).fails_late(instance.instance_type, instance.placement.zone):
+            return False
+        log.info(
+            "%s: %s in %s terminated at launch (sandbox capacity)",
+            instance.id,
+            instance.instance_type,
+            instance.placement.zone,
+        )
+        volumes = [block.volume_id for _, block in instance.get_block_device_mapping]
+        self._terminate(backend, [instance.id])
+        for volume_id in volumes:  # it never ran: EC2 keeps none of its volumes
+            if volume_id in backend.volumes:
+                backend.delete_volume(volume_id)
+        _set_reason(
+            instance,
+            "Server.InsufficientInstanceCapacity",
+            "Server.InsufficientInstanceCapacity: Insufficient capacity.",
+        )
+        return True
 
     def _make_volumes(self, backend: Any, instance: Any) -> None:
         for device, block in instance.get_block_device_mapping:
