@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.config
+import botocore.exceptions
 import pytest
 import yaml
 from moto import mock_aws
@@ -192,3 +194,30 @@ def test_a_restore_whose_instance_ends_terminated_names_the_state_reason(
     assert "Server.InsufficientInstanceCapacity" in done.stderr and "Insufficient capacity." in done.stderr
     assert "(t3.small in us-east-1b) went 'terminated' before running" in done.stderr
     assert world.ec2_view()["instances"] == [] and world.ec2_view()["volumes"] == []
+
+
+@needs_root
+def test_the_sandbox_refuses_as_ec2_does(world: World) -> None:
+    """An AZ that does not offer a type answers Unsupported; a refused one InsufficientInstanceCapacity, HTTP 500."""
+    image = world.client().describe_images(Owners=["136693071363"])["Images"][0]["ImageId"]
+    once = world.client(config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 1}))
+    refuse(world, "--refuse", "t3.small@us-east-1b")
+    try:
+        answers = {}
+        for az in ("us-east-1e", "us-east-1b"):
+            with pytest.raises(botocore.exceptions.ClientError) as caught:
+                once.run_instances(
+                    ImageId=image, InstanceType="t3.small", MinCount=1, MaxCount=1, Placement={"AvailabilityZone": az}
+                )
+            answers[az] = caught.value.response
+    finally:
+        refuse(world)
+    assert answers["us-east-1e"]["Error"]["Code"] == "Unsupported"
+    assert "(t3.small) is not supported in your requested Availability Zone (us-east-1e)" in str(answers["us-east-1e"])
+    refused = answers["us-east-1b"]
+    assert refused["Error"]["Code"] == "InsufficientInstanceCapacity"
+    assert refused["ResponseMetadata"]["HTTPStatusCode"] == 500
+    assert refused["Error"]["Message"].startswith(
+        "We currently do not have sufficient t3.small capacity in the Availability Zone you requested (us-east-1b)."
+    )
+    assert world.ec2_view()["instances"] == []

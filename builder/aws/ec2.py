@@ -36,7 +36,7 @@ HINTS = {
     "InvalidAMIID.NotFound": "the base AMI does not exist in this region",
     "VPCIdNotSpecified": "this region has no default VPC: give --subnet-id (and --security-group-id if you like)",
     "RequestLimitExceeded": "EC2 throttled the calls beyond botocore's retries; try again later",
-    "InsufficientInstanceCapacity": "try another instance_type in the role, or another --subnet-id (AZ)",
+    "InsufficientInstanceCapacity": "add types to the role's instance_types, or give another --subnet-id (AZ)",
 }
 
 

@@ -174,7 +174,10 @@ def _launch_running(
         for instance_id in ids:
             wait_running(ec2, instance_id, running, kind)
     except CloudError:
-        _discard(ec2, ids)
+        try:
+            _discard(ec2, ids)
+        except CloudError as exc:  # the launch's own error matters more; an undo stack may still hold them
+            log.warning("could not remove the instances of a failed launch (%s): %s", " ".join(ids), exc)
         raise
     return ids
 

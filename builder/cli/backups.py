@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p = sub.choices["launch"]
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--env", default="", help="environment name, tagged (production, staging, ...)")
-    p.add_argument("--instance-type", help="default: the role's instance_type")
+    p.add_argument("--instance-type", help="this type alone (default: the role's instance_types, tried in order)")
     p.add_argument("--key-name", help="EC2 key pair for your own logins")
     p.add_argument("--subnet-id")
     p.add_argument("--security-group-id", action="append", help="repeatable")
