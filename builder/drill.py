@@ -20,8 +20,9 @@ from builder.checks import Check
 from builder.cleanup import UndoStack
 from builder.errors import BuildError, InvalidInput
 from builder.keys import KeyPair
-from builder.launch import Source, connect, launch, login_user_data, zones
+from builder.launch import Source, choose_source, connect, current_image, launch, login_user_data, zones
 from builder.live import verify_checks
+from builder.pipeline import new_build_id, ssh_cidr
 from builder.registry import RoleImage
 from builder.remote import Remote
 from builder.roles import Role
@@ -47,6 +48,41 @@ class DrillReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DrillRequest:
+    """What a drill asks for: the snapshot to restore (as ``launch`` chooses it), where, how to log in."""
+
+    choice: str = "latest"  # latest | seed | snap-...
+    source_env: str = ""
+    allow_other_role: bool = False
+    az: str | None = None  # default: an AZ other than the snapshot's
+    ssh_cidr: str | None = None  # default: this machine's address (see resources.ssh_cidr)
+    user: str = "admin"
+
+
+@dataclass(frozen=True)
+class Drilled:
+    """A drill's result: the snapshot it restored and its report."""
+
+    source: Source
+    report: DrillReport
+
+
+def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
+    """Drill ``role``: resolve its current AMI and the snapshot ``request`` names, then :func:`drill` it.
+
+    Raises like :func:`builder.launch.current_image` and :func:`builder.launch.choose_source`;
+    everything after that is in the report.
+    """
+    cidr = ssh_cidr(request.ssh_cidr, ec2.endpoint_url)
+    image = current_image(ec2, role.name)
+    source = choose_source(
+        ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
+    )
+    report = drill(ec2, role, image, source, az=request.az, ssh_cidr=cidr, user=request.user, drill_id=new_build_id())
+    return Drilled(source, report)
 
 
 def drill_tags(drill_id: str, role: str) -> dict[str, str]:

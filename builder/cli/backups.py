@@ -192,19 +192,19 @@ def launch(args: argparse.Namespace) -> int:
 
 def drill(args: argparse.Namespace) -> int:
     """Run a restore drill; exit 0 when it passed."""
-    from builder.drill import drill as run_drill
-    from builder.launch import choose_source, current_image
-    from builder.pipeline import new_build_id, ssh_cidr
+    from builder.drill import DrillRequest, run
 
     role = load_role(roles_dir(args), args.role)
-    ec2 = connect_args(args)
-    cidr = ssh_cidr(args.ssh_cidr, ec2.endpoint_url)
-    image = current_image(ec2, role.name)
-    source = choose_source(
-        ec2, role.name, image, args.source, args.source_env or "", allow_other_role=args.allow_other_role
+    request = DrillRequest(
+        choice=args.source,
+        source_env=args.source_env or "",
+        allow_other_role=args.allow_other_role,
+        az=args.az,
+        ssh_cidr=args.ssh_cidr,
+        user=args.ssh_user,
     )
-    report = run_drill(ec2, role, image, source, az=args.az, ssh_cidr=cidr, user=args.ssh_user, drill_id=new_build_id())
-    output.emit(output.drilled(role.name, source, report, args.format))
-    if report.left_behind:
+    done = run(connect_args(args), role, request)
+    output.emit(output.drilled(role.name, done.source, done.report, args.format))
+    if done.report.left_behind:
         return ExitCode.LEFTOVERS
-    return ExitCode.OK if report.passed else ExitCode.FAILED
+    return ExitCode.OK if done.report.passed else ExitCode.FAILED

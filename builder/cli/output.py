@@ -1,4 +1,4 @@
-"""Every rendering of a result for the terminal: text lines, JSON, CSV and markdown tables.
+"""Every rendering of a result for the terminal: text lines and JSON (audit's tables: ``tables``).
 
 Each function takes a command's result (library values) and returns the text to print;
 ``emit`` prints it. JSON documents keep their keys and shapes: other tools parse them.

@@ -103,13 +103,13 @@ def render(args: argparse.Namespace) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     """Print which paths each role externalizes: from the role files, the AMIs, or a live instance."""
-    from builder import audit as report
+    from builder.cli import tables
 
     if args.instance:
         return _audit_instance(args)
     roles = load_roles(roles_dir(args), args.roles)
     if not args.registered:
-        sys.stdout.write(report.format_audit(roles, args.format))
+        sys.stdout.write(tables.roles(roles, args.format))
         return ExitCode.OK
     from builder.registry import registered
 
@@ -117,13 +117,13 @@ def audit(args: argparse.Namespace) -> int:
     records = registered(ec2, roles)
     if args.roles:  # only the named roles (and no orphans) when roles are named
         records = [r for r in records if r.role in set(args.roles)]
-    sys.stdout.write(report.format_registered(records, ec2.region, args.format))
+    sys.stdout.write(tables.registered(records, ec2.region, args.format))
     return ExitCode.OK
 
 
 def _audit_instance(args: argparse.Namespace) -> int:
     """audit --instance: run the verify script on a live instance; exit 1 when a check fails."""
-    from builder import audit as report
+    from builder.cli import tables
     from builder.live import check_instance
 
     if not args.identity:
@@ -138,7 +138,7 @@ def _audit_instance(args: argparse.Namespace) -> int:
         host=args.ssh_host,
         port=args.ssh_port,
     )
-    sys.stdout.write(report.format_instance(checked, args.format))
+    sys.stdout.write(tables.instance(checked, args.format))
     return ExitCode.OK if checked["passed"] else ExitCode.FAILED
 
 
