@@ -325,13 +325,6 @@ def test_cleanup_that_fails_names_what_it_left(ec2: EC2, mini: Any, rootfs: Path
     assert everything(ec2)["key_pairs"] and not everything(ec2)["security_groups"]
 
 
-def test_retries_are_set_in_code_not_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
-    ec2 = EC2.connect(REGION, endpoint_url="http://127.0.0.1:9")
-    assert ec2.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
-
-
 @needs_root
 @pytest.mark.slow
 def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
