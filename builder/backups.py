@@ -391,7 +391,7 @@ def apply_retention(
                     row.fate = "would delete"
                 else:
                     try:
-                        ec2.call("delete_snapshot", SnapshotId=snap["id"])
+                        resources.remove(ec2, "snapshots", snap["id"])
                         row.fate = "deleted"
                     except CloudError as exc:
                         row.fate, row.error = "left", str(exc).splitlines()[0]

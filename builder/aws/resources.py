@@ -241,3 +241,25 @@ def copy_image(target: EC2, source_region: str, image_id: str, name: str, descri
         ClientToken=f"ebsrole-copy-{image_id}-{target.region}"[:64],
     )
     return str(reply["ImageId"])
+
+
+def remove(ec2: EC2, kind: str, resource_id: str) -> None:
+    """Delete one resource: an instance (terminated, waited for), image (deregistered), snapshot,
+    volume (detached first when ours), key pair or security group (retried while in use).
+
+    ``kind`` is one of sweep's KINDS: instances, images, snapshots, volumes, key_pairs, security_groups.
+    """
+    if kind == "instances":
+        ec2.terminate(resource_id)
+    elif kind == "images":
+        ec2.call("deregister_image", ImageId=resource_id)
+    elif kind == "snapshots":
+        ec2.call("delete_snapshot", SnapshotId=resource_id)
+    elif kind == "volumes":
+        ec2.delete_volume(resource_id, None)
+    elif kind == "key_pairs":
+        ec2.call("delete_key_pair", KeyName=resource_id)
+    elif kind == "security_groups":
+        ec2.delete_security_group(resource_id)
+    else:
+        raise ValueError(f"no such kind of resource: {kind}")
