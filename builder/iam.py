@@ -25,51 +25,37 @@ if TYPE_CHECKING:
     from builder.roles import Role
 
 _READ_IMAGES: Final = ("ec2:DescribeImages",)
-# What removing a build's or a drill's temporary resources calls (the undo stack, sweep).
-_CLEANUP: Final = (
-    "ec2:DescribeInstances",
-    "ec2:DescribeVolumes",
-    "ec2:TerminateInstances",
-    "ec2:DetachVolume",
-    "ec2:DeleteVolume",
-    "ec2:DeleteSecurityGroup",
-)
-# Launching an instance of a role from a snapshot (launch; a drill launches the same way).
-_LAUNCH: Final = (
+# Restoring a role's instance from a snapshot (launch; a drill launches the same way).
+_RESTORE: Final = (
     *_READ_IMAGES,
-    *_CLEANUP,
-    "sts:GetCallerIdentity",  # whose snapshots are "ours" when restoring
+    "sts:GetCallerIdentity",  # whose snapshots are "ours"
     "ec2:DescribeSnapshots",
-    "ec2:DescribeSubnets",
-    "ec2:DescribeAvailabilityZones",
-    "ec2:DescribeSecurityGroups",
-    "ec2:CreateSecurityGroup",
-    "ec2:AuthorizeSecurityGroupIngress",
+    "ec2:DescribeInstances",
     "ec2:RunInstances",
-    "ec2:CreateTags",
+    "ec2:CreateTags",  # the data volume: its DLM target
     "ec2:GetConsoleOutput",  # --wait / a drill: the host key from the console
 )
-_COPY: Final = (*_READ_IMAGES, "ec2:DescribeSnapshots", "ec2:CopyImage", "ec2:CreateTags")
+_COPY: Final = (*_READ_IMAGES, "ec2:CopyImage", "ec2:CreateTags")
 
 ACTIONS: Final[Mapping[str, frozenset[str]]] = {
     "build": frozenset(
         {
-            *_CLEANUP,
             *_COPY,  # --copy-to
-            "ec2:DescribeSubnets",
+            "ec2:DescribeInstances",
             "ec2:DescribeSnapshots",
-            "ec2:DescribeSecurityGroups",
-            "ec2:DescribeKeyPairs",
+            "ec2:DescribeSubnets",  # --subnet-id: its VPC, for the security group
             "ec2:ImportKeyPair",
             "ec2:DeleteKeyPair",
             "ec2:CreateSecurityGroup",
             "ec2:AuthorizeSecurityGroupIngress",
+            "ec2:DeleteSecurityGroup",
             "ec2:RunInstances",
             "ec2:StopInstances",
+            "ec2:TerminateInstances",
             "ec2:CreateSnapshot",
-            "ec2:DeleteSnapshot",
+            "ec2:DeleteSnapshot",  # a failed build's half-made snapshot
             "ec2:RegisterImage",
-            "ec2:DeregisterImage",
+            "ec2:DeregisterImage",  # a failed build's half-made AMI
             "ec2:CreateTags",
         }
     ),
@@ -83,7 +69,6 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeImageAttribute",
             "ec2:DescribeLaunchTemplates",
             "ec2:DescribeLaunchTemplateVersions",
-            "ec2:DescribeSnapshots",
             "ec2:DeregisterImage",
             "ec2:DeleteSnapshot",
             "ssm:GetParametersByPath",
@@ -94,7 +79,6 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
         {
             *_READ_IMAGES,
             "ec2:DescribeInstances",
-            "ec2:DescribeVolumes",
             "ec2:DescribeSnapshots",
             "ec2:CreateSnapshot",
             "ec2:DeleteSnapshot",
@@ -109,13 +93,27 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "iam:PassRole",  # DLM's execution role
         }
     ),
-    "launch": frozenset(_LAUNCH),
-    "drill": frozenset({*_LAUNCH, "ec2:DescribeVolumes"}),
+    "launch": frozenset(_RESTORE),
+    "drill": frozenset(
+        {
+            *_RESTORE,
+            "ec2:DescribeAvailabilityZones",  # an AZ other than the snapshot's
+            "ec2:CreateSecurityGroup",
+            "ec2:AuthorizeSecurityGroupIngress",
+            "ec2:TerminateInstances",
+            "ec2:DeleteSecurityGroup",
+        }
+    ),
     "copy": frozenset(_COPY),
     "sweep": frozenset(
         {
-            *_CLEANUP,
             *_READ_IMAGES,
+            "ec2:DescribeInstances",
+            "ec2:DescribeVolumes",
+            "ec2:TerminateInstances",
+            "ec2:DetachVolume",
+            "ec2:DeleteVolume",
+            "ec2:DeleteSecurityGroup",
             "ec2:DescribeSnapshots",
             "ec2:DescribeKeyPairs",
             "ec2:DescribeSecurityGroups",
