@@ -240,3 +240,11 @@ def drilled(role: str, source: Any, report: Any, fmt: str) -> str:
     lines += [f"  reason: {reason}" for reason in report.reasons]
     lines += [f"  LEFT BEHIND: {left}" for left in report.left_behind]
     return "\n".join(lines)
+
+
+def iam_policy(document: Mapping[str, Any], needed: Mapping[str, Sequence[str]], fmt: str) -> str:
+    """iam-policy: the policy document (json), or each action with the commands that need it (text)."""
+    if fmt == "json":
+        return as_json(document)
+    width = max((len(a) for a in needed), default=0)
+    return "\n".join(f"{action.ljust(width)}  {', '.join(commands)}" for action, commands in needed.items())

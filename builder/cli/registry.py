@@ -115,6 +115,14 @@ COMMANDS = (
         "tool's available (unattached) volumes, listed unless --delete.",
     ),
     Command(
+        "iam-policy",
+        "iam",
+        "the least-privilege IAM policy for some commands (no cloud access)",
+        "Print the IAM policy document the --commands need (all that call AWS by default): "
+        "deleting only what the tool tagged, tagging at creation, KMS statements for the roles' "
+        "customer-managed keys. --format text lists each action with the commands that need it.",
+    ),
+    Command(
         "sandbox",
         "sandbox",
         "start|status|stop|reset|env the local sandbox (EC2 endpoint + real machines)",

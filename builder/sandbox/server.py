@@ -165,6 +165,8 @@ class Sandbox:
         self.lock = threading.RLock()
         self.calls = 0
         self.actions: Counter[str] = Counter()
+        # "service:Action" as IAM names it (ec2:RunInstances, ssm:GetParameters): what a policy must allow.
+        self.operations: Counter[str] = Counter()
         self.model = model or Model()
         self.latency = Latency(self.model, self.lock) if self.model.active else None
         self._stop_watch = threading.Event()
@@ -237,6 +239,8 @@ class Sandbox:
             return self.app(environ, start_response)
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         action = params.get("Action", "")
+        # SSM speaks JSON: its action is in X-Amz-Target ("AmazonSSM.GetParameters"), not the form.
+        operation = f"{verdict.service}:{environ.get('HTTP_X_AMZ_TARGET', '').rpartition('.')[2] or action}"
         if self.latency is not None and not self.latency.bucket.admit():
             status, headers, body = error_response("RequestLimitExceeded", "Request limit exceeded.", 503)
             start_response(status, headers)
@@ -244,6 +248,7 @@ class Sandbox:
         with self.lock:
             self.calls += 1
             self.actions[action] += 1
+            self.operations[operation] += 1
             status, headers, body = self._handle(environ, verdict.region, action, params, raw)
         start_response(status, headers)
         return [body]
@@ -646,6 +651,7 @@ class Sandbox:
             "ec2": regions,
             "api_calls": self.calls,
             "api_calls_by_action": dict(sorted(self.actions.items())),
+            "api_calls_by_operation": dict(sorted(self.operations.items())),
             "latency": json.loads(self.model.to_json()) if self.model.active else None,
             "throttled": self.latency.bucket.refused if self.latency else 0,
             **self.plane.usage(),
