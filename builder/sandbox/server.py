@@ -687,6 +687,7 @@ class Sandbox:
             self._terminate(backend, [instance.id])
         else:
             self.plane.stop(instance.id, clean=False)
+            self.plane.prune_networks()
             instance.stop()
         _set_reason(
             instance,
