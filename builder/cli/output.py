@@ -182,6 +182,7 @@ def sandbox_status(status: Mapping[str, Any]) -> str:
     lines.append(f"  machines running: {' '.join(status['machines']) or 'none'}")
     lines.append(f"  loop devices: {' '.join(status['loop_devices']) or 'none'}")
     lines.append(f"  mounts: {' '.join(status['mounts']) or 'none'}")
+    lines.append(f"  VPC networks: {' '.join(status.get('networks', [])) or 'none'}")
     lines.append(f"  disk used: {status['bytes_on_disk'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
