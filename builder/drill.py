@@ -22,6 +22,7 @@ from builder.errors import BuildError, InvalidInput
 from builder.keys import KeyPair
 from builder.launch import Source, connect, launch, login_user_data, zones
 from builder.live import verify_checks
+from builder.reach import Reach
 from builder.registry import RoleImage
 from builder.remote import Remote
 from builder.roles import Role
@@ -61,12 +62,18 @@ def drill(
     source: Source,
     *,
     az: str | None,
-    ssh_cidr: str,
+    ssh_source: resources.SshSource | str,
     user: str = "admin",
     timeout: float = 900,
     drill_id: str,
+    reach: Reach | None = None,
+    public_ip: bool | None = None,
 ) -> DrillReport:
-    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
+    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report.
+
+    SSH is admitted from ``ssh_source`` (a CIDR or :class:`resources.SshSource`) and goes as
+    ``reach`` says; ``public_ip`` False launches the instance without a public IP.
+    """
     started = time.monotonic()
     available = zones(ec2)
     target = az or next((z for z in available if z != source.source_az), None)
@@ -82,8 +89,8 @@ def drill(
         group = resources.ssh_group(
             ec2,
             f"ebsrole-drill-{drill_id}",
-            f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
-            ssh_cidr,
+            f"ebsrole restore drill {drill_id}: SSH from {ssh_source}",
+            ssh_source,
             group_tags=tags.with_kind(common, tags.KIND_SECURITY_GROUP),
             undo=undo,
         )
@@ -99,9 +106,10 @@ def drill(
             extra_tags=tags.with_kind(common, tags.KIND_DRILL),
             delete_data_on_termination=True,
             undo=undo,
+            public_ip=public_ip,
         )[0]
         report.instance_id = launched.instance_id
-        remote = connect(ec2, launched, login, user, timeout)
+        remote = connect(ec2, launched, login, user, timeout, reach=reach)
         try:
             report.checks = _drill_checks(remote, role, image, source)
         finally:
