@@ -134,7 +134,7 @@ class Reach:
             )
         if self.method == "private" and not private:
             raise InvalidInput(f"{name} has no private IP address: give --connect public")
-        if self.method == "public" or (self.method is None and public):
+        if self.method == "public" or (self.method is None and not self.proxied and public):
             return str(public)
         address = private or public
         if not address:
@@ -190,9 +190,8 @@ def _check_pinned(bastion: Bastion, known_hosts: Path) -> None:
         raise InvalidInput(f"--bastion-known-hosts {known_hosts}: {exc.strerror}") from None
     if not any(_names(line, bastion.known_name()) for line in text.splitlines()):
         raise InvalidInput(
-            f"--bastion {bastion.host}: no host key for {bastion.known_name()} in {known_hosts}",
-            hint=f"pin it first: ssh-keyscan -p {bastion.port} {bastion.host} >> {known_hosts} (check the key!) "
-            "or give --bastion-known-hosts FILE",
+            f"--bastion {bastion.host}: no host key for {bastion.known_name()} in {known_hosts}: "
+            "pin the bastion's key there (checked, e.g. from its console) or give --bastion-known-hosts FILE"
         )
 
 

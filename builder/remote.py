@@ -283,7 +283,8 @@ def _proxy_reason(sock: ProxySocket, reason: str) -> str:
     tail = sock.stderr_tail()
     if not tail:
         return reason
-    status = f"exited {sock.returncode}" if sock.returncode is not None else "ended"
+    code = sock.returncode
+    status = f"exited {code}" if code is not None and code >= 0 else "was stopped"  # < 0: by our close
     return f"the proxy command {status}: {tail}"
 
 
