@@ -15,10 +15,11 @@ import yaml
 from moto import mock_aws
 
 from builder.aws.ec2 import EC2, RETRIES
+from builder.aws.resources import ssh_cidr, this_host
 from builder.aws.waits import Waits, poll_delay
 from builder.errors import BuildError, CloudError, ExitCode, HostKeyMismatch, LeftBehind, RemoteCommandFailed
 from builder.keys import KeyPair
-from builder.pipeline import BuildOptions, build, ssh_cidr
+from builder.pipeline import BuildOptions, build
 from builder.remote import Remote
 from builder.roles import load_role
 from builder.sandbox.control import Running
@@ -117,7 +118,7 @@ def failing_build(
 
 
 def test_ssh_is_never_open_to_the_world_by_default() -> None:
-    assert ssh_cidr(None, "http://127.0.0.1:5000") == "127.0.0.0/8"
+    assert this_host("http://127.0.0.1:5000") == "127.0.0.0/8"
     assert ssh_cidr("203.0.113.7") == "203.0.113.7/32"
     assert ssh_cidr("0.0.0.0/0") == "0.0.0.0/0"  # only when asked, with a warning
     with pytest.raises(BuildError, match="not a CIDR"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, load_roles, require_roles, roles_dir
-from builder.cli.registry import Parser, add, aws_options, port, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, port, reach_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput, RoleInvalid
 
 
@@ -38,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     ssh = ssh_login_options(p, "SSH, with --instance", "the instance's host key")
     ssh.add_argument("--ssh-host", help="reach the instance at this address instead of its EC2 address")
     ssh.add_argument("--ssh-port", type=port, default=22)
+    reach_options(p)
 
     p = add(sub, "fingerprint", common)
     p.add_argument("roles", nargs="*", metavar="ROLE")
@@ -125,9 +126,11 @@ def _audit_instance(args: argparse.Namespace) -> int:
     """audit --instance: run the verify script on a live instance; exit 1 when a check fails."""
     from builder.cli import tables
     from builder.live import check_instance
+    from builder.reach import Reach
 
     if not args.identity:
         raise InvalidInput("--instance needs --identity KEY_FILE (the key the instance admits)")
+    reach = Reach.of(args)
     checked = check_instance(
         connect_args(args),
         args.instance,
@@ -135,8 +138,8 @@ def _audit_instance(args: argparse.Namespace) -> int:
         identity=args.identity,
         known_hosts=args.known_hosts or Path.home() / ".ssh" / "known_hosts",
         user=args.ssh_user,
-        host=args.ssh_host,
         port=args.ssh_port,
+        reach=reach,
     )
     sys.stdout.write(tables.instance(checked, args.format))
     return ExitCode.OK if checked["passed"] else ExitCode.FAILED
