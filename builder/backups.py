@@ -40,6 +40,7 @@ from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CloudError, FreezeRefused
 from builder.keys import KeyPair
 from builder.live import known_host_key
+from builder.reach import Reach
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 
@@ -60,6 +61,13 @@ class RoleInstance:
     volume_id: str
     device: str
     mount_point: str
+    public_ip: str = ""
+    private_ip: str = ""
+
+    def addresses(self) -> dict[str, str]:
+        """Return the instance's id and addresses as DescribeInstances names them (what a Reach reads)."""
+        found = {"PublicIpAddress": self.public_ip, "PrivateIpAddress": self.private_ip}
+        return {"InstanceId": self.instance_id, **{k: v for k, v in found.items() if v}}
 
 
 @dataclass
@@ -151,6 +159,8 @@ def role_instances(ec2: EC2, roles: Sequence[str] | None = None, env: str | None
                 volume_id=volume,
                 device=device,
                 mount_point=image.mount_point,
+                public_ip=instance.get("PublicIpAddress") or "",
+                private_ip=instance.get("PrivateIpAddress") or "",
             )
         )
     return sorted(found, key=lambda i: (i.role, i.instance_id))
@@ -391,7 +401,7 @@ def apply_retention(
                     row.fate = "would delete"
                 else:
                     try:
-                        ec2.call("delete_snapshot", SnapshotId=snap["id"])
+                        resources.remove(ec2, "snapshots", snap["id"])
                         row.fate = "deleted"
                     except CloudError as exc:
                         row.fate, row.error = "left", str(exc).splitlines()[0]
@@ -405,12 +415,18 @@ def _snapshots_of(image: dict[str, Any]) -> list[str]:
     ]
 
 
-def ssh_connector(identity: Path, known_hosts: Path, user: str) -> Connector:
-    """Return a connector that logs in to an instance with ``identity``, its host key pinned from ``known_hosts``."""
+def ssh_connector(identity: Path, known_hosts: Path, user: str, reach: Reach | None = None) -> Connector:
+    """Return a connector that logs in to an instance with ``identity``, its host key pinned from ``known_hosts``.
+
+    ``reach`` says which address and proxy (default: its public IP, else its private one, directly).
+    """
     key = KeyPair.from_file(identity)
+    how = reach or Reach()
 
     def connect(instance: RoleInstance) -> Remote:
-        host_key = known_host_key(known_hosts, instance.address, 22)
-        return Remote.connect(instance.address, 22, user, key, host_key, deadline=60, prefix=f"[{instance.role}] ")
+        address = how.address(instance.addresses())
+        host_key = known_host_key(known_hosts, address, 22)
+        proxy = how.proxy(address, 22, user, instance.instance_id)
+        return Remote.connect(address, 22, user, key, host_key, deadline=60, prefix=f"[{instance.role}] ", proxy=proxy)
 
     return connect

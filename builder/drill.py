@@ -20,8 +20,10 @@ from builder.checks import Check
 from builder.cleanup import UndoStack
 from builder.errors import BuildError, CloudError, InvalidInput
 from builder.keys import KeyPair
-from builder.launch import Source, connect, launch, login_user_data, zones
+from builder.launch import Source, choose_source, connect, current_image, launch, login_user_data, zones
 from builder.live import verify_checks
+from builder.pipeline import new_build_id
+from builder.reach import Reach
 from builder.registry import RoleImage
 from builder.remote import Remote
 from builder.roles import Role
@@ -49,6 +51,59 @@ class DrillReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class DrillRequest:
+    """What a drill asks for: the snapshot to restore (as ``launch`` chooses it), where, how to log in."""
+
+    choice: str = "latest"  # latest | seed | snap-...
+    source_env: str = ""
+    allow_other_role: bool = False
+    az: str | None = None  # default: an AZ other than the snapshot's
+    ssh_cidr: str | None = None  # default: see resources.ssh_source
+    ssh_source_group: str | None = None  # admit SSH from this group's members instead of a CIDR
+    user: str = "admin"
+    reach: Reach = field(default_factory=Reach)
+    public_ip: bool | None = None  # False: launch without a public IP
+
+
+@dataclass(frozen=True)
+class Drilled:
+    """A drill's result: the snapshot it restored and its report."""
+
+    source: Source
+    report: DrillReport
+
+
+def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
+    """Drill ``role``: resolve its current AMI and the snapshot ``request`` names, then :func:`drill` it.
+
+    Raises like :func:`builder.launch.current_image` and :func:`builder.launch.choose_source`;
+    everything after that is in the report.
+    """
+    reach = request.reach
+    if request.public_ip is False:
+        reach.refuse_public()
+    private = reach.private(public_ip=request.public_ip is not False)  # the AZ's default subnet maps public IPs
+    admitted = resources.ssh_source(ec2, cidr=request.ssh_cidr, group_id=request.ssh_source_group, private=private)
+    image = current_image(ec2, role.name)
+    source = choose_source(
+        ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
+    )
+    report = drill(
+        ec2,
+        role,
+        image,
+        source,
+        az=request.az,
+        ssh_source=admitted,
+        user=request.user,
+        drill_id=new_build_id(),
+        reach=reach,
+        public_ip=request.public_ip,
+    )
+    return Drilled(source, report)
+
+
 def drill_tags(drill_id: str, role: str) -> dict[str, str]:
     """Return the tags of every temporary resource of a drill: what `sweep` needs to find them after a kill."""
     return tags.drill(drill_id, role)
@@ -61,12 +116,18 @@ def drill(
     source: Source,
     *,
     az: str | None,
-    ssh_cidr: str,
+    ssh_source: resources.SshSource | str,
     user: str = "admin",
     timeout: float = 900,
     drill_id: str,
+    reach: Reach | None = None,
+    public_ip: bool | None = None,
 ) -> DrillReport:
-    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report."""
+    """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report.
+
+    SSH is admitted from ``ssh_source`` (a CIDR or :class:`resources.SshSource`) and goes as
+    ``reach`` says; ``public_ip`` False launches the instance without a public IP.
+    """
     started = time.monotonic()
     available = zones(ec2)
     if az and az not in available:
@@ -80,8 +141,8 @@ def drill(
         group = resources.ssh_group(
             ec2,
             f"ebsrole-drill-{drill_id}",
-            f"ebsrole restore drill {drill_id}: SSH from {ssh_cidr}",
-            ssh_cidr,
+            f"ebsrole restore drill {drill_id}: SSH from {ssh_source}",
+            ssh_source,
             group_tags=tags.with_kind(common, tags.KIND_SECURITY_GROUP),
             undo=undo,
         )
@@ -97,9 +158,10 @@ def drill(
             extra_tags=tags.with_kind(common, tags.KIND_DRILL),
             delete_data_on_termination=True,
             undo=undo,
+            public_ip=public_ip,
         )[0]
         report.instance_id = launched.instance_id
-        remote = connect(ec2, launched, login, user, timeout)
+        remote = connect(ec2, launched, login, user, timeout, reach=reach)
         try:
             report.checks = _drill_checks(remote, role, image, source)
         finally:

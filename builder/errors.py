@@ -178,12 +178,12 @@ class SSHError(BuildError):
 class SSHConnectFailed(SSHError):
     """No SSH session could be opened before the deadline."""
 
-    def __init__(self, host: str, port: int, reason: str, waited: float) -> None:
-        self.host, self.port, self.reason, self.waited = host, port, reason, waited
-        super().__init__(
-            f"ssh {host}:{port}: no connection after {waited:.0f} s: {reason}",
-            hint="is the instance up, and does the security group admit this address on tcp/22?",
-        )
+    def __init__(self, host: str, port: int, reason: str, waited: float, *, proxy: str | None = None) -> None:
+        self.host, self.port, self.reason, self.waited, self.proxy = host, port, reason, waited, proxy
+        hint = "is the instance up, and does the security group admit this address on tcp/22?"
+        if proxy:
+            hint = f"the proxy command was: {proxy}; run it by hand to see it reach {host}:{port}"
+        super().__init__(f"ssh {host}:{port}: no connection after {waited:.0f} s: {reason}", hint=hint)
 
 
 class HostKeyMismatch(SSHError):

@@ -13,7 +13,7 @@ import logging
 import re
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from builder import tags
@@ -24,6 +24,7 @@ from builder.cleanup import UndoStack
 from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
 from builder.live import verify_checks
+from builder.reach import Reach
 from builder.registry import RoleImage, role_images
 from builder.remote import Remote
 from builder.roles import Role
@@ -158,10 +159,17 @@ def zones(ec2: EC2) -> list[str]:
 class Launched:
     instance_id: str
     az: str
-    address: str
+    address: str  # the public IP, else the private one (what the listing shows)
     snapshot_id: str
     volume_id: str = ""
     verified: bool | None = None
+    public_ip: str = ""
+    private_ip: str = ""
+
+    def addresses(self) -> dict[str, str]:
+        """Return the instance's id and addresses as DescribeInstances names them (what a Reach reads)."""
+        found = {"PublicIpAddress": self.public_ip, "PrivateIpAddress": self.private_ip}
+        return {"InstanceId": self.instance_id, **{k: v for k, v in found.items() if v}}
 
 
 def launch(
@@ -181,8 +189,12 @@ def launch(
     extra_tags: dict[str, str] | None = None,
     delete_data_on_termination: bool = False,
     undo: UndoStack | None = None,
+    public_ip: bool | None = None,
 ) -> list[Launched]:
-    """Launch ``count`` instances of the role AMI with the data device made from ``source``."""
+    """Launch ``count`` instances of the role AMI with the data device made from ``source``.
+
+    ``public_ip`` False launches them without a public IP (in the default subnet unless ``subnet_id``).
+    """
     vol = role.volume
     name = f"{role.name}-{env}" if env else role.name
     shared = {**tags.launched(name, role.name, env, source.snapshot_id), **(extra_tags or {})}
@@ -207,6 +219,7 @@ def launch(
         subnet_id=subnet_id,
         security_group_ids=tuple(security_group_ids or ()),
         az=az,
+        public_ip=public_ip,
     )
     fallback = () if instance_type else role.instance_types[1:]
     ids = resources.launch(ec2, spec, undo, fallback=fallback, running=900)
@@ -231,6 +244,8 @@ def launch(
                 described.get("PublicIpAddress") or described.get("PrivateIpAddress") or "",
                 source.snapshot_id,
                 volume,
+                public_ip=described.get("PublicIpAddress") or "",
+                private_ip=described.get("PrivateIpAddress") or "",
             )
         )
     return launched
@@ -262,11 +277,25 @@ def console_host_key(ec2: EC2, instance_id: str, timeout: float = 300) -> str:
         delay = min(delay * 1.5, 5)
 
 
-def connect(ec2: EC2, launched: Launched, login: KeyPair, user: str, timeout: float = 300) -> Remote:
-    """Log in to a launched instance with the temporary key, its host key pinned from the console."""
+def connect(
+    ec2: EC2, launched: Launched, login: KeyPair, user: str, timeout: float = 300, *, reach: Reach | None = None
+) -> Remote:
+    """Log in to a launched instance with the temporary key, its host key pinned from the console.
+
+    ``reach`` says which address and proxy (default: its public IP, else its private one, directly).
+    """
+    reach = reach or Reach()
+    address = reach.address(launched.addresses())
     host_key = console_host_key(ec2, launched.instance_id, timeout)
     return Remote.connect(
-        launched.address, 22, user, login, host_key, deadline=timeout, prefix=f"[{launched.instance_id}] "
+        address,
+        22,
+        user,
+        login,
+        host_key,
+        deadline=timeout,
+        prefix=f"[{launched.instance_id}] ",
+        proxy=reach.proxy(address, 22, user, launched.instance_id),
     )
 
 
@@ -296,6 +325,13 @@ class LaunchRequest:
     security_group_ids: tuple[str, ...] = ()
     wait: bool = False  # log in with a temporary key and run the verify script on each
     ssh_user: str = "admin"
+    reach: Reach = field(default_factory=Reach)  # how --wait reaches each instance
+    public_ip: bool | None = None  # False: launch without a public IP
+
+    def __post_init__(self) -> None:
+        """Refuse --no-public-ip with --connect public (InvalidInput)."""
+        if self.public_ip is False:
+            self.reach.refuse_public()
 
 
 @dataclass(frozen=True)
@@ -332,16 +368,19 @@ def restore(ec2: EC2, role: Role, request: LaunchRequest) -> Restored:
         subnet_id=request.subnet_id,
         security_group_ids=list(request.security_group_ids) or None,
         user_data=login_user_data(login) if login else None,
+        public_ip=request.public_ip,
     )
     if login is not None:
         for instance in launched:
-            verify_launched(ec2, instance, role, login, request.ssh_user)
+            verify_launched(ec2, instance, role, login, request.ssh_user, reach=request.reach)
     return Restored(image, source, launched)
 
 
-def verify_launched(ec2: EC2, instance: Launched, role: Role, login: KeyPair, user: str) -> None:
+def verify_launched(
+    ec2: EC2, instance: Launched, role: Role, login: KeyPair, user: str, *, reach: Reach | None = None
+) -> None:
     """Run the verify script on ``instance``, set its ``verified``, then remove the temporary login."""
-    remote = connect(ec2, instance, login, user)
+    remote = connect(ec2, instance, login, user, reach=reach)
     try:
         checks = verify_checks(remote, role)
         instance.verified = all(c.ok for c in checks)

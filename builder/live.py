@@ -20,6 +20,7 @@ from builder.aws.ec2 import EC2
 from builder.checks import FAIL, Check
 from builder.errors import CloudError, InvalidInput, SSHError
 from builder.keys import KeyPair
+from builder.reach import Reach
 from builder.remote import Remote, known_host_name
 from builder.render import render_role
 from builder.roles import Role, load_role
@@ -37,8 +38,12 @@ def check_instance(
     user: str = "admin",
     host: str | None = None,
     port: int = 22,
+    reach: Reach | None = None,
 ) -> dict[str, Any]:
-    """Run the role's verify script on the instance; return its checks (state, check, subject, detail)."""
+    """Run the role's verify script on the instance; return its checks (state, check, subject, detail).
+
+    ``reach`` says which address and proxy (default: ``host``, else its public IP, else its private one).
+    """
     instance = ec2.instance(instance_id)
     if instance.get("State", {}).get("Name") != "running":
         raise CloudError("describe_instances", "IncorrectInstanceState", f"{instance_id} is not running")
@@ -47,11 +52,11 @@ def check_instance(
     if not role_name:
         raise InvalidInput(f"{instance_id} runs {instance['ImageId']}, which is not a role AMI of this tool")
     role = load_role(role_name, roles_dir)
-    address = host or instance.get("PublicIpAddress") or instance.get("PrivateIpAddress")
-    if not address:
-        raise CloudError("describe_instances", "NoAddress", f"instance {instance_id} has no IP address")
+    reach = reach or Reach(host=host)
+    address = reach.address(instance)
     host_key = known_host_key(known_hosts, address, port)
-    remote = Remote.connect(address, port, user, KeyPair.from_file(identity), host_key, deadline=60)
+    proxy = reach.proxy(address, port, user, instance_id)
+    remote = Remote.connect(address, port, user, KeyPair.from_file(identity), host_key, deadline=60, proxy=proxy)
     try:
         checks = verify_checks(remote, role)
     finally:

@@ -11,13 +11,11 @@ build id at creation; whatever happens, the stack unwinds and the manifest is wr
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import logging
 import math
+import shlex
 import threading
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ from builder.files import write_atomic
 from builder.fingerprint import fingerprint
 from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
+from builder.reach import Reach
 from builder.registry import role_images
 from builder.render import render_role
 from builder.roles import Role
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Connector = Callable[..., "Remote"]
-CHECKIP_URL = "https://checkip.amazonaws.com"
 
 
 # The longest a build may take: the builder's dead-man switch powers it off after this.
@@ -62,6 +60,14 @@ class BuildOptions:
     ssh_host: str | None = None
     ssh_port: int = 22
     ssh_cidr: str | None = None
+    ssh_source_group: str | None = None  # admit SSH from this group's members instead of a CIDR
+    connect_method: str | None = None  # public | private | proxy | None: see builder.reach
+    ssh_proxy_command: str | None = None
+    bastion: str | None = None
+    bastion_known_hosts: str | None = None
+    bastion_identity: str | None = None
+    no_public_ip: bool = False
+    instance_profile: str | None = None
     subnet_id: str | None = None
     security_group_id: str | None = None
     keep_on_failure: bool = False
@@ -73,12 +79,20 @@ class BuildOptions:
     connect: Connector | None = None  # how to open SSH (default: Remote.connect)
 
     def __post_init__(self) -> None:
-        """Refuse numbers that would disarm the dead-man switch or cannot be a port (InvalidInput)."""
+        """Refuse numbers that would disarm the dead-man switch or cannot be a port, and a bad reach (InvalidInput)."""
         for name, seconds in (("timeout", self.timeout), ("ssh_timeout", self.ssh_timeout)):
             if not 0 < seconds <= MAX_TIMEOUT:
                 raise InvalidInput(f"{name} {seconds}: must be more than 0 and at most {MAX_TIMEOUT} s (7 days)")
         if not 1 <= self.ssh_port <= 65535:
             raise InvalidInput(f"ssh_port {self.ssh_port}: must be 1 to 65535")
+        reach = self.reach  # checked here, before any cloud call
+        if self.no_public_ip:
+            reach.refuse_public()
+
+    @property
+    def reach(self) -> Reach:
+        """Return how SSH reaches the builder (checked: InvalidInput)."""
+        return Reach.of(self)
 
 
 @dataclass
@@ -205,8 +219,18 @@ def resolve_base(state: _Build) -> None:
 
 
 def temporary_credentials(state: _Build) -> None:
-    """Make the login and host keys in memory, import the login key, admit SSH from one CIDR."""
-    ec2, name = state.ec2, f"ebsrole-{state.role.name}-{state.build_id}"
+    """Make the login and host keys in memory, import the login key, admit SSH from one source only.
+
+    The source (a CIDR, the VPC's when SSH goes privately, or a group) is settled first: one
+    that cannot be found stops the build before anything exists.
+    """
+    ec2, name, options = state.ec2, f"ebsrole-{state.role.name}-{state.build_id}", state.options
+    source = None
+    if not options.security_group_id:
+        private = options.reach.private(public_ip=not options.no_public_ip and _maps_public_ip(ec2, options.subnet_id))
+        source = resources.ssh_source(
+            ec2, cidr=options.ssh_cidr, group_id=options.ssh_source_group, private=private, subnet_id=options.subnet_id
+        )
     state.login = KeyPair.generate(name)
     state.host_key = KeyPair.generate(f"{name}-host")
     with state.undo.creating():
@@ -218,69 +242,26 @@ def temporary_credentials(state: _Build) -> None:
         )
         state.key_name = name
         state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
-    if state.options.security_group_id:
-        state.group_id = state.options.security_group_id
+    if source is None:
+        state.group_id = options.security_group_id
         return
-    cidr = ssh_cidr(state.options.ssh_cidr, state.options.endpoint_url)
     state.group_id = resources.ssh_group(
         ec2,
         name,
-        f"ebsrole build {state.build_id}: SSH from {cidr}",
-        cidr,
+        f"ebsrole build {state.build_id}: SSH from {source}",
+        source,
         group_tags=state.stamp.temporary(tags.KIND_SECURITY_GROUP),
         undo=state.undo,
         subnet_id=state.options.subnet_id,
     )
 
 
-def ssh_cidr(given: str | None, endpoint_url: str | None = None) -> str:
-    """Return the CIDR SSH is admitted from: ``given`` (checked), else this host's address as /32.
-
-    The address is detected as the one EC2 would see: for a loopback endpoint (the
-    sandbox) the loopback address; otherwise the public address that AWS's checkip
-    service reports. The world (0.0.0.0/0) is only ever admitted when given explicitly.
-    """
-    if given:
-        try:
-            network = ipaddress.ip_network(given, strict=False)
-        except ValueError:
-            raise InvalidInput(f"--ssh-cidr {given!r} is not a CIDR such as 203.0.113.7/32") from None
-        if world_open(network):
-            log.warning(
-                "SSH is open to %s (%s), as asked: give your own address instead, e.g. --ssh-cidr 203.0.113.7/32",
-                "the whole internet" if network.prefixlen == 0 else "a large part of the internet",
-                network,
-            )
-        return str(network)
-    host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
-    if host and _is_loopback(host):
-        return "127.0.0.0/8"
-    try:
-        with urllib.request.urlopen(CHECKIP_URL, timeout=5) as response:
-            address = ipaddress.ip_address(response.read().decode().strip())
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(
-            f"cannot detect this machine's public address ({exc}); give --ssh-cidr",
-            hint="SSH is never opened to the world unless --ssh-cidr 0.0.0.0/0 is given explicitly",
-        ) from None
-    return f"{address}/{address.max_prefixlen}"
-
-
-def world_open(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    """Return True when ``network`` admits much of the internet: a /8 or wider (IPv4), /16 (IPv6).
-
-    Private, loopback and link-local ranges (10.0.0.0/8, 127.0.0.0/8, fc00::/7) are not the
-    internet; ::/0 and 0.0.0.0/0 are, and so are 0.0.0.0/1 or 2000::/3.
-    """
-    widest = 8 if network.version == 4 else 16
-    return network.prefixlen <= widest and not (network.is_private or network.is_loopback or network.is_link_local)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+def _maps_public_ip(ec2: EC2, subnet_id: str | None) -> bool:
+    """Return True when an instance launched in ``subnet_id`` (default: the default VPC's) gets a public IP."""
+    if not subnet_id:
+        return True  # default subnets map public IPs
+    subnets = ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"]
+    return bool(subnets and subnets[0].get("MapPublicIpOnLaunch"))
 
 
 def launch_builder(state: _Build) -> None:
@@ -318,6 +299,8 @@ def launch_builder(state: _Build) -> None:
         hop_limit=1,
         terminate_on_shutdown=True,
         client_token=f"{state.build_id}-builder",
+        public_ip=False if state.options.no_public_ip else None,
+        instance_profile=state.options.instance_profile,
     )
     # SSH comes next: load its code (paramiko, ~0.1 s) while EC2 boots the builder, not after.
     threading.Thread(target=importlib.import_module, args=("builder.remote",), daemon=True).start()
@@ -346,20 +329,20 @@ def launch_builder(state: _Build) -> None:
 def connect_ssh(state: _Build) -> None:
     """Open SSH to the builder, accepting only the host key it was given."""
     assert state.login and state.host_key
-    host = state.options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")
-    if not host:
-        raise CloudError("describe_instances", "NoAddress", f"instance {state.instance_id} has no IP address")
+    options, reach = state.options, state.options.reach
+    host = reach.address(state.instance)
     from builder.remote import Remote
 
-    connect = state.options.connect or Remote.connect
+    connect = options.connect or Remote.connect
     state.remote = connect(
         host,
-        state.options.ssh_port,
-        state.options.ssh_user,
+        options.ssh_port,
+        options.ssh_user,
         state.login,
         state.host_key,
-        deadline=state.options.ssh_timeout,
+        deadline=options.ssh_timeout,
         prefix=f"[{state.role.name}] ",
+        proxy=reach.proxy(host, options.ssh_port, options.ssh_user, str(state.instance_id)),
     )
 
 
@@ -556,7 +539,9 @@ def _keep_builder(state: _Build) -> None:
     for resource in state.undo.resources:
         if resource.kind in ("instance", "volume", "key-pair", "security-group"):
             resource.fate = "kept"
-    host = state.options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")
+    options = state.options
+    host = options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")
+    proxy = options.reach.proxy(str(host), options.ssh_port, options.ssh_user, state.instance_id or "")
     if state.login is None or not state.instance_id:
         return
     # The one exception to "keys only in memory", asked for explicitly: without the key
@@ -564,6 +549,7 @@ def _keep_builder(state: _Build) -> None:
     key_path = state.manifest.path.with_suffix(".key")
     write_atomic(key_path, state.login.private_openssh, mode=0o600)
     port = f" -p {state.options.ssh_port}" if state.options.ssh_port != 22 else ""
+    port += f" -o ProxyCommand={shlex.quote(proxy)}" if proxy else ""
     log.warning(
         "%s: kept builder %s for debugging: ssh -i %s%s %s@%s ; remove it afterwards with: "
         "python build.py sweep --build-id %s",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2, Image, image_from
 from builder.errors import CloudError
 from builder.fingerprint import Fingerprint, fingerprint, template_sources
@@ -214,9 +215,9 @@ def prune(
         if dry_run:
             rows.append(Pruned(image.image_id, image.created, "would deregister", "", snapshots))
             continue
-        ec2.call("deregister_image", ImageId=image.image_id)
+        resources.remove(ec2, "images", image.image_id)
         for snapshot_id in snapshots:
-            ec2.call("delete_snapshot", SnapshotId=snapshot_id)
+            resources.remove(ec2, "snapshots", snapshot_id)
         rows.append(Pruned(image.image_id, image.created, "deregistered", "", snapshots))
     return rows
 

@@ -11,11 +11,16 @@ are retried, with backoff, until a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import select
 import shlex
+import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -39,6 +44,9 @@ output_log = logging.getLogger("builder.remote.output")
 LineSink = Callable[[str, str], None]  # (stream name, line)
 SCRIPT_FROM_STDIN = 'eval "$(cat)"'  # the whole script first, then run it in this shell
 KEEP_LINES = 200_000  # output lines kept per stream (the tail goes into error messages)
+PROXY_STDERR_KEEP = 8192  # bytes of a proxy command's stderr kept for the error message
+# A proxy command that says this will say it again: fail at once instead of retrying.
+PROXY_REFUSED = ("Host key verification failed", "Permission denied", "REMOTE HOST IDENTIFICATION HAS CHANGED")
 TRANSIENT = (
     paramiko.ssh_exception.NoValidConnectionsError,
     ConnectionRefusedError,
@@ -58,12 +66,22 @@ def known_host_name(host: str, port: int) -> str:
 class Remote:
     """An open SSH session to one machine."""
 
-    def __init__(self, client: paramiko.SSHClient, host: str, port: int, user: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        host: str,
+        port: int,
+        user: str,
+        prefix: str = "",
+        *,
+        proxy: ProxySocket | None = None,
+    ) -> None:
         self.client = client
         self.host = host
         self.port = port
         self.user = user
         self.prefix = prefix
+        self.proxy = proxy
 
     @classmethod
     def connect(
@@ -76,11 +94,15 @@ class Remote:
         *,
         deadline: float = 300.0,
         prefix: str = "",
+        proxy: str | None = None,
     ) -> Remote:
         """Return a session, retrying transient failures for up to ``deadline`` seconds.
 
         ``host_key`` is the pinned host key (a KeyPair or an OpenSSH public key line).
-        Raises HostKeyMismatch or SSHAuthFailed at once, SSHConnectFailed at the deadline.
+        ``proxy`` is a ProxyCommand line (its tokens expanded: :meth:`builder.reach.Reach.proxy`),
+        run anew by ``/bin/sh`` for each attempt, its stdin and stdout the connection.
+        Raises HostKeyMismatch or SSHAuthFailed at once, SSHConnectFailed at the deadline, or at
+        once when the proxy says its own host key or login was refused (with its stderr's tail).
         """
         pinned = public_key(host_key.public_line if isinstance(host_key, KeyPair) else host_key)
         started = time.monotonic()
@@ -89,6 +111,7 @@ class Remote:
             client = paramiko.SSHClient()
             client.get_host_keys().add(known_host_name(host, port), pinned.get_name(), pinned)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            sock = ProxySocket(proxy) if proxy else None
             try:
                 client.connect(
                     host,
@@ -100,30 +123,35 @@ class Remote:
                     auth_timeout=15,
                     allow_agent=False,
                     look_for_keys=False,
+                    sock=sock,  # type: ignore[arg-type]  # socket-like, as paramiko's own ProxyCommand
                 )
             except paramiko.BadHostKeyException as exc:
-                client.close()
+                _close(client, sock)
                 raise HostKeyMismatch(host, port, _fingerprint(pinned), _fingerprint(exc.key)) from None
             except paramiko.AuthenticationException:
-                client.close()
+                _close(client, sock)
                 raise SSHAuthFailed(host, port, user) from None
             except paramiko.SSHException as exc:
-                client.close()
+                _close(client, sock)
                 if "not found in known_hosts" in str(exc):
                     raise HostKeyMismatch(host, port, _fingerprint(pinned), "of another type") from None
                 reason = str(exc) or type(exc).__name__
             except TRANSIENT as exc:
-                client.close()
+                _close(client, sock)
                 reason = str(exc) or type(exc).__name__
             else:
                 transport = client.get_transport()
                 if transport is not None:
                     transport.set_keepalive(10)
-                log.debug("ssh %s@%s:%s: connected", user, host, port)
-                return cls(client, host, port, user, prefix)
+                log.debug("ssh %s@%s:%s: connected%s", user, host, port, " through a proxy" if proxy else "")
+                return cls(client, host, port, user, prefix, proxy=sock)
             waited = time.monotonic() - started
+            if sock is not None:
+                reason = _proxy_reason(sock, reason)
+                if any(word in reason for word in PROXY_REFUSED):
+                    raise SSHConnectFailed(host, port, reason, waited, proxy=proxy)
             if waited + delay > deadline:
-                raise SSHConnectFailed(host, port, reason, waited)
+                raise SSHConnectFailed(host, port, reason, waited, proxy=proxy)
             log.debug("ssh %s:%s not ready (%s); retrying in %.1f s", host, port, reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, 3.0)
@@ -135,8 +163,10 @@ class Remote:
         self.close()
 
     def close(self) -> None:
-        """Close the session (idempotent)."""
+        """Close the session and end its proxy command, if any (idempotent)."""
         self.client.close()
+        if self.proxy is not None:
+            self.proxy.close()
 
     def run(
         self,
@@ -240,6 +270,110 @@ def script_command(name: str, args: Sequence[str] = ()) -> str:
     ``$0`` is the script's name and ``$@`` its arguments, as if it ran from a file.
     """
     return " ".join(shlex.quote(a) for a in ["sudo", "-n", "bash", "-c", SCRIPT_FROM_STDIN, name, *args])
+
+
+def _close(client: paramiko.SSHClient, sock: ProxySocket | None) -> None:
+    client.close()
+    if sock is not None:
+        sock.close()
+
+
+def _proxy_reason(sock: ProxySocket, reason: str) -> str:
+    """Return why an attempt through ``sock`` failed: the proxy command's own words when it said any."""
+    tail = sock.stderr_tail()
+    if not tail:
+        return reason
+    code = sock.returncode
+    status = f"exited {code}" if code is not None and code >= 0 else "was stopped"  # < 0: by our close
+    return f"the proxy command {status}: {tail}"
+
+
+class ProxySocket:
+    """A ProxyCommand run by ``/bin/sh`` as OpenSSH does: its stdin and stdout are the connection.
+
+    Unlike paramiko's ProxyCommand, a command that exits reads as end of file at once (no
+    busy wait until a time-out), its stderr is kept (the tail names why it failed), and
+    :meth:`close` ends it and waits for it: no process is left behind.
+    """
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.process = subprocess.Popen(
+            ["/bin/sh", "-c", f"exec {command}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            start_new_session=True,  # Ctrl-C on the terminal is ours to handle, not the proxy's
+        )
+        self.timeout: float | None = None
+        self._stderr = b""
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        for chunk in iter(lambda: stream.read(4096), b""):
+            self._stderr = (self._stderr + chunk)[-PROXY_STDERR_KEEP:]
+
+    def send(self, data: bytes) -> int:
+        """Write ``data`` to the command's stdin; return how much was written (OSError when it is gone)."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        return os.write(stdin.fileno(), data)
+
+    def recv(self, size: int) -> bytes:
+        """Return up to ``size`` bytes of the command's stdout (b"" at its end); socket.timeout after the time-out."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        try:
+            ready, _, _ = select.select([stdout], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError
+            return os.read(stdout.fileno(), size)
+        except ValueError:  # closed under us: the end of the connection
+            return b""
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    @property
+    def closed(self) -> bool:
+        return self.process.returncode is not None
+
+    @property
+    def _closed(self) -> bool:  # what paramiko's Transport asks of a socket
+        return self.closed
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        """Return the last lines the command wrote on stderr (after it ended, or what came so far)."""
+        if self.process.poll() is not None:
+            self._reader.join(timeout=1)
+        text = self._stderr.decode("utf-8", "replace").replace("\r", "")
+        return " / ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+    def close(self) -> None:
+        """End the command and what it started (SIGTERM, SIGKILL after 3 s), and wait for it (idempotent).
+
+        The pipes are left to the garbage collector: paramiko's thread may still be reading.
+        """
+        if self.process.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.process.wait()
+        self._reader.join(timeout=1)
+
+    def _signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, number)  # its own session: the command and its children
 
 
 def _fingerprint(key: paramiko.PKey) -> str:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from builder import tags
+from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.cleanup import already_gone
 from builder.errors import CloudError, InvalidInput
@@ -278,15 +279,4 @@ def _id(kind: str, resource: dict[str, Any]) -> str:
 
 
 def _remove(ec2: EC2, item: Found) -> None:
-    if item.kind == "instances":
-        ec2.terminate(item.id)
-    elif item.kind == "images":
-        ec2.call("deregister_image", ImageId=item.id)
-    elif item.kind == "snapshots":
-        ec2.call("delete_snapshot", SnapshotId=item.id)
-    elif item.kind == "volumes":
-        ec2.delete_volume(item.id, None)
-    elif item.kind == "key_pairs":
-        ec2.call("delete_key_pair", KeyName=item.id)
-    else:
-        ec2.delete_security_group(item.id)
+    resources.remove(ec2, item.kind, item.id)

@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # python3-venv for .venv; debootstrap, slirp4netns and util-linux/mount for the local
-# Debian machines (builder/sandbox); xfsprogs for the host's broker, which makes xfs on a
+# Debian machines (builder/sandbox), iproute2 for their VPC bridges; xfsprogs for the host's broker, which makes xfs on a
 # machine's volume (mkfs.xfs needs the host's CAP_SYS_ADMIN); qemu for the boot check of
 # provisioned roots.
 DEBIAN_PACKAGES=(python3 python3-venv rsync acl attr debootstrap slirp4netns util-linux mount
-  e2fsprogs xfsprogs qemu-system-x86)
+  iproute2 e2fsprogs xfsprogs qemu-system-x86)
 # The tests also drive Debian's Packer (1.6.6) against the sandbox, as another EC2 client.
 [[ ${1:-} == --dev ]] && DEBIAN_PACKAGES+=(packer)
 

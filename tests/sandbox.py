@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import boto3
 
 from builder.keys import KeyPair
+from builder.launch import HOST_KEYS, KEY_LINE
 from builder.remote import Remote
 from builder.sandbox import control
 from builder.userdata import builder_user_data
@@ -179,3 +183,163 @@ def clean(status: dict[str, Any]) -> list[str]:
     found += [f"loop {d}" for d in status["loop_devices"]]
     found += [f"mount {m}" for m in status["mounts"]]
     return found
+
+
+# ---------------------------------------------------------------- private networks
+
+
+BASE_AMI = "ami-000000000000000d2"  # Debian 12 amd64 in debian-amis.json
+
+
+def private_network(ec2: Any, cidr: str = "10.20.0.0/16", zone: str = f"{REGION}a") -> tuple[str, str]:
+    """Make a VPC as a company account has one; return (private subnet id, public subnet id).
+
+    The private subnet (second /24) gives no public addresses; the public one (first /24)
+    maps one on launch and routes through an internet gateway, as a bastion's subnet does.
+    """
+    vpc = ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
+    public_cidr, private_cidr = list(ipaddress.ip_network(cidr).subnets(new_prefix=24))[:2]
+    public = ec2.create_subnet(VpcId=vpc, CidrBlock=str(public_cidr), AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    private = ec2.create_subnet(VpcId=vpc, CidrBlock=str(private_cidr), AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    ec2.modify_subnet_attribute(SubnetId=public, MapPublicIpOnLaunch={"Value": True})
+    gateway = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=gateway, VpcId=vpc)
+    table = ec2.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
+    ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", GatewayId=gateway)
+    ec2.associate_route_table(RouteTableId=table, SubnetId=public)
+    return private, public
+
+
+@dataclass(frozen=True)
+class Bastion:
+    """A plain Debian instance in a public subnet, for ``ssh -W``: its address, user, key and pinned host key."""
+
+    id: str
+    address: str
+    user: str
+    key_file: Path  # the private key of its key pair (mode 0600)
+    known_hosts: Path  # one line: its address and the host key it printed on its console
+
+    @property
+    def spec(self) -> str:
+        """Return ``user@host``, as ``--bastion`` takes it."""
+        return f"{self.user}@{self.address}"
+
+    def proxy_command(self) -> str:
+        """Return an OpenSSH ProxyCommand (``%h %p`` tokens) through this bastion, host key pinned, no config read."""
+        return shlex.join([*self.ssh_options(), "-W", "%h:%p", self.spec])
+
+    def ssh_options(self) -> list[str]:
+        """Return ``ssh`` with the options that log in to the bastion, and nothing but it."""
+        return [
+            "ssh",
+            "-F", "/dev/null",
+            "-i", str(self.key_file),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "ConnectTimeout=20",
+        ]  # fmt: skip
+
+
+def bastion(world: World, subnet_id: str, workdir: Path, image_id: str = BASE_AMI) -> Bastion:
+    """Launch a bastion in ``subnet_id`` with a new key pair; return it once its host key is on its console.
+
+    Nothing in its user-data: like any instance of the Debian AMI, cloud-init installs the key
+    pair's key for ``admin`` and prints the host keys it made; the known_hosts line is pinned
+    from that console output (GetConsoleOutput), never trusted on first use.
+    """
+    ec2 = world.client()
+    login = KeyPair.generate("bastion")
+    name = f"bastion-{time.monotonic_ns()}"
+    ec2.import_key_pair(KeyName=name, PublicKeyMaterial=login.public_line.encode())
+    reply = ec2.run_instances(
+        ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.micro", KeyName=name, SubnetId=subnet_id
+    )
+    instance_id = reply["Instances"][0]["InstanceId"]
+    wait_until(lambda: world.describe(instance_id)["State"]["Name"] != "pending", 120, "not pending")
+    described = world.describe(instance_id)
+    assert described["State"]["Name"] == "running", described.get("StateReason")
+    address = described["PublicIpAddress"]
+    found: list[str] = []
+
+    def host_key() -> bool:
+        text = ec2.get_console_output(InstanceId=instance_id).get("Output") or ""
+        found.extend(f"{kind} {blob}" for block in HOST_KEYS.findall(text) for kind, blob in KEY_LINE.findall(block))
+        return bool(found)
+
+    wait_until(host_key, 120, f"{instance_id}'s host keys on its console", partial(world.explain, instance_id))
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_file = workdir / f"{name}.key"
+    key_file.write_text(login.private_openssh)
+    key_file.chmod(0o600)
+    known_hosts = workdir / f"{name}.known_hosts"
+    known_hosts.write_text("".join(f"{address} {line}\n" for line in found))
+    return Bastion(instance_id, address, "admin", key_file, known_hosts)
+
+
+@dataclass(frozen=True)
+class PrivateInstance:
+    """An instance reached only through its VPC: its private address, login key and pinned host key."""
+
+    id: str
+    address: str
+    login: KeyPair
+    host_key: KeyPair
+
+    def files(self, workdir: Path) -> tuple[Path, Path]:
+        """Write its login key and a known_hosts line for its private address; return (key file, known_hosts)."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        key_file, known_hosts = workdir / f"{self.id}.key", workdir / f"{self.id}.known_hosts"
+        key_file.write_text(self.login.private_openssh)
+        key_file.chmod(0o600)
+        known_hosts.write_text(f"{self.address} {self.host_key.public_line}\n")
+        return key_file, known_hosts
+
+
+def launch_private(world: World, subnet_id: str, image_id: str = BASE_AMI, **params: Any) -> PrivateInstance:
+    """Launch ``image_id`` in ``subnet_id`` with a fresh login and host key (user-data); do not log in."""
+    login, host_key = KeyPair.generate("private-test"), KeyPair.generate("private-test-host")
+    reply = world.client().run_instances(
+        ImageId=image_id,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.small",
+        SubnetId=subnet_id,
+        UserData=builder_user_data(login, host_key),
+        **params,
+    )
+    instance_id = reply["Instances"][0]["InstanceId"]
+    wait_until(lambda: world.describe(instance_id)["State"]["Name"] != "pending", 120, "not pending")
+    described = world.describe(instance_id)
+    assert described["State"]["Name"] == "running", described.get("StateReason")
+    return PrivateInstance(instance_id, described["PrivateIpAddress"], login, host_key)
+
+
+def ssh_via(
+    bastion: Bastion, target: PrivateInstance, command: str, workdir: Path, user: str = "admin", deadline: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` on ``target`` with OpenSSH through ``bastion`` (``ssh -W``), both host keys pinned.
+
+    Retries while ssh itself fails (255) for a reason other than a host key (sshd not up yet).
+    """
+    key_file, known_hosts = target.files(workdir)
+    argv = [
+        "ssh",
+        "-F", "/dev/null",
+        "-i", str(key_file),
+        "-o", "IdentitiesOnly=yes",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", f"ProxyCommand={bastion.proxy_command()}",
+        f"{user}@{target.address}",
+        command,
+    ]  # fmt: skip
+    ends = time.monotonic() + deadline
+    while True:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=max(deadline, 60), check=False)
+        if done.returncode != 255 or "Host key verification failed" in done.stderr or time.monotonic() > ends:
+            return done
+        time.sleep(0.5)

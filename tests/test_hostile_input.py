@@ -17,10 +17,10 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from builder.aws.resources import ssh_ranges
+from builder.aws.resources import ssh_cidr, ssh_ranges
 from builder.errors import InvalidInput, RoleInvalid
 from builder.keys import KeyPair
-from builder.pipeline import BuildOptions, ssh_cidr
+from builder.pipeline import BuildOptions
 from builder.roles import load_roles
 from builder.userdata import builder_user_data
 from builder.yamlload import MAX_BYTES, MAX_DEPTH, MAX_NODES

@@ -15,10 +15,11 @@ import yaml
 from moto import mock_aws
 
 from builder.aws.ec2 import EC2, RETRIES
+from builder.aws.resources import ssh_cidr, this_host
 from builder.aws.waits import Waits, poll_delay
 from builder.errors import BuildError, CloudError, ExitCode, HostKeyMismatch, LeftBehind, RemoteCommandFailed
 from builder.keys import KeyPair
-from builder.pipeline import BuildOptions, build, ssh_cidr
+from builder.pipeline import BuildOptions, build
 from builder.remote import Remote
 from builder.roles import load_role
 from builder.sandbox.control import Running
@@ -117,7 +118,7 @@ def failing_build(
 
 
 def test_ssh_is_never_open_to_the_world_by_default() -> None:
-    assert ssh_cidr(None, "http://127.0.0.1:5000") == "127.0.0.0/8"
+    assert this_host("http://127.0.0.1:5000") == "127.0.0.0/8"
     assert ssh_cidr("203.0.113.7") == "203.0.113.7/32"
     assert ssh_cidr("0.0.0.0/0") == "0.0.0.0/0"  # only when asked, with a warning
     with pytest.raises(BuildError, match="not a CIDR"):
@@ -323,13 +324,6 @@ def test_cleanup_that_fails_names_what_it_left(ec2: EC2, mini: Any, rootfs: Path
     assert "key-pair ebsrole-mini-" in caught.value.render()
     assert "sweep" in caught.value.render()
     assert everything(ec2)["key_pairs"] and not everything(ec2)["security_groups"]
-
-
-def test_retries_are_set_in_code_not_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
-    ec2 = EC2.connect(REGION, endpoint_url="http://127.0.0.1:9")
-    assert ec2.client.meta.config.retries == {"mode": "standard", "total_max_attempts": 6}
 
 
 @needs_root

@@ -2,14 +2,17 @@
 
 Every call goes through :meth:`EC2.call`, which counts it and turns botocore's errors
 into the tool's (CloudError, exit 3). Throttling and transient network errors are
-retried by botocore's own retry configuration, set here in code (never from the
-environment). Waits (fast first, then back off, within a deadline) are scheduled by
-:mod:`builder.aws.waits`; typed operations on resources live in :mod:`builder.aws.resources`.
+retried by botocore's own retry configuration: standard mode with 6 attempts unless
+``AWS_MAX_ATTEMPTS``/``AWS_RETRY_MODE`` (or the profile's ``max_attempts``/``retry_mode``)
+say otherwise, as for every AWS SDK. They never change the waits: those (fast first, then back
+off, within a deadline) are scheduled by :mod:`builder.aws.waits`; typed operations on
+resources live in :mod:`builder.aws.resources`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +30,7 @@ from builder.errors import CloudError, InvalidInput
 log = logging.getLogger(__name__)
 
 RETRIES = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=60)
+RETRY_MODES = ("legacy", "standard", "adaptive")
 CREATES = ("create_", "run_", "import_", "register_", "copy_")
 
 
@@ -73,6 +77,39 @@ class Image:
     root_size_gib: int | None = None
 
 
+def client_config(session: Any) -> botocore.config.Config:
+    """Return the clients' configuration: RETRIES, with the SDK's retry settings where they are given.
+
+    ``AWS_MAX_ATTEMPTS`` (total attempts, the first included) and ``AWS_RETRY_MODE`` win over the
+    profile's ``max_attempts`` and ``retry_mode``, as in every AWS SDK. Raises InvalidInput on a
+    value the SDK would not take, naming where it came from.
+    """
+    scoped = session._session.get_scoped_config() if session is not None else {}
+    attempts = _setting("AWS_MAX_ATTEMPTS", "max_attempts", scoped)
+    mode = _setting("AWS_RETRY_MODE", "retry_mode", scoped)
+    if attempts is None and mode is None:
+        return RETRIES
+    retries: dict[str, Any] = {"mode": "standard", "total_max_attempts": 6}
+    if mode is not None:
+        if mode[1] not in RETRY_MODES:
+            raise InvalidInput(f"{mode[0]} {mode[1]!r}: not a retry mode ({', '.join(RETRY_MODES)})")
+        retries["mode"] = mode[1]
+    if attempts is not None:
+        if not attempts[1].isdigit() or int(attempts[1]) < 1:
+            raise InvalidInput(f"{attempts[0]} {attempts[1]!r}: must be a whole number of attempts, at least 1")
+        retries["total_max_attempts"] = int(attempts[1])
+    return RETRIES.merge(botocore.config.Config(retries=retries))  # type: ignore[arg-type]
+
+
+def _setting(variable: str, key: str, scoped: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Return (where, value) of a setting: the environment variable, else the profile's key; None when unset."""
+    if os.environ.get(variable, "").strip():
+        return variable, os.environ[variable].strip()
+    if str(scoped.get(key, "")).strip():
+        return f"the profile's {key}", str(scoped[key]).strip()
+    return None
+
+
 class EC2:
     """A counted, error-translating EC2 client."""
 
@@ -88,6 +125,7 @@ class EC2:
         # (its port changes at every start; its waits do not).
         self.wait_scope = endpoint_url or "aws"
         self.dlm_client: Any = None  # Data Lifecycle Manager, made on first use
+        self.config = RETRIES  # every client's: timeouts and the SDK's retries
 
     @classmethod
     def connect(
@@ -108,12 +146,15 @@ class EC2:
             raise InvalidInput(str(exc), hint="profiles come from ~/.aws/config") from None
         region = region or session.region_name
         check_region(region, endpoint_url)
-        client = session.client("ec2", region_name=region, endpoint_url=endpoint_url, config=RETRIES)
+        config = client_config(session)
+        client = session.client("ec2", region_name=region, endpoint_url=endpoint_url, config=config)
         if session.get_credentials() is None:
             raise InvalidInput(
                 "no AWS credentials found", hint="use --profile, AWS_ACCESS_KEY_ID/..., or an instance role"
             )
-        return cls(client, session, endpoint_url)
+        ec2 = cls(client, session, endpoint_url)
+        ec2.config = config
+        return ec2
 
     @property
     def region(self) -> str:
@@ -121,7 +162,7 @@ class EC2:
 
     def account_id(self) -> str:
         """Return the account the credentials belong to (sts:GetCallerIdentity)."""
-        sts = self.session.client("sts", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
+        sts = self.session.client("sts", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
         try:
             return str(sts.get_caller_identity()["Account"])
         except botocore.exceptions.ClientError as exc:
@@ -132,7 +173,7 @@ class EC2:
         """Call Data Lifecycle Manager ``operation`` (snake_case) and return the response; raise CloudError."""
         if self.dlm_client is None:
             self.dlm_client = self.session.client(
-                "dlm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES
+                "dlm", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config
             )
         self.calls[operation] += 1
         try:
@@ -146,7 +187,7 @@ class EC2:
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""
         session = self.session or boto3.session.Session()
-        ssm = session.client("ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=RETRIES)
+        ssm = session.client("ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
         self.calls[f"ssm:{operation}"] += 1
         try:
             response: dict[str, Any] = getattr(ssm, operation)(**params)

@@ -1,7 +1,9 @@
 """Typed EC2 operations, used by the build and the restore alike.
 
 Each operation is the one home of its API payload: what ``run_instances`` is given (IMDSv2
-always required), how a security group admits SSH from one CIDR (IPv4 or IPv6), how a
+always required, public IP or not, instance profile), whom a security group admits SSH from
+(a CIDR, the VPC's CIDRs when connecting privately, or a source group; never the world
+unless asked) and how, how a
 snapshot, a registered image and a region copy are asked for. Callers
 say what they want in domain terms (a :class:`LaunchSpec`, a CIDR); tags come from
 :mod:`builder.tags`. Whatever an operation creates is on the caller's undo stack before it
@@ -13,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,12 +24,13 @@ from typing import Any
 from builder import tags
 from builder.aws.ec2 import EC2
 from builder.cleanup import UndoStack
-from builder.errors import CloudError
+from builder.errors import CloudError, InvalidInput
 from builder.tags import tag_specs
 
 log = logging.getLogger(__name__)
 
 Undo = Callable[[], object]
+CHECKIP_URL = "https://checkip.amazonaws.com"
 
 # What makes a launch move on to the next (type, AZ): EC2 has no capacity for the type in that
 # AZ, does not support it there, or this account may run no more of it. Any other error stops.
@@ -83,6 +88,13 @@ class LaunchSpec:
     hop_limit: int | None = None  # IMDS hops (1: not reachable from containers on the instance)
     terminate_on_shutdown: bool = False
     client_token: str | None = None
+    public_ip: bool | None = None  # False: no public IP (needs a subnet); None: as the subnet says
+    instance_profile: str | None = None  # an instance profile's name or ARN
+
+
+def instance_profile(name_or_arn: str) -> dict[str, str]:
+    """Return the IamInstanceProfile parameter of an instance profile's name or ARN."""
+    return {"Arn": name_or_arn} if name_or_arn.startswith("arn:") else {"Name": name_or_arn}
 
 
 def run_params(spec: LaunchSpec) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def run_params(spec: LaunchSpec) -> dict[str, Any]:
         "BlockDeviceMappings": [d.mapping() for d in spec.disks],
         "TagSpecifications": [*tag_specs("instance", spec.instance_tags), *tag_specs("volume", spec.volume_tags)],
     }
-    optional = {
+    optional: dict[str, Any] = {
         "KeyName": spec.key_name,
         "UserData": spec.user_data,
         "SubnetId": spec.subnet_id,
@@ -107,9 +119,33 @@ def run_params(spec: LaunchSpec) -> dict[str, Any]:
         "Placement": {"AvailabilityZone": spec.az} if spec.az else None,
         "InstanceInitiatedShutdownBehavior": "terminate" if spec.terminate_on_shutdown else None,
         "ClientToken": spec.client_token,
+        "IamInstanceProfile": instance_profile(spec.instance_profile) if spec.instance_profile else None,
     }
+    if spec.public_ip is not None:
+        # Public addressing is a property of the network interface: the subnet and the
+        # groups then go there, not next to it (EC2 refuses both at once).
+        interface = {"DeviceIndex": 0, "AssociatePublicIpAddress": spec.public_ip, "SubnetId": spec.subnet_id}
+        optional["NetworkInterfaces"] = [{**interface, "Groups": list(spec.security_group_ids)}]
+        optional["SubnetId"] = optional["SecurityGroupIds"] = None
     params.update({k: v for k, v in optional.items() if v})
     return params
+
+
+def default_subnet(ec2: EC2, az: str | None = None) -> str:
+    """Return the default VPC's default subnet (in ``az`` when given, else the first AZ's).
+
+    Raises InvalidInput when there is none: a launch without a public IP needs a subnet.
+    """
+    filters = [{"Name": "default-for-az", "Values": ["true"]}]
+    if az:
+        filters.append({"Name": "availability-zone", "Values": [az]})
+    subnets = ec2.call("describe_subnets", Filters=filters)["Subnets"]
+    if not subnets:
+        where = f" in {az}" if az else ""
+        raise InvalidInput(
+            f"--no-public-ip needs a subnet: the default VPC has no default subnet{where}; give --subnet-id"
+        )
+    return str(min(subnets, key=lambda s: str(s.get("AvailabilityZone", "")))["SubnetId"])
 
 
 def launch(
@@ -130,13 +166,16 @@ def launch(
     CloudError names every attempt. With ``running`` (a timeout in s) each instance is waited
     for until `running` (:func:`wait_running`; ``kind`` is the wait's kind), so one that ends
     `terminated` for capacity moves on too. ``terminate`` makes an instance's undo action
-    (default: terminate it and wait).
+    (default: terminate it and wait). Without a public IP (``spec.public_ip`` False) and no
+    subnet, each attempt goes to the default subnet of its AZ.
     """
     pairs = placements(ec2, (spec.instance_type, *fallback), spec.subnet_id, spec.az)
     attempts: list[str] = []
     for n, (itype, az) in enumerate(pairs):
         token = spec.client_token and (spec.client_token if n == 0 else f"{spec.client_token[:60]}-{n}")
         attempt = replace(spec, instance_type=itype, az=None if spec.subnet_id else az, client_token=token)
+        if attempt.public_ip is False and not attempt.subnet_id:
+            attempt = replace(attempt, subnet_id=default_subnet(ec2, az), az=None)
         try:
             return _launch_running(ec2, attempt, undo, terminate=terminate, running=running, kind=kind)
         except CloudError as exc:
@@ -297,20 +336,43 @@ def _instance_ids(reply: Mapping[str, Any]) -> list[str]:
     return [str(i["InstanceId"]) for i in reply["Instances"]]
 
 
+@dataclass(frozen=True)
+class SshSource:
+    """Where SSH is admitted from: CIDRs (IPv4 or IPv6), or the members of a security group."""
+
+    cidrs: tuple[str, ...] = ()
+    group_id: str | None = None
+
+    def permission(self) -> dict[str, Any]:
+        """Return the IpPermissions entry admitting this source on tcp/22."""
+        rule: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22}
+        if self.group_id:
+            return {**rule, "UserIdGroupPairs": [{"GroupId": self.group_id, "Description": "ebsrole SSH"}]}
+        for cidr in self.cidrs:
+            for key, ranges in ssh_ranges(cidr).items():
+                rule.setdefault(key, []).extend(ranges)
+        return rule
+
+    def __str__(self) -> str:
+        return f"members of {self.group_id}" if self.group_id else ", ".join(self.cidrs)
+
+
 def ssh_group(
     ec2: EC2,
     name: str,
     description: str,
-    cidr: str,
+    source: SshSource | str,
     *,
     group_tags: Mapping[str, str],
     undo: UndoStack,
     subnet_id: str | None = None,
 ) -> str:
-    """Make a security group (in ``subnet_id``'s VPC, else the default) admitting SSH from ``cidr`` only.
+    """Make a security group (in ``subnet_id``'s VPC, else the default) admitting SSH from ``source`` only.
 
-    Returns its id; it is on ``undo`` before SSH is admitted. Raises CloudError.
+    ``source`` is an :class:`SshSource` or one CIDR. Returns the group's id; it is on
+    ``undo`` before SSH is admitted. Raises CloudError.
     """
+    admitted = SshSource((source,)) if isinstance(source, str) else source
     params: dict[str, Any] = {"GroupName": name, "Description": description}
     if subnet_id:
         params["VpcId"] = ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"][0]["VpcId"]
@@ -318,11 +380,7 @@ def ssh_group(
         reply = ec2.call("create_security_group", **params, TagSpecifications=tag_specs("security-group", group_tags))
         group_id = str(reply["GroupId"])
         undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
-    ec2.call(
-        "authorize_security_group_ingress",
-        GroupId=group_id,
-        IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **ssh_ranges(cidr)}],
-    )
+    ec2.call("authorize_security_group_ingress", GroupId=group_id, IpPermissions=[admitted.permission()])
     return group_id
 
 
@@ -331,6 +389,110 @@ def ssh_ranges(cidr: str) -> dict[str, list[dict[str, str]]]:
     if ipaddress.ip_network(cidr, strict=False).version == 6:
         return {"Ipv6Ranges": [{"CidrIpv6": cidr, "Description": "ebsrole SSH"}]}
     return {"IpRanges": [{"CidrIp": cidr, "Description": "ebsrole SSH"}]}
+
+
+def ssh_source(
+    ec2: EC2,
+    *,
+    cidr: str | None = None,
+    group_id: str | None = None,
+    private: bool = False,
+    subnet_id: str | None = None,
+) -> SshSource:
+    """Return where a new security group admits SSH from; never the world unless ``cidr`` says so.
+
+    In order: the source group ``group_id``; the given ``cidr``; when connecting ``private``ly
+    (from inside the VPC: a private address, a bastion or a proxy) the CIDRs of ``subnet_id``'s
+    VPC, else of the default VPC; else this machine's address as EC2 sees it (:func:`this_host`).
+    Raises InvalidInput for a bad CIDR or group id, or when none can be found.
+    """
+    if group_id and cidr:
+        raise InvalidInput("--ssh-source-group and --ssh-cidr both say whom to admit: give one of them")
+    if group_id:
+        if not re.fullmatch(r"sg-[0-9a-f]{8,17}", group_id):
+            raise InvalidInput(f"--ssh-source-group {group_id!r}: give a security group id (sg-...)")
+        return SshSource(group_id=group_id)
+    if cidr:
+        return SshSource((ssh_cidr(cidr),))
+    if private:
+        return SshSource(vpc_cidrs(ec2, subnet_id))
+    return SshSource((this_host(ec2.endpoint_url),))
+
+
+def vpc_cidrs(ec2: EC2, subnet_id: str | None = None) -> tuple[str, ...]:
+    """Return the IPv4 CIDRs of ``subnet_id``'s VPC, else of the default VPC (InvalidInput: none)."""
+    if subnet_id:
+        vpc_id = ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"][0]["VpcId"]
+        vpcs = ec2.call("describe_vpcs", VpcIds=[vpc_id])["Vpcs"]
+    else:
+        vpcs = ec2.call("describe_vpcs", Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    if not vpcs:
+        raise InvalidInput(
+            f"no default VPC in {ec2.region} to admit SSH from: give --subnet-id, --ssh-cidr or --ssh-source-group"
+        )
+    vpc = vpcs[0]
+    associated = [
+        str(a["CidrBlock"])
+        for a in vpc.get("CidrBlockAssociationSet", [])
+        if a.get("CidrBlockState", {}).get("State", "associated") == "associated"
+    ]
+    return tuple(dict.fromkeys([str(vpc["CidrBlock"]), *associated]))
+
+
+def ssh_cidr(given: str) -> str:
+    """Return the CIDR ``given`` (normalized; a host address becomes /32 or /128), warning when it is wide.
+
+    The world (0.0.0.0/0) is only ever admitted when given explicitly. Raises InvalidInput.
+    """
+    try:
+        network = ipaddress.ip_network(given, strict=False)
+    except ValueError:
+        raise InvalidInput(f"--ssh-cidr {given!r} is not a CIDR such as 203.0.113.7/32") from None
+    if world_open(network):
+        log.warning(
+            "SSH is open to %s (%s), as asked: give your own address instead, e.g. --ssh-cidr 203.0.113.7/32",
+            "the whole internet" if network.prefixlen == 0 else "a large part of the internet",
+            network,
+        )
+    return str(network)
+
+
+def this_host(endpoint_url: str | None = None) -> str:
+    """Return this machine's address as EC2 sees it, as a CIDR (InvalidInput when it cannot be found).
+
+    For a loopback endpoint (the sandbox) the loopback range; otherwise the public
+    address that AWS's checkip service reports, /32 (or /128).
+    """
+    host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
+    if host and _is_loopback(host):
+        return "127.0.0.0/8"
+    try:
+        with urllib.request.urlopen(CHECKIP_URL, timeout=5) as response:
+            address = ipaddress.ip_address(response.read().decode().strip())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(
+            f"cannot detect this machine's public address ({exc}); give --ssh-cidr",
+            hint="inside the VPC: --connect private admits its CIDR; SSH is never opened to the world "
+            "unless --ssh-cidr 0.0.0.0/0 is given explicitly",
+        ) from None
+    return f"{address}/{address.max_prefixlen}"
+
+
+def world_open(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Return True when ``network`` admits much of the internet: a /8 or wider (IPv4), /16 (IPv6).
+
+    Private, loopback and link-local ranges (10.0.0.0/8, 127.0.0.0/8, fc00::/7) are not the
+    internet; ::/0 and 0.0.0.0/0 are, and so are 0.0.0.0/1 or 2000::/3.
+    """
+    widest = 8 if network.version == 4 else 16
+    return network.prefixlen <= widest and not (network.is_private or network.is_loopback or network.is_link_local)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def snapshot(ec2: EC2, volume_id: str, description: str, snapshot_tags: Mapping[str, str]) -> str:
@@ -412,3 +574,25 @@ def copy_image(target: EC2, source_region: str, image_id: str, name: str, descri
         ClientToken=f"ebsrole-copy-{image_id}-{target.region}"[:64],
     )
     return str(reply["ImageId"])
+
+
+def remove(ec2: EC2, kind: str, resource_id: str) -> None:
+    """Delete one resource: an instance (terminated, waited for), image (deregistered), snapshot,
+    volume (detached first when ours), key pair or security group (retried while in use).
+
+    ``kind`` is one of sweep's KINDS: instances, images, snapshots, volumes, key_pairs, security_groups.
+    """
+    if kind == "instances":
+        ec2.terminate(resource_id)
+    elif kind == "images":
+        ec2.call("deregister_image", ImageId=resource_id)
+    elif kind == "snapshots":
+        ec2.call("delete_snapshot", SnapshotId=resource_id)
+    elif kind == "volumes":
+        ec2.delete_volume(resource_id, None)
+    elif kind == "key_pairs":
+        ec2.call("delete_key_pair", KeyName=resource_id)
+    elif kind == "security_groups":
+        ec2.delete_security_group(resource_id)
+    else:
+        raise ValueError(f"no such kind of resource: {kind}")

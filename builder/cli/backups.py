@@ -8,8 +8,9 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import Parser, add, aws_options, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, reach_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput
+from builder.reach import Reach
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -32,12 +33,11 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p.add_argument("--as-of", metavar="YYYY-MM-DD", help="the night to record (default: today, UTC)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
+    reach_options(p)
     aws_options(p)
     _schedule_parser(sub, common)
     for verb in ("launch", "drill"):
-        _restore_parser(add(sub, verb, common))
-    p = sub.choices["drill"]
-    p.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address)")
+        _restore_parser(add(sub, verb, common), admits=verb == "drill")
     p = sub.choices["launch"]
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--env", default="", help="environment name, tagged (production, staging, ...)")
@@ -50,8 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
         sub.choices[name].set_defaults(run=run)
 
 
-def _restore_parser(p: Parser) -> None:
-    """The options launch and drill share: which snapshot, which AZ, how to log in."""
+def _restore_parser(p: Parser, *, admits: bool) -> None:
+    """The options launch and drill share: which snapshot, which AZ, how to log in (``admits``: drill's group)."""
     p.add_argument("role", metavar="ROLE")
     p.add_argument(
         "--from",
@@ -71,6 +71,7 @@ def _restore_parser(p: Parser) -> None:
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
     p.add_argument("--ssh-user", default="admin")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    reach_options(p, launches=True, admits=admits)
     aws_options(p)
 
 
@@ -123,11 +124,12 @@ def snapshot(args: argparse.Namespace) -> int:
 
     date = _night(args.as_of)
     _check_snapshot_options(args)
+    Reach.of(args)  # checked before any cloud call
     require_role_files(roles_dir(args), args.roles)
     ec2 = connect_args(args)
     instances = role_instances(ec2, args.roles or None, args.env)
     known_hosts = args.known_hosts or Path.home() / ".ssh/known_hosts"
-    login = ssh_connector(args.identity, known_hosts, args.ssh_user) if args.identity else None
+    login = ssh_connector(args.identity, known_hosts, args.ssh_user, Reach.of(args)) if args.identity else None
     results = snapshot_instances(
         ec2, instances, date, freeze=args.freeze, connect=login, freeze_timeout=args.freeze_timeout
     )
@@ -184,6 +186,8 @@ def launch(args: argparse.Namespace) -> int:
         security_group_ids=tuple(args.security_group_id or ()),
         wait=args.wait,
         ssh_user=args.ssh_user,
+        reach=Reach.of(args),
+        public_ip=False if args.no_public_ip else None,
     )
     done = restore(connect_args(args), role, request)
     output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
@@ -192,19 +196,22 @@ def launch(args: argparse.Namespace) -> int:
 
 def drill(args: argparse.Namespace) -> int:
     """Run a restore drill; exit 0 when it passed."""
-    from builder.drill import drill as run_drill
-    from builder.launch import choose_source, current_image
-    from builder.pipeline import new_build_id, ssh_cidr
+    from builder.drill import DrillRequest, run
 
     role = load_role(roles_dir(args), args.role)
-    ec2 = connect_args(args)
-    cidr = ssh_cidr(args.ssh_cidr, ec2.endpoint_url)
-    image = current_image(ec2, role.name)
-    source = choose_source(
-        ec2, role.name, image, args.source, args.source_env or "", allow_other_role=args.allow_other_role
+    request = DrillRequest(
+        choice=args.source,
+        source_env=args.source_env or "",
+        allow_other_role=args.allow_other_role,
+        az=args.az,
+        ssh_cidr=args.ssh_cidr,
+        ssh_source_group=args.ssh_source_group,
+        user=args.ssh_user,
+        reach=Reach.of(args),
+        public_ip=False if args.no_public_ip else None,
     )
-    report = run_drill(ec2, role, image, source, az=args.az, ssh_cidr=cidr, user=args.ssh_user, drill_id=new_build_id())
-    output.emit(output.drilled(role.name, source, report, args.format))
-    if report.left_behind:
+    done = run(connect_args(args), role, request)
+    output.emit(output.drilled(role.name, done.source, done.report, args.format))
+    if done.report.left_behind:
         return ExitCode.LEFTOVERS
-    return ExitCode.OK if report.passed else ExitCode.FAILED
+    return ExitCode.OK if done.report.passed else ExitCode.FAILED

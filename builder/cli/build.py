@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from builder import __version__
 from builder.cli import output
 from builder.cli.context import Target, check_writable_dir, connect, load_roles, require_roles, roles_dir
-from builder.cli.registry import Parser, aws_options, command_list, port, prog, seconds
+from builder.cli.registry import Parser, aws_options, command_list, port, prog, reach_options, seconds
 from builder.errors import ExitCode, InvalidInput, exit_code_help
 
 if TYPE_CHECKING:
@@ -58,13 +58,14 @@ def parser(common: Parser) -> Parser:
     ssh.add_argument("--ssh-user", default="admin", help="login user of the base AMI (default admin)")
     ssh.add_argument("--ssh-host", help="reach the builder at this address instead of its EC2 address")
     ssh.add_argument("--ssh-port", type=port, default=22, help="and this port (default 22)")
-    ssh.add_argument("--ssh-cidr", help="admit SSH only from this CIDR (default: this machine's address, /32)")
     ssh.add_argument("--subnet-id", help="launch the builder in this subnet (default: the default VPC)")
+    ssh.add_argument("--instance-profile", metavar="NAME|ARN", help="the builder's IAM instance profile")
     ssh.add_argument("--security-group-id", help="use this security group instead of making one")
     ssh.add_argument(
         "--timeout", type=seconds, default=3600, help="build time limit in s; the builder powers off after it"
     )
     ssh.add_argument("--ssh-timeout", type=seconds, default=600, help="how long to wait for SSH (s)")
+    reach_options(p, launches=True, admits=True)
     out = p.add_argument_group("results")
     out.add_argument(
         "--manifest",
@@ -88,7 +89,7 @@ class BuildRequest:
 
     target: Target
     roles_dir: str | None
-    options: BuildOptions  # its ssh_cidr as given: each build settles it before creating anything
+    options: BuildOptions  # its ssh_cidr as given: each build settles whom it admits before creating anything
     copy_to: tuple[str, ...] = ()
 
     @classmethod
@@ -135,13 +136,11 @@ def run(args: argparse.Namespace) -> int:
     check_writable_dir(manifest.parent if manifest else Path("manifests"), f"--manifest {manifest}")
     if len(roles) > 1:
         return _build_many(args, request, [r.name for r in roles])
-    from builder.pipeline import build, ssh_cidr
+    from builder.pipeline import build
 
     ec2 = connect(request.target)
-    given = request.options
-    # Settled before anything is created: a CIDR that cannot be found stops the build here.
-    cidr = None if given.security_group_id else ssh_cidr(given.ssh_cidr, ec2.endpoint_url)
-    made = build(roles[0], ec2, replace(given, ssh_cidr=cidr, endpoint_url=ec2.endpoint_url))
+    # Whom SSH is admitted from is settled by the build before it creates anything.
+    made = build(roles[0], ec2, replace(request.options, endpoint_url=ec2.endpoint_url))
     copies = _copy(request, ec2, roles[0].name, made.ami) if request.copy_to else []
     output.emit(output.built(made, copies, args.format))
     return ExitCode.OK

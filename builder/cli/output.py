@@ -1,4 +1,4 @@
-"""Every rendering of a result for the terminal: text lines, JSON, CSV and markdown tables.
+"""Every rendering of a result for the terminal: text lines and JSON (audit's tables: ``tables``).
 
 Each function takes a command's result (library values) and returns the text to print;
 ``emit`` prints it. JSON documents keep their keys and shapes: other tools parse them.
@@ -193,6 +193,7 @@ def sandbox_status(status: Mapping[str, Any]) -> str:
     lines.append(f"  machines running: {' '.join(status['machines']) or 'none'}")
     lines.append(f"  loop devices: {' '.join(status['loop_devices']) or 'none'}")
     lines.append(f"  mounts: {' '.join(status['mounts']) or 'none'}")
+    lines.append(f"  VPC networks: {' '.join(status.get('networks', [])) or 'none'}")
     lines.append(f"  disk used: {status['bytes_on_disk'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
@@ -251,3 +252,11 @@ def drilled(role: str, source: Any, report: Any, fmt: str) -> str:
     lines += [f"  reason: {reason}" for reason in report.reasons]
     lines += [f"  LEFT BEHIND: {left}" for left in report.left_behind]
     return "\n".join(lines)
+
+
+def iam_policy(document: Mapping[str, Any], needed: Mapping[str, Sequence[str]], fmt: str) -> str:
+    """iam-policy: the policy document (json), or each action with the commands that need it (text)."""
+    if fmt == "json":
+        return as_json(document)
+    width = max((len(a) for a in needed), default=0)
+    return "\n".join(f"{action.ljust(width)}  {', '.join(commands)}" for action, commands in needed.items())

@@ -115,6 +115,14 @@ COMMANDS = (
         "tool's available (unattached) volumes, listed unless --delete.",
     ),
     Command(
+        "iam-policy",
+        "iam",
+        "the least-privilege IAM policy for some commands (no cloud access)",
+        "Print the IAM policy document the --commands need (all that call AWS by default): "
+        "deleting only what the tool tagged, tagging at creation, KMS statements for the roles' "
+        "customer-managed keys. --format text lists each action with the commands that need it.",
+    ),
+    Command(
         "sandbox",
         "sandbox",
         "start|status|stop|reset|env the local sandbox (EC2 endpoint + real machines)",
@@ -190,6 +198,24 @@ def ssh_login_options(parser: argparse.ArgumentParser, title: str, whose: str) -
     ssh.add_argument("--known-hosts", type=Path, help=f"known_hosts holding {whose} (default ~/.ssh/known_hosts)")
     ssh.add_argument("--ssh-user", default="admin", help="login user (default admin)")
     return ssh
+
+
+def reach_options(parser: argparse.ArgumentParser, *, launches: bool = False, admits: bool = False) -> None:
+    """Add how SSH reaches instances (builder.reach); ``launches``: --no-public-ip; ``admits``: --ssh-cidr etc."""
+    reach = parser.add_argument_group("reaching instances (docs/howto/private-subnets.md)")
+    methods, auto = ("public", "private", "proxy"), "default: public if the instance has a public IP"
+    reach.add_argument("--connect", dest="connect_method", choices=methods, help=auto)
+    proxy = reach.add_mutually_exclusive_group()
+    proxy.add_argument("--ssh-proxy-command", metavar="CMD", help="ProxyCommand; %%h addr %%p port %%r user %%i id")
+    proxy.add_argument("--bastion", metavar="[USER@]HOST[:PORT]", help="ssh -W through it, its host key pinned")
+    reach.add_argument("--bastion-known-hosts", metavar="FILE", help="pins the bastion (default ~/.ssh/known_hosts)")
+    reach.add_argument("--bastion-identity", metavar="FILE", help="the key to log in to the bastion (default: ssh's)")
+    if admits:
+        source = reach.add_mutually_exclusive_group()
+        source.add_argument("--ssh-cidr", help="admit SSH from it (default: the VPC's if private, else this host)")
+        source.add_argument("--ssh-source-group", metavar="SG_ID", help="admit SSH from this group's members")
+    if launches:
+        reach.add_argument("--no-public-ip", action="store_true", help="in --subnet-id or the default subnet")
 
 
 def port(text: str) -> int:

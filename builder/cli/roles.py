@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, load_roles, require_roles, roles_dir
-from builder.cli.registry import Parser, add, aws_options, port, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, port, reach_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput, RoleInvalid
 
 
@@ -38,6 +38,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     ssh = ssh_login_options(p, "SSH, with --instance", "the instance's host key")
     ssh.add_argument("--ssh-host", help="reach the instance at this address instead of its EC2 address")
     ssh.add_argument("--ssh-port", type=port, default=22)
+    reach_options(p)
 
     p = add(sub, "fingerprint", common)
     p.add_argument("roles", nargs="*", metavar="ROLE")
@@ -103,13 +104,13 @@ def render(args: argparse.Namespace) -> int:
 
 def audit(args: argparse.Namespace) -> int:
     """Print which paths each role externalizes: from the role files, the AMIs, or a live instance."""
-    from builder import audit as report
+    from builder.cli import tables
 
     if args.instance:
         return _audit_instance(args)
     roles = load_roles(roles_dir(args), args.roles)
     if not args.registered:
-        sys.stdout.write(report.format_audit(roles, args.format))
+        sys.stdout.write(tables.roles(roles, args.format))
         return ExitCode.OK
     from builder.registry import registered
 
@@ -117,17 +118,19 @@ def audit(args: argparse.Namespace) -> int:
     records = registered(ec2, roles)
     if args.roles:  # only the named roles (and no orphans) when roles are named
         records = [r for r in records if r.role in set(args.roles)]
-    sys.stdout.write(report.format_registered(records, ec2.region, args.format))
+    sys.stdout.write(tables.registered(records, ec2.region, args.format))
     return ExitCode.OK
 
 
 def _audit_instance(args: argparse.Namespace) -> int:
     """audit --instance: run the verify script on a live instance; exit 1 when a check fails."""
-    from builder import audit as report
+    from builder.cli import tables
     from builder.live import check_instance
+    from builder.reach import Reach
 
     if not args.identity:
         raise InvalidInput("--instance needs --identity KEY_FILE (the key the instance admits)")
+    reach = Reach.of(args)
     checked = check_instance(
         connect_args(args),
         args.instance,
@@ -135,10 +138,10 @@ def _audit_instance(args: argparse.Namespace) -> int:
         identity=args.identity,
         known_hosts=args.known_hosts or Path.home() / ".ssh" / "known_hosts",
         user=args.ssh_user,
-        host=args.ssh_host,
         port=args.ssh_port,
+        reach=reach,
     )
-    sys.stdout.write(report.format_instance(checked, args.format))
+    sys.stdout.write(tables.instance(checked, args.format))
     return ExitCode.OK if checked["passed"] else ExitCode.FAILED
 
 

@@ -75,6 +75,7 @@ class Scope:
 
     access_key_id: str
     region: str
+    service: str = "ec2"  # of SERVICES: what the signature's scope names
 
 
 # ---------------------------------------------------------------- the state directory
@@ -179,7 +180,7 @@ def verify(environ: dict[str, Any], body: bytes, credentials: Credentials, now: 
             "The request signature we calculated does not match the signature you provided. "
             "Check your AWS Secret Access Key and signing method.",
         )
-    return Scope(match["key"], match["region"])
+    return Scope(match["key"], match["region"], match["service"])
 
 
 def _check_date(amz_date: str, scope_date: str, now: dt.datetime) -> Refusal | None:

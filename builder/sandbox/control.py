@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import EnvironmentProblem
-from builder.sandbox import auth
-from builder.sandbox.dataplane import DataPlane
+from builder.sandbox import auth, vpcnet
+from builder.sandbox.dataplane import DataPlane, network_prefix
 from builder.sandbox.host import require_root, require_tools
 from builder.sandbox.machine import TOOLS, Machine
 from builder.sandbox.rootfs import DEFAULT_CACHE, ensure_rootfs
@@ -254,13 +254,14 @@ def status(state: Path = STATE_DIR) -> dict[str, Any]:
 
 
 def _stop_machines(state: Path, *, keep_state: bool) -> None:
-    """Stop machines a dead sandbox process left running (and free their loop devices)."""
+    """Stop machines a dead sandbox process left running (and free their loop devices and VPC bridges)."""
     machines = state / "data" / "machines"
-    if not machines.is_dir():
-        return
-    for path in machines.iterdir():
-        if path.is_dir():
-            Machine(path.name, path).stop(keep_state=keep_state, grace=10)
+    if machines.is_dir():
+        for path in machines.iterdir():
+            if path.is_dir():
+                Machine(path.name, path).stop(keep_state=keep_state, grace=10)
+    if state.is_dir():
+        vpcnet.remove_networks(network_prefix(state / "data"))
 
 
 def _is_server(pid: int) -> bool:

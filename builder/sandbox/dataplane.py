@@ -9,8 +9,10 @@ volume is attached where, in what state. This module keeps what moto only names:
   tree, then the trees of the snapshots it descends from) and its own writable tree;
 - a snapshot is a frozen copy: of a data volume's file (holes kept), or of a root
   volume's writable tree together with the layers under it;
-- an instance is a local machine (``machine.Machine``) on its own loopback address, with
-  its root volume as its root filesystem and its data volumes plugged in.
+- an instance is a local machine (``machine.Machine``) with its root volume as its root
+  filesystem and its data volumes plugged in, its private address on its VPC's bridge
+  (``vpcnet``), and, when EC2 would give it a public address, its own loopback address of
+  the host, where its sshd and the ports its security groups admit answer.
 
 Everything lives under one directory, with an index (``dataplane.json``) rewritten after
 every change, so a later sandbox process picks up the same world.
@@ -19,6 +21,7 @@ every change, so a later sandbox process picks up the same world.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ from typing import Any
 
 from builder.errors import DataPlaneError, MachineError
 from builder.files import write_atomic
+from builder.sandbox import vpcnet
 from builder.sandbox.machine import Disk, Machine, make_image
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,21 @@ def device_node(device: str) -> str:
     """Return the node an EC2 device name shows as on a Nitro-like Debian: /dev/sdf -> xvdf."""
     name = device.removeprefix("/dev/")
     return "xvd" + name.removeprefix("sd") if name.startswith("sd") else name
+
+
+def network_prefix(root: Path) -> str:
+    """Return the prefix of the VPC namespaces of the data plane kept under ``root`` (one per sandbox)."""
+    return f"ebsrole-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}-"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an instance sits in its VPC: the private address EC2 gave it, in its subnet."""
+
+    vpc_id: str
+    address: str
+    prefix: int  # the subnet's prefix length
+    cidrs: tuple[str, ...]  # the VPC's CIDR blocks
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,7 @@ class DataPlane:
         self.snapshots: dict[str, dict[str, Any]] = data.get("snapshots", {})
         self.instances: dict[str, dict[str, Any]] = data.get("instances", {})
         self.next_address: int = data.get("next_address", 0)
+        self.network_prefix = network_prefix(root)
 
     def save(self) -> None:
         """Write the index (atomically)."""
@@ -226,11 +246,24 @@ class DataPlane:
         attachments: Sequence[Attachment],
         user_data: str,
         public_keys: Sequence[str] = (),
-    ) -> str:
-        """Start the machine of a new instance; return its address. Raises DataPlaneError."""
-        address = self._address()
+        *,
+        placement: Placement | None = None,
+        public: bool = True,
+    ) -> str | None:
+        """Start the machine of a new instance; return its public address (None without one).
+
+        ``placement`` plugs it into its VPC; ``public`` gives it a loopback address of the
+        host, where its sshd answers. Raises DataPlaneError.
+        """
+        address = self._address() if public else None
         layers = self.volumes[root_volume_id]["layers"]
-        self.instances[instance_id] = {"address": address, "root_volume": root_volume_id}
+        nic = self._nic(instance_id, placement) if placement else None
+        self.instances[instance_id] = {
+            "address": address,
+            "private_address": placement.address if placement else None,
+            "network": nic.netns if nic else None,
+            "root_volume": root_volume_id,
+        }
         self.volumes[root_volume_id]["instance"] = instance_id
         self.save()
         try:
@@ -243,16 +276,31 @@ class DataPlane:
                 disks=[self._disk(a) for a in attachments],
                 public_keys=public_keys,
                 state_root=self.machines_root,
+                nic=nic,
             )
         except (MachineError, OSError) as exc:
+            self.prune_networks()
             raise DataPlaneError("Server.InternalError", f"{instance_id} failed to start: {exc}") from exc
         return address
+
+    def _nic(self, instance_id: str, placement: Placement) -> vpcnet.Nic:
+        # A port name is at most 15 characters; an instance id's last 12 hex digits are unique enough in a VPC.
+        port = "v" + instance_id.rsplit("-", 1)[-1][-12:]
+        return vpcnet.Nic(
+            self.network_prefix + placement.vpc_id, port, placement.address, placement.prefix, placement.cidrs
+        )
+
+    def prune_networks(self) -> None:
+        """Remove the VPC namespaces no running machine of this sandbox is plugged into."""
+        running = self.running()
+        keep = {str(e["network"]) for i, e in self.instances.items() if e.get("network") and running.get(i)}
+        vpcnet.remove_networks(self.network_prefix, keep)
 
     def forward(self, instance_id: str, ports: set[int]) -> None:
         """Make the machine's ``ports`` answer on its address (what its security groups admit)."""
         entry = self.instances.get(instance_id)
         machine = self._machine(instance_id)
-        if entry is None or not machine.running:
+        if entry is None or not entry.get("address") or not machine.running:
             return
         done = set(entry.get("forwarded", [22]))
         for port in sorted(ports - done):
@@ -266,6 +314,7 @@ class DataPlane:
         self.save()
 
     def address(self, instance_id: str) -> str | None:
+        """Return the instance's public address (its loopback address on the host), None without one."""
         return self.instances.get(instance_id, {}).get("address")
 
     def is_stopping(self, instance_id: str) -> bool:
@@ -309,6 +358,7 @@ class DataPlane:
             self.volumes[root_volume]["tree"] = str(kept)
         shutil.rmtree(machine.state, ignore_errors=True)
         self.save()
+        self.prune_networks()
 
     def running(self) -> dict[str, bool]:
         """Return, for each instance with a machine, whether the machine lives."""
@@ -321,6 +371,7 @@ class DataPlane:
         """Stop every machine, keeping their state (the sandbox is being stopped)."""
         for instance_id in list(self.instances):
             self._machine(instance_id).stop(clean=True, keep_state=True, grace=10)
+        vpcnet.remove_networks(self.network_prefix)
 
     # ------------------------------------------------------------ status
 
@@ -332,12 +383,21 @@ class DataPlane:
             "snapshots": sorted(self.snapshots),
             "loop_devices": self.loop_devices(),
             "mounts": self.mounts(),
+            "networks": vpcnet.networks(self.network_prefix),
             "bytes_on_disk": _disk_usage(self.root),
         }
 
     @staticmethod
     def empty_usage() -> dict[str, Any]:
-        return {"machines": [], "volumes": [], "snapshots": [], "loop_devices": [], "mounts": [], "bytes_on_disk": 0}
+        return {
+            "machines": [],
+            "volumes": [],
+            "snapshots": [],
+            "loop_devices": [],
+            "mounts": [],
+            "networks": [],
+            "bytes_on_disk": 0,
+        }
 
     def loop_devices(self) -> list[str]:
         """Return the host's loop devices backed by a file of this sandbox."""

@@ -3,10 +3,11 @@
 A machine is a set of private namespaces (mount, pid, uts, ipc, cgroup, network) whose
 root is an overlay with a throw-away upper layer over the cached Debian tree (the tree is
 never written), with systemd as PID 1, networking through slirp4netns and sshd forwarded
-to a loopback address of the host. cloud-init runs for real from a NoCloud seed made of
-the caller's user-data, so the login key and the host key reach the machine the way they
-reach an EC2 instance. Data volumes are sparse files on loop devices, visible inside as
-their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``.
+to a loopback address of the host (or not at all: an instance without a public address), and
+for an instance of the sandbox a second interface in its VPC (``vpcnet``). cloud-init runs
+for real from a NoCloud seed made of the caller's user-data, so the login key and the host
+key reach the machine the way they reach an EC2 instance. Data volumes are sparse files on
+loop devices, visible inside as their EC2 device name and as ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...``.
 
 Containment: a machine runs in its own user namespace, made with the others (mount, pid,
 uts, ipc, cgroup, network are owned by it): uids and gids 0-65535 inside are
@@ -62,6 +63,7 @@ from pathlib import Path
 
 from builder.errors import BuildError, EnvironmentProblem, MachineError
 from builder.sandbox.host import require_root, require_tools
+from builder.sandbox.vpcnet import Nic, plug
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ TOOLS = {
     "slirp4netns": "slirp4netns",
     "mkfs.ext4": "e2fsprogs",
     "blkid": "util-linux",
+    "ip": "iproute2",
 }
 # systemd-nspawn's default set, less CAP_MKNOD (the host makes every device node) and
 # CAP_LINUX_IMMUTABLE (it counts only in the host's user namespace). All of them are
@@ -177,13 +180,14 @@ class Machine:
         layers: Sequence[Path],
         *,
         user_data: str,
-        ssh_address: str = "127.0.0.1",
+        ssh_address: str | None = "127.0.0.1",
         ssh_port: int | None = None,
         disks: Sequence[Disk] = (),
         public_keys: Sequence[str] = (),
         state_root: Path = STATE_ROOT,
         timeout: float = 20.0,
         host_root: bool = False,
+        nic: Nic | None = None,
     ) -> Machine:
         """Start a machine whose root is an overlay of ``layers`` (topmost first).
 
@@ -192,7 +196,9 @@ class Machine:
         uids (root inside is uid 0 of the host, still without the host's capabilities), so
         that ``exec`` can run as the host's root with every capability, as root on EC2 has
         them: for tests of what only real root does (chattr +i, device nodes); never for
-        machines of the sandbox endpoint. Raises EnvironmentProblem when the host lacks root or
+        machines of the sandbox endpoint. ``ssh_address`` None forwards nothing to the host
+        (an instance without a public address); ``nic`` plugs the machine into its VPC's
+        bridge (``vpcnet``), at this start and every resume. Raises EnvironmentProblem when the host lacks root or
         a tool, MachineError (with the console's tail) when the machine does not start;
         a machine that fails to start is stopped and leaves nothing.
         """
@@ -207,10 +213,11 @@ class Machine:
                 layers,
                 user_data=user_data,
                 address=ssh_address,
-                port=ssh_port or free_port(ssh_address),
+                port=ssh_port or (free_port(ssh_address) if ssh_address else 0),
                 disks=disks,
                 public_keys=public_keys,
                 base=0 if host_root else UID_BASE,
+                nic=nic,
             ),
             timeout,
             keep_state=False,
@@ -264,11 +271,12 @@ class Machine:
         layers: Sequence[Path],
         *,
         user_data: str,
-        address: str,
+        address: str | None,
         port: int,
         disks: Sequence[Disk],
         public_keys: Sequence[str],
         base: int,
+        nic: Nic | None,
     ) -> None:
         for layer in layers:
             if not (layer / "sbin/init").exists() and not (layer / "etc").is_dir():
@@ -279,7 +287,9 @@ class Machine:
         os.mkfifo(self.state / "go")
         self._write("layers", "\n".join(str(p) for p in layers))
         self._write("base", str(base))
-        self._write("ssh", f"{address} {port}")
+        self._write("ssh", f"{address} {port}" if address else "")
+        if nic is not None:
+            self._write("nic.json", json.dumps(nic.to_json()))
         (upper / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
         (upper / "etc/hostname").write_text(self.name + "\n")
         (upper / "etc/hosts").write_text(
@@ -383,7 +393,6 @@ class Machine:
         raise MachineError(self.name, "no PID 1 appeared", self.console_tail())
 
     def _start_network(self, leader: int, deadline: float) -> None:
-        _, port = self.ssh_endpoint
         read_fd, write_fd = os.pipe()
         api = self.state / "slirp.sock"
         with open(self.state / "slirp.log", "wb") as out:
@@ -412,7 +421,10 @@ class Machine:
             os.close(read_fd)
         if not ready:
             raise MachineError(self.name, f"slirp4netns failed: {self._read('slirp.log', '').strip()}")
-        self.forward(22, port)
+        if self.nic is not None:
+            plug(leader, self.nic)
+        if self.public:
+            self.forward(22, self.ssh_endpoint[1])
 
     def _signal_go(self, deadline: float) -> None:
         """Tell stage.sh the network is wired (it waits on the fifo before exec'ing systemd)."""
@@ -454,10 +466,23 @@ class Machine:
         return self.leader is not None
 
     @property
+    def public(self) -> bool:
+        """Return whether the machine answers on a host address (False: reached only from its VPC)."""
+        return bool(self._read("ssh").strip())
+
+    @property
+    def nic(self) -> Nic | None:
+        """Return the machine's interface in its VPC, or None when it has none."""
+        text = self._read("nic.json", "")
+        return Nic.from_json(json.loads(text)) if text else None
+
+    @property
     def ssh_endpoint(self) -> tuple[str, int]:
-        """Return the host address and port that reach the machine's sshd."""
-        address, port = self._read("ssh").split()
-        return address, int(port)
+        """Return the host address and port that reach the machine's sshd. Raises MachineError when it has none."""
+        fields = self._read("ssh").split()
+        if not fields:
+            raise MachineError(self.name, "has no address on the host (it is reached from its VPC only)")
+        return fields[0], int(fields[1])
 
     def forward(self, guest_port: int, host_port: int | None = None) -> int:
         """Forward ``guest_port`` of the machine to its SSH address on the host; return the host port."""

@@ -5,10 +5,11 @@ front of it watches the calls that change the world and makes them real in the d
 plane (``dataplane.DataPlane``): RunInstances starts machines, AttachVolume plugs a
 volume in, CreateSnapshot copies bytes, RegisterImage and CreateImage record what a later
 RunInstances boots. It also makes moto tell the truth where it is fake: images keep the
-block-device mappings they were given, instances report the loopback address their
-machine answers on, a stopping instance is ``stopping`` until its machine has halted, and
-a machine that dies turns its instance ``stopped`` or ``terminated`` as its shutdown
-behaviour says. Any EC2 client works against it: the tool itself, or Packer.
+block-device mappings they were given, an instance's private address is real (on its
+VPC's bridge, out of the host's reach) and only an instance EC2 would give a public address
+has one (the loopback address its machine answers on), a stopping instance is ``stopping``
+until its machine has halted, and a machine that dies turns its instance ``stopped`` or
+``terminated`` as its shutdown behaviour says. Any EC2 client works against it: the tool itself, or Packer.
 
 Every request must be signed (SigV4) with the credentials ``sandbox start`` made
 (``builder.sandbox.auth``); anything else, and every path but EC2's ``/`` and the
@@ -28,6 +29,7 @@ import binascii
 import contextlib
 import datetime as dt
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -49,7 +51,7 @@ from builder.errors import DataPlaneError, EC2Error
 from builder.files import write_atomic
 from builder.sandbox import capacity
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
-from builder.sandbox.dataplane import Attachment, DataPlane
+from builder.sandbox.dataplane import Attachment, DataPlane, Placement
 from builder.sandbox.latency import Latency, Model
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
 
@@ -65,6 +67,7 @@ DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
 READ_ONLY = re.compile(r"^(Describe|Get|List)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 MAX_BODY = 16 * 2**20  # EC2's largest calls (RunInstances with user-data) are far smaller
+SLIRP_NET = ipaddress.ip_network("10.0.2.0/24")  # every machine's link to the outside (slirp4netns)
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -166,6 +169,8 @@ class Sandbox:
         self.lock = threading.RLock()
         self.calls = 0
         self.actions: Counter[str] = Counter()
+        # "service:Action" as IAM names it (ec2:RunInstances, ssm:GetParameters): what a policy must allow.
+        self.operations: Counter[str] = Counter()
         self.model = model or Model()
         self.latency = Latency(self.model, self.lock) if self.model.active else None
         self._stop_watch = threading.Event()
@@ -238,6 +243,8 @@ class Sandbox:
             return self.app(environ, start_response)
         params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         action = params.get("Action", "")
+        # SSM speaks JSON: its action is in X-Amz-Target ("AmazonSSM.GetParameters"), not the form.
+        operation = f"{verdict.service}:{environ.get('HTTP_X_AMZ_TARGET', '').rpartition('.')[2] or action}"
         if self.latency is not None and not self.latency.bucket.admit():
             status, headers, body = error_response("RequestLimitExceeded", "Request limit exceeded.", 503)
             start_response(status, headers)
@@ -245,6 +252,7 @@ class Sandbox:
         with self.lock:
             self.calls += 1
             self.actions[action] += 1
+            self.operations[operation] += 1
             status, headers, body = self._handle(environ, verdict.region, action, params, raw)
         start_response(status, headers)
         return [body]
@@ -341,6 +349,7 @@ class Sandbox:
             instance = backend.get_instance(instance_id)
             instance.sandbox_user_data = user_data
             instance.sandbox_keys = keys
+            instance.sandbox_public = _wants_public(params, instance)
             if self._fails_late(backend, instance):
                 continue
             try:
@@ -421,6 +430,8 @@ class Sandbox:
                     attachments,
                     getattr(instance, "sandbox_user_data", ""),
                     getattr(instance, "sandbox_keys", []),
+                    placement=_placement(backend, instance),
+                    public=getattr(instance, "sandbox_public", True),
                 )
             else:
                 self.plane.start(instance.id, attachments)
@@ -447,12 +458,12 @@ class Sandbox:
         _set_reason(instance, "Server.InternalError", f"Server.InternalError: {why}")
 
     def _show_address(self, instance: Any) -> None:
+        """Show the machine's loopback address as the public address, or none (moto may have made one up)."""
         address = self.plane.address(instance.id)
-        if not address:
-            return
-        for nic in instance.nics.values():
-            nic.public_ip = address
-            nic.private_ip_address = address
+        primary = instance.nics.get(0)
+        if primary is not None:
+            primary.public_ip = address
+            primary.public_ip_auto_assign = False  # moto would make one up at the next start
 
     def _before_StartInstances(self, backend: Any, params: dict[str, str]) -> None:
         for instance_id in _indexed(params, "InstanceId"):
@@ -487,6 +498,7 @@ class Sandbox:
             with self.lock:
                 if instance.state == "stopping":
                     instance._state.name, instance._state.code = "stopped", 80
+                self.plane.prune_networks()
                 self.save()
 
     def _after_TerminateInstances(self, backend: Any, params: dict[str, str], body: bytes) -> None:
@@ -690,6 +702,7 @@ class Sandbox:
             "ec2": regions,
             "api_calls": self.calls,
             "api_calls_by_action": dict(sorted(self.actions.items())),
+            "api_calls_by_operation": dict(sorted(self.operations.items())),
             "latency": json.loads(self.model.to_json()) if self.model.active else None,
             "throttled": self.latency.bucket.refused if self.latency else 0,
             **self.plane.usage(),
@@ -724,6 +737,7 @@ class Sandbox:
             self._terminate(backend, [instance.id])
         else:
             self.plane.stop(instance.id, clean=False)
+            self.plane.prune_networks()
             instance.stop()
         _set_reason(
             instance,
@@ -758,6 +772,40 @@ def _open_ports(instance: Any) -> set[int]:
             if rule.ip_protocol in ("tcp", "6") and low is not None and high is not None and high - low < MAX_RANGE:
                 ports.update(range(low, high + 1))
     return ports
+
+
+def _wants_public(params: dict[str, str], instance: Any) -> bool:
+    """Return whether EC2 gives the instance a public address.
+
+    The launch's AssociatePublicIpAddress of its primary interface decides when it is given;
+    otherwise its subnet's MapPublicIpOnLaunch (true in a default VPC's subnets).
+    """
+    for key, value in params.items():
+        match = re.fullmatch(r"NetworkInterface\.(\d+)\.AssociatePublicIpAddress", key)
+        if match and params.get(f"NetworkInterface.{match.group(1)}.DeviceIndex", "0") == "0":
+            return value.lower() == "true"
+    return str(instance.nics[0].subnet.map_public_ip_on_launch).lower() == "true"
+
+
+def _placement(backend: Any, instance: Any) -> Placement:
+    """Return the instance's place in its VPC: the private address moto gave it, its subnet's prefix, the VPC's CIDRs.
+
+    Raises DataPlaneError for a subnet the machines cannot use (it overlaps their link to the outside).
+    """
+    primary = instance.nics[0]
+    subnet = primary.subnet
+    network = ipaddress.ip_network(subnet.cidr_block)
+    if network.overlaps(SLIRP_NET):
+        raise DataPlaneError(
+            "Unsupported", f"the sandbox's machines use {SLIRP_NET} to reach the outside; {subnet.id} overlaps it"
+        )
+    vpc = backend.get_vpc(subnet.vpc_id)
+    cidrs = tuple(
+        str(c["cidr_block"])
+        for c in vpc.cidr_block_association_set
+        if c.get("cidr_block_state", {}).get("state") == "associated"
+    )
+    return Placement(vpc.id, str(primary.private_ip_address), network.prefixlen, cidrs or (str(vpc.cidr_block),))
 
 
 def _indexed(params: dict[str, str], name: str) -> list[str]:

@@ -22,6 +22,9 @@ set -euo pipefail
 stage_host() {
   local holder i layer lowers=() dev=$STATE/map/dev
   mount --make-rprivate /
+  # The VPCs' named network namespaces (/run/netns, see vpcnet.py) must not be held alive by
+  # this copy of the host's mounts once the sandbox removes them.
+  if mountpoint -q /run/netns; then umount -l /run/netns; fi
   # The user namespace, made by a holder process and mapped from here (util-linux's
   # --map-users needs newuidmap); kept open on fd 9 while the namespaces are made.
   unshare --user -- sleep 60 &
