@@ -64,6 +64,7 @@ class DrillRequest:
     user: str = "admin"
     reach: Reach = field(default_factory=Reach)
     public_ip: bool | None = None  # False: launch without a public IP
+    subnet_id: str | None = None  # restore into this subnet: its AZ is the drill's
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
     if request.public_ip is False:
         reach.refuse_public()
     private = reach.private(public_ip=request.public_ip is not False)  # the AZ's default subnet maps public IPs
-    admitted = resources.ssh_source(ec2, cidr=request.ssh_cidr, group_id=request.ssh_source_group, private=private)
+    admitted = resources.ssh_source(
+        ec2, cidr=request.ssh_cidr, group_id=request.ssh_source_group, private=private, subnet_id=request.subnet_id
+    )
     image = current_image(ec2, role.name)
     source = choose_source(
         ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
@@ -100,6 +103,7 @@ def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
         drill_id=new_build_id(),
         reach=reach,
         public_ip=request.public_ip,
+        subnet_id=request.subnet_id,
     )
     return Drilled(source, report)
 
@@ -122,14 +126,18 @@ def drill(
     drill_id: str,
     reach: Reach | None = None,
     public_ip: bool | None = None,
+    subnet_id: str | None = None,
 ) -> DrillReport:
     """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report.
 
     SSH is admitted from ``ssh_source`` (a CIDR or :class:`resources.SshSource`) and goes as
-    ``reach`` says; ``public_ip`` False launches the instance without a public IP.
+    ``reach`` says; ``public_ip`` False launches the instance without a public IP. With
+    ``subnet_id`` the instance goes there, and the subnet's AZ is the drill's.
     """
     started = time.monotonic()
     available = zones(ec2)
+    if subnet_id:
+        az = resources.subnet_zone(ec2, subnet_id, az)
     if az and az not in available:
         raise InvalidInput(f"--az {az}: not an available AZ of {ec2.region} ({', '.join(available)})")
     target = az or other_zone(ec2, role, source.source_az, available)
@@ -145,6 +153,7 @@ def drill(
             ssh_source,
             group_tags=tags.with_kind(common, tags.KIND_SECURITY_GROUP),
             undo=undo,
+            subnet_id=subnet_id,
         )
         launched = launch(
             ec2,
@@ -159,6 +168,7 @@ def drill(
             delete_data_on_termination=True,
             undo=undo,
             public_ip=public_ip,
+            subnet_id=subnet_id,
         )[0]
         report.instance_id = launched.instance_id
         remote = connect(ec2, launched, login, user, timeout, reach=reach)

@@ -280,9 +280,7 @@ def placements(
     skipped, with a log line. Raises CloudError when no type is offered there at all.
     """
     offered = offered_zones(ec2, types)
-    fixed = (
-        str(ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"][0]["AvailabilityZone"]) if subnet_id else az
-    )
+    fixed = subnet_zone(ec2, subnet_id) if subnet_id else az
     where = (f"{fixed}" + (f" (subnet {subnet_id})" if subnet_id else "")) if fixed else f"any AZ of {ec2.region}"
     wanted = list(dict.fromkeys(types))
     for itype in wanted:
@@ -381,6 +379,7 @@ def ssh_group(
         group_id = str(reply["GroupId"])
         undo.push("security-group", group_id, lambda: ec2.delete_security_group(group_id))
     ec2.call("authorize_security_group_ingress", GroupId=group_id, IpPermissions=[admitted.permission()])
+    log.info("security group %s admits SSH from %s only", group_id, admitted)
     return group_id
 
 
@@ -417,6 +416,14 @@ def ssh_source(
     if private:
         return SshSource(vpc_cidrs(ec2, subnet_id))
     return SshSource((this_host(ec2.endpoint_url),))
+
+
+def subnet_zone(ec2: EC2, subnet_id: str, az: str | None = None) -> str:
+    """Return ``subnet_id``'s AZ; raise InvalidInput when ``az`` is given and is another one."""
+    zone = str(ec2.call("describe_subnets", SubnetIds=[subnet_id])["Subnets"][0]["AvailabilityZone"])
+    if az and az != zone:
+        raise InvalidInput(f"--az {az} and --subnet-id {subnet_id} (in {zone}) contradict: give one of them")
+    return zone
 
 
 def vpc_cidrs(ec2: EC2, subnet_id: str | None = None) -> tuple[str, ...]:

@@ -43,7 +43,6 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p.add_argument("--env", default="", help="environment name, tagged (production, staging, ...)")
     p.add_argument("--instance-type", help="this type alone (default: the role's instance_types, tried in order)")
     p.add_argument("--key-name", help="EC2 key pair for your own logins")
-    p.add_argument("--subnet-id")
     p.add_argument("--security-group-id", action="append", help="repeatable")
     p.add_argument("--wait", action="store_true", help="wait until each instance passes the verify script over SSH")
     for name in ("snapshot", "schedule", "launch", "drill"):
@@ -69,6 +68,7 @@ def _restore_parser(p: Parser, *, admits: bool) -> None:
         help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
     )
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
+    p.add_argument("--subnet-id", help="launch in this subnet (its AZ; drill: a subnet in another AZ than the data's)")
     p.add_argument("--ssh-user", default="admin")
     p.add_argument("--format", choices=("table", "json"), default="table")
     reach_options(p, launches=True, admits=admits)
@@ -209,6 +209,7 @@ def drill(args: argparse.Namespace) -> int:
         user=args.ssh_user,
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
+        subnet_id=args.subnet_id,
     )
     done = run(connect_args(args), role, request)
     output.emit(output.drilled(role.name, done.source, done.report, args.format))
