@@ -6,7 +6,7 @@ command runs against it as a user runs it, and the actions it made the endpoint 
 all be in that command's policy; the policy's actions no run used are reported (printed and
 warned), not failed: error paths (a failed build's cleanup) are in the policy too.
 
-DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts) and moto
+DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts, kms) and moto
 (5.2.5) has no DLM at all: ``schedule --apply`` runs in-process with moto for STS, and
 botocore's ``before-call`` event records each operation the tool's clients call; for DLM
 the same hook answers in place of the missing service (an empty list, then the created
