@@ -108,10 +108,8 @@ COMMANDS = (
         "share",
         "images",
         "grant other accounts, an organization or an OU a role AMI and its snapshots",
-        "Grant (--revoke: remove) the launch permission of the role's current AMI (or --ami) and "
-        "createVolumePermission on all its snapshots to --accounts, --org-arn or --ou-arn. Refused, "
-        "with nothing granted, when a snapshot is encrypted with the AWS-managed key aws/ebs: the "
-        "error shows the key policy statement a customer-managed key needs.",
+        "Grant (--revoke: remove) the launch permission of the role's AMI and createVolumePermission on its "
+        "snapshots. Refused, nothing granted, when a snapshot uses the AWS-managed key aws/ebs.",
     ),
     Command(
         "sweep",
@@ -198,11 +196,7 @@ def aws_options(parser: argparse.ArgumentParser) -> None:
     aws.add_argument(
         "--sandbox", action="store_true", help="use the local sandbox (started when needed) instead of AWS"
     )
-    aws.add_argument(
-        "--role-arn",
-        metavar="ARN",
-        help="assume this IAM role (sts:AssumeRole) for every call; session ebsrole-<command>",
-    )
+    aws.add_argument("--role-arn", metavar="ARN", help="assume this IAM role for every call (session ebsrole-CMD)")
     aws.add_argument("--external-id", metavar="ID", help="the ExternalId the role's trust policy asks for")
 
 
