@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,17 @@ class Copied:
 
 
 def copy_to_regions(
-    source: EC2, connect: Callable[[str], EC2], role: str, ami: str | None, regions: Sequence[str]
+    source: EC2,
+    connect: Callable[[str], EC2],
+    role: str,
+    ami: str | None,
+    regions: Sequence[str],
+    *,
+    keys: Mapping[str, str] | None = None,
 ) -> list[Copied]:
     """Copy AMI ``ami`` of ``role`` (default: its newest) to each of ``regions`` at once; return the copies.
+
+    ``keys``: the KMS key of the copy in a region (region -> key); a region not named gets its default key.
 
     ``connect(region)`` gives the EC2 of a region; every region is connected to before the
     first copy, so a bad one stops it all. Raises InvalidInput when there is no such AMI or a
@@ -50,15 +58,20 @@ def copy_to_regions(
     wanted = list(dict.fromkeys(regions))
     if source.region in wanted:
         raise InvalidInput(f"--copy-to {source.region}: that is the AMI's own region")
+    stray = sorted(set(keys or {}) - set(wanted))
+    if stray:
+        raise InvalidInput(f"--kms-key-id {stray[0]}=...: {stray[0]} is not a region the AMI is copied to")
     targets = {region: connect(region) for region in wanted}
     started = time.monotonic()
     log.info("%s: copying %s to %s at once ...", role, image.image_id, ", ".join(wanted))
-    made = copy_images(source, targets, image)
+    made = copy_images(source, targets, image, keys or {})
     log.info("%s: copies done after %.1f s", role, time.monotonic() - started)
     return made
 
 
-def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
+def copy_images(
+    source: EC2, targets: dict[str, EC2], image: RoleImage, keys: Mapping[str, str] | None = None
+) -> list[Copied]:
     """Copy a role AMI to every target region at once; return the copies in the targets' order.
 
     Each copy is EC2's work, so waiting for them one after another would add their times:
@@ -74,7 +87,14 @@ def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[
 
     def one(region: str, target: EC2) -> None:
         try:
-            done[region] = copy_image(source, target, image, raw, on_started=lambda ami: started.update({region: ami}))
+            done[region] = copy_image(
+                source,
+                target,
+                image,
+                raw,
+                on_started=lambda ami: started.update({region: ami}),
+                kms_key_id=(keys or {}).get(region),
+            )
         except BuildError as exc:
             failed[region] = exc
 
@@ -101,6 +121,8 @@ def copy_image(
     image: RoleImage,
     raw: dict[str, Any] | None = None,
     on_started: Callable[[str], None] | None = None,
+    *,
+    kms_key_id: str | None = None,
 ) -> Copied:
     """Copy a role AMI (and so its snapshots) to ``target``'s region, tags and pairing kept.
 
@@ -110,7 +132,7 @@ def copy_image(
     raw = raw or source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
     source_tags = tags.tags_of(raw)
     description = str(raw.get("Description") or f"ebsrole {image.role}")
-    copied = resources.copy_image(target, source.region, image.image_id, image.name, description)
+    copied = resources.copy_image(target, source.region, image.image_id, image.name, description, kms_key_id=kms_key_id)
     if on_started:
         on_started(copied)
     target.wait_for(

@@ -345,3 +345,17 @@ class EC2Error(Exception):
 
 class BrokerRefused(BuildError):
     """The sandbox's broker turned down a machine's request (mount, freeze); its text goes back inside."""
+
+
+class KeyNotShareable(InvalidInput):
+    """share: a snapshot of the AMI is encrypted with the AWS-managed key (aws/ebs), which no other account may use."""
+
+    def __init__(self, image_id: str, snapshots: Sequence[str], statement: str) -> None:
+        self.image_id, self.snapshots, self.statement = image_id, tuple(snapshots), statement
+        super().__init__(
+            f"{image_id}: snapshot {', '.join(snapshots)} is encrypted with the AWS-managed key aws/ebs, "
+            "which cannot be shared; nothing was granted",
+            hint="rebuild with a customer-managed key (build --kms-key-id KEY, or the role's root.kms_key_id and "
+            "volume.kms_key_id) or copy with one (copy --kms-key-id REGION=KEY), and add to that key's policy: "
+            + statement,
+        )

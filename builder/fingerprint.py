@@ -37,6 +37,11 @@ def role_values(role: Role) -> dict[str, Any]:
     """Return the role after defaults as plain data, without where its file was found."""
     values = dataclasses.asdict(role)
     values.pop("file")
+    # What happens to the AMI after it is made (copies, deprecation, protection) does not change it.
+    for after in ("copy_kms_key_ids", "deprecate_after_days", "deregistration_protection"):
+        values.pop(after)
+    if values["root_kms_key_id"] is None:
+        values.pop("root_kms_key_id")  # the default key, as before the key could be chosen
     if list(values["instance_types"]) == [role.instance_type]:
         # instance_type alone, as before instance_types existed: its fingerprint stays the same.
         values.pop("instance_types")

@@ -61,6 +61,10 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:RegisterImage",
             "ec2:DeregisterImage",  # a failed build's half-made AMI
             "ec2:CreateTags",
+            "ec2:DescribeImages",  # --protect: the role's AMIs that lose their protection
+            "ec2:EnableImageDeprecation",  # --deprecate-at/--deprecate-after, deprecate_after_days
+            "ec2:EnableImageDeregistrationProtection",  # --protect, deregistration_protection
+            "ec2:DisableImageDeregistrationProtection",  # the previous newest AMI's
         }
     ),
     "audit": frozenset({*_READ_IMAGES, "ec2:DescribeInstances"}),  # --registered; --instance
@@ -110,6 +114,16 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
         }
     ),
     "copy": frozenset(_COPY),
+    "share": frozenset(
+        {
+            *_READ_IMAGES,
+            "ec2:DescribeSnapshots",
+            "ec2:GetEbsDefaultKmsKeyId",  # an encrypted snapshot that names no key uses the default
+            "kms:DescribeKey",  # is a snapshot's key the AWS-managed one (which cannot be shared)?
+            "ec2:ModifyImageAttribute",  # launch permission
+            "ec2:ModifySnapshotAttribute",  # createVolumePermission
+        }
+    ),
     "sweep": frozenset(
         {
             *_READ_IMAGES,
@@ -146,6 +160,11 @@ OWNED: Final = frozenset(
         "ec2:DeregisterImage",
         "ec2:DeleteKeyPair",
         "ec2:DeleteSecurityGroup",
+        "ec2:ModifyImageAttribute",  # share: only the tool's AMIs and snapshots
+        "ec2:ModifySnapshotAttribute",
+        "ec2:EnableImageDeprecation",
+        "ec2:EnableImageDeregistrationProtection",
+        "ec2:DisableImageDeregistrationProtection",
     }
 )
 # The calls that tag what they create (TagSpecifications): CreateTags is checked with this name.
@@ -194,11 +213,13 @@ def needed_by(commands: Iterable[str]) -> dict[str, list[str]]:
 
 
 def kms_keys(roles: Iterable[Role], extra: Iterable[str] = ()) -> list[str]:
-    """Return the distinct customer-managed keys the roles' volumes name (``volume.kms_key_id``), and ``extra``.
+    """Return the distinct customer-managed keys the roles name (``volume.kms_key_id``, ``root.kms_key_id``,
+    ``copy_kms_key_ids``), and ``extra``.
 
-    A role without ``kms_key_id`` uses the account's default EBS key (AWS-managed): no statement.
+    A role without keys uses the account's default EBS key (AWS-managed): no statement.
     """
-    return sorted({*(r.volume.kms_key_id for r in roles if r.volume.kms_key_id), *(k for k in extra if k)})
+    named = {key for r in roles for key in (r.volume.kms_key_id, r.root_kms_key_id, *dict(r.copy_kms_key_ids).values())}
+    return sorted({k for k in (*named, *extra) if k})
 
 
 def policy(
@@ -289,6 +310,8 @@ def _other_statements(actions: set[str]) -> list[dict[str, Any]]:
         # Launch templates may name any parameter (resolve:ssm:NAME): prune reads those too.
         _statement("ReadParametersNamedByLaunchTemplates", {"ssm:GetParameters"} & actions, f"{parameters}/*"),
         _statement("WhoAmI", {"sts:GetCallerIdentity"} & actions),
+        # share: any snapshot's key may be asked whether it is AWS-managed (it reads, never uses, the key).
+        _statement("DescribeSnapshotKeys", {"kms:DescribeKey"} & actions),
         _statement("LifecyclePolicies", {a for a in actions if a.startswith("dlm:")}),
     ]
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import re
 import shlex
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,31 @@ Connector = Callable[..., "Remote"]
 
 # The longest a build may take: the builder's dead-man switch powers it off after this.
 MAX_TIMEOUT = 7 * 24 * 3600
+MAX_DEPRECATE_DAYS = 3650  # EC2 deprecates at most 10 years ahead
+KMS_KEY = re.compile(
+    r"arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key|alias)/[A-Za-z0-9/_-]+|alias/[A-Za-z0-9/_-]+|[0-9a-f-]{36}|mrk-[0-9a-f]{32}"
+)
+
+
+def deprecate_time(at: str | None, after_days: int | None, now: datetime) -> str | None:
+    """Return when the AMI is deprecated, as EnableImageDeprecation takes it (whole minutes, UTC), or None.
+
+    ``at``: YYYY-MM-DD (midnight UTC) or an ISO time; else ``after_days`` from ``now``. Raises
+    InvalidInput for a time that is not one, is past, or is more than 10 years ahead.
+    """
+    if at:
+        try:
+            when = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidInput(f"--deprecate-at {at!r}: not a date (YYYY-MM-DD) or time (YYYY-MM-DDTHH:MM)") from None
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+        if not now < when <= now + timedelta(days=MAX_DEPRECATE_DAYS):
+            raise InvalidInput(f"--deprecate-at {at!r}: must be in the future, at most 10 years ahead")
+    elif after_days:
+        when = now + timedelta(days=after_days)
+    else:
+        return None
+    return when.strftime("%Y-%m-%dT%H:%M:00Z")
 
 
 @dataclass(frozen=True)
@@ -77,6 +104,10 @@ class BuildOptions:
     endpoint_url: str | None = None
     if_changed: bool = False  # skip the build when an AMI of the role's fingerprint exists
     connect: Connector | None = None  # how to open SSH (default: Remote.connect)
+    kms_key_id: str | None = None  # the root volume's key, over the role's root.kms_key_id
+    deprecate_at: str | None = None  # YYYY-MM-DD or an ISO time (UTC unless it says otherwise)
+    deprecate_after: int | None = None  # days, over the role's deprecate_after_days
+    protect: bool = False  # deregistration protection on the new AMI, as the role's deregistration_protection
 
     def __post_init__(self) -> None:
         """Refuse numbers that would disarm the dead-man switch or cannot be a port, and a bad reach (InvalidInput)."""
@@ -86,6 +117,14 @@ class BuildOptions:
         if not 1 <= self.ssh_port <= 65535:
             raise InvalidInput(f"ssh_port {self.ssh_port}: must be 1 to 65535")
         reach = self.reach  # checked here, before any cloud call
+        if self.kms_key_id and not KMS_KEY.fullmatch(self.kms_key_id):
+            raise InvalidInput(f"--kms-key-id {self.kms_key_id!r}: not a KMS key id, key ARN, alias/NAME or alias ARN")
+        if self.deprecate_at and self.deprecate_after:
+            raise InvalidInput("give --deprecate-at or --deprecate-after, not both")
+        if self.deprecate_after is not None and not 1 <= self.deprecate_after <= MAX_DEPRECATE_DAYS:
+            raise InvalidInput(f"--deprecate-after {self.deprecate_after}: give 1 to {MAX_DEPRECATE_DAYS} days")
+        if self.deprecate_at:
+            deprecate_time(self.deprecate_at, None, datetime.now(UTC))
         if self.no_public_ip:
             reach.refuse_public()
 
@@ -136,6 +175,8 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     Raises the error that stopped the build (after cleaning up), LeftBehind when cleanup
     could not remove everything.
     """
+    if options.kms_key_id:  # the flag is the role's root.kms_key_id for this build (and its fingerprint)
+        role = replace(role, root_kms_key_id=options.kms_key_id)
     manifest = Manifest.begin(role, ec2.region, build_id or new_build_id(), options.manifest_path)
     state = _Build(role, ec2, options, manifest)
     error: BaseException | None = None
@@ -276,7 +317,14 @@ def launch_builder(state: _Build) -> None:
         image_id=state.base.image_id,
         instance_type=role.instance_type,
         disks=(
-            resources.Disk(state.base.root_device_name, "gp3", True, True, size_gib=state.base.root_size_gib),
+            resources.Disk(
+                state.base.root_device_name,
+                "gp3",
+                True,
+                True,
+                size_gib=state.base.root_size_gib,
+                kms_key_id=role.root_kms_key_id,  # and so the AMI's root snapshot's key
+            ),
             # The data volume comes with the instance (in its block-device mapping): made in
             # its AZ, attached at the role's device before it runs, and gone with it.
             resources.Disk(
@@ -473,6 +521,26 @@ def pair_and_keep(state: _Build) -> None:
         state.undo.keep(resource_id)
 
 
+def deprecate_and_protect(state: _Build) -> None:
+    """Deprecate the new AMI when asked; with protection, move deregistration protection onto it.
+
+    The previous newest AMIs of the role lose their protection, so that prune may remove them later.
+    """
+    ec2, role, image_id = state.ec2, state.role, str(state.manifest.ami)
+    options = state.options
+    when = deprecate_time(options.deprecate_at, options.deprecate_after or role.deprecate_after_days, datetime.now(UTC))
+    if when:
+        ec2.call("enable_image_deprecation", ImageId=image_id, DeprecateAt=when)
+        log.info("%s: %s deprecated from %s on", role.name, image_id, when)
+    if not (options.protect or role.deregistration_protection):
+        return
+    ec2.call("enable_image_deregistration_protection", ImageId=image_id)
+    for older in role_images(ec2, roles=[role.name]):
+        if older.image_id != image_id and older.protected:
+            ec2.call("disable_image_deregistration_protection", ImageId=older.image_id)
+            log.info("%s: deregistration protection moved from %s to %s", role.name, older.image_id, image_id)
+
+
 STAGES: list[tuple[str, Callable[[_Build], None]]] = [
     ("resolve base image", resolve_base),
     ("temporary credentials", temporary_credentials),
@@ -483,6 +551,7 @@ STAGES: list[tuple[str, Callable[[_Build], None]]] = [
     ("snapshot root and data volume", snapshot_volumes),
     ("register AMI", register_image),
     ("pair and tag", pair_and_keep),
+    ("deprecate and protect", deprecate_and_protect),
 ]
 
 

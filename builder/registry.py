@@ -39,6 +39,7 @@ class RoleImage:
     device: str
     paths: tuple[str, ...]
     snapshots: tuple[str, ...]  # every snapshot its block-device mapping names
+    protected: bool = False  # deregistration protection is on
 
     @classmethod
     def of(cls, raw: Mapping[str, Any]) -> RoleImage:
@@ -61,6 +62,7 @@ class RoleImage:
                 for m in raw.get("BlockDeviceMappings") or []
                 if m.get("Ebs", {}).get("SnapshotId")
             ),
+            protected=str(raw.get("DeregistrationProtection") or "").startswith("enabled"),
         )
 
 
@@ -192,22 +194,25 @@ def prune(
     Spared, with their reasons: an AMI an instance not yet terminated was launched from,
     one that any launch template version names (directly or through ``resolve:ssm:``),
     one an SSM parameter under /ebsrole/ holds, and (unless ``include_shared``) one shared
-    with other accounts or public. Any snapshot another remaining AMI of the tool names is
-    kept. Raises CloudError, before deleting anything, when SSM cannot be read (unless
-    ``check_ssm`` is False).
+    with other accounts or public; and one with deregistration protection on. Any snapshot
+    another remaining AMI of the tool names is kept. Raises CloudError, before deleting
+    anything, when SSM cannot be read (unless ``check_ssm`` is False).
     """
     images = role_images(ec2, roles=[role])  # newest first
     older = images[keep:]
     ids = [i.image_id for i in older]
     used = references(ec2, ids, check_ssm=check_ssm) if older else {}
     shared = {} if include_shared or not older else shared_images(ec2, [i for i in ids if i not in used])
+    # EC2 refuses to deregister a protected AMI: spare it, with the reason.
+    protected = {i.image_id: ["deregistration protection is on"] for i in older if i.protected}
+    shared.update({k: v for k, v in protected.items() if k not in used})
     going = [i for i in older if i.image_id not in used and i.image_id not in shared]
     going_ids = {i.image_id for i in going}
     staying = {s for i in role_images(ec2) if i.image_id not in going_ids for s in i.snapshots}
     rows = [Pruned(i.image_id, i.created, "kept", f"one of the newest {keep}") for i in images[:keep]]
     for image in older:
         if image.image_id in used or image.image_id in shared:
-            fate = "in use" if image.image_id in used else "shared"
+            fate = "in use" if image.image_id in used else "protected" if image.image_id in protected else "shared"
             reasons = used.get(image.image_id) or shared[image.image_id]
             rows.append(Pruned(image.image_id, image.created, fate, "; ".join(reasons)))
             continue

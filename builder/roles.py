@@ -244,6 +244,14 @@ class Role:
     volume: Volume
     externalize: tuple[ExternalPath, ...]
     tags: tuple[tuple[str, str], ...]
+    root_kms_key_id: str | None = None  # root.kms_key_id: the root volume's, so the AMI's root snapshot's key
+    copy_kms_key_ids: tuple[tuple[str, str], ...] = ()  # (region, key) for copies
+    deprecate_after_days: int | None = None
+    deregistration_protection: bool = False  # on the newest AMI; the previous newest loses it
+
+    def copy_key(self, region: str) -> str | None:
+        """Return the KMS key of copies to ``region`` (copy_kms_key_ids), or None: that region's default key."""
+        return dict(self.copy_kms_key_ids).get(region)
 
     def targets(self) -> list[tuple[str, str]]:
         """Return (path, place on the volume) for each externalized directory."""
@@ -806,4 +814,8 @@ def _build_role(name: str, shown: str, role: Mapping[str, Any]) -> Role:
             ExternalPath(**item) if isinstance(item, Mapping) else ExternalPath(item) for item in role["externalize"]
         ),
         tags=tuple(sorted(role["tags"].items())),
+        root_kms_key_id=(role.get("root") or {}).get("kms_key_id"),
+        copy_kms_key_ids=tuple(sorted((role.get("copy_kms_key_ids") or {}).items())),
+        deprecate_after_days=role.get("deprecate_after_days"),
+        deregistration_protection=bool(role.get("deregistration_protection", False)),
     )

@@ -6,7 +6,7 @@ command runs against it as a user runs it, and the actions it made the endpoint 
 all be in that command's policy; the policy's actions no run used are reported (printed and
 warned), not failed: error paths (a failed build's cleanup) are in the policy too.
 
-DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts) and moto
+DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts, kms) and moto
 (5.2.5) has no DLM at all: ``schedule --apply`` runs in-process with moto for STS, and
 botocore's ``before-call`` event records each operation the tool's clients call; for DLM
 the same hook answers in place of the missing service (an empty list, then the created
@@ -54,12 +54,15 @@ def operations(world: World) -> Counter[str]:
     return Counter(world.status()["api_calls_by_operation"])
 
 
-def run(world: World, roles: Path, command: str, *args: str) -> dict[str, Any]:
-    """Run ``build.py ARGS --roles-dir --sandbox``; record what the endpoint saw under ``command``; return its JSON."""
+def run(world: World, roles: Path, command: str, *args: str, code: int = 0) -> dict[str, Any]:
+    """Run ``build.py ARGS --roles-dir --sandbox``; record what the endpoint saw under ``command``; return its JSON.
+
+    ``code``: the exit code the run must end with.
+    """
     before = operations(world)
     done = world.cli(*args, "--roles-dir", str(roles), "--sandbox")
     seen = operations(world) - before
-    assert done.returncode == 0, f"{args}: {done.stderr[-3000:]}"
+    assert done.returncode == code, f"{args}: {done.stderr[-3000:]}"
     USED.setdefault(command, set()).update(seen)
     return json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
 
@@ -85,8 +88,12 @@ def runs(world: World, roles: Path) -> Iterator[dict[str, set[str]]]:
     assert drill["passed"], drill
     run(world, roles, "copy", "copy", "mini", "--to", SECOND_REGION, "--format", "json")
     run(world, roles, "schedule", "schedule", "mini")  # prints the policy: the account id from STS
+    # share: the AMI's snapshots use the default key, so a grant is refused (exit 2) after its checks.
+    run(world, roles, "share", "share", "mini", "--accounts", "111122223333", "--format", "json", code=2)
+    run(world, roles, "share", "share", "mini", "--accounts", "111122223333", "--revoke", "--format", "json")
     world.client().terminate_instances(InstanceIds=[instance])
-    second = run(world, roles, "build", "mini", "--format", "json")["builds"][0]
+    second = run(world, roles, "build", "mini", "--deprecate-after", "30", "--protect", "--format", "json")
+    second = second["builds"][0]
     pruned = run(world, roles, "prune", "prune", "mini", "--keep", "1", "--format", "json")
     assert built["ami"] in json.dumps(pruned) and second["ami"] != built["ami"], pruned
     run(world, roles, "sweep", "sweep", "--format", "json")

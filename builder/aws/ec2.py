@@ -110,6 +110,43 @@ def _setting(variable: str, key: str, scoped: Mapping[str, Any]) -> tuple[str, s
     return None
 
 
+@dataclass(frozen=True)
+class AssumedRole:
+    """--role-arn: the role every client of a command works as, assumed with the standard chain's credentials."""
+
+    role_arn: str
+    session_name: str  # ebsrole-<command>: what CloudTrail shows of the session
+    external_id: str | None = None
+
+    def session(self, base: Any, region: str, endpoint_url: str | None, config: botocore.config.Config) -> Any:
+        """Return a boto3 session holding the role's temporary credentials (CloudError, exit 3, when STS refuses)."""
+        sts = base.client("sts", region_name=region, endpoint_url=endpoint_url, config=config)
+        params = {"RoleArn": self.role_arn, "RoleSessionName": self.session_name[:64]}
+        if self.external_id:
+            params["ExternalId"] = self.external_id
+        try:
+            given = sts.assume_role(**params)["Credentials"]
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(
+                "sts AssumeRole",
+                code,
+                str(error.get("Message") or code),
+                hint=f"may these credentials assume {self.role_arn}?",
+            ) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise InvalidInput("no AWS credentials found to assume --role-arn with") from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
+            raise CloudError("sts AssumeRole", type(exc).__name__, str(exc)) from None
+        return boto3.session.Session(
+            aws_access_key_id=given["AccessKeyId"],
+            aws_secret_access_key=given["SecretAccessKey"],
+            aws_session_token=given["SessionToken"],
+            region_name=region,
+        )
+
+
 class EC2:
     """A counted, error-translating EC2 client."""
 
@@ -135,8 +172,12 @@ class EC2:
         endpoint_url: str | None = None,
         *,
         credentials: tuple[str, str] | None = None,
+        assume: AssumedRole | None = None,
     ) -> EC2:
-        """Return an EC2 for the standard credential chain (or ``profile``, or fixed ``credentials``)."""
+        """Return an EC2 for the standard credential chain (or ``profile``, or fixed ``credentials``).
+
+        With ``assume``, every client (EC2, SSM, STS, KMS, DLM) works with the role's credentials.
+        """
         key, secret = credentials or (None, None)
         try:
             session = boto3.session.Session(
@@ -147,11 +188,13 @@ class EC2:
         region = region or session.region_name
         check_region(region, endpoint_url)
         config = client_config(session)
-        client = session.client("ec2", region_name=region, endpoint_url=endpoint_url, config=config)
         if session.get_credentials() is None:
             raise InvalidInput(
                 "no AWS credentials found", hint="use --profile, AWS_ACCESS_KEY_ID/..., or an instance role"
             )
+        if assume is not None:
+            session = assume.session(session, str(region), endpoint_url, config)
+        client = session.client("ec2", region_name=region, endpoint_url=endpoint_url, config=config)
         ec2 = cls(client, session, endpoint_url)
         ec2.config = config
         return ec2
@@ -182,6 +225,20 @@ class EC2:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
             raise CloudError(operation, code, str(error.get("Message") or code), HINTS.get(code)) from None
+        return response
+
+    def kms_call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call KMS ``operation`` (snake_case) in this region and return the response; raise CloudError."""
+        kms = self.session.client("kms", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
+        self.calls[f"kms:{operation}"] += 1
+        try:
+            response: dict[str, Any] = getattr(kms, operation)(**params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(f"kms {operation}", code, str(error.get("Message") or code)) from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
+            raise CloudError(f"kms {operation}", type(exc).__name__, str(exc)) from None
         return response
 
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:

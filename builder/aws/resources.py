@@ -566,11 +566,15 @@ def register(ec2: EC2, spec: ImageSpec, build_id: str) -> str:
     return str(mine[0]["ImageId"])
 
 
-def copy_image(target: EC2, source_region: str, image_id: str, name: str, description: str) -> str:
+def copy_image(
+    target: EC2, source_region: str, image_id: str, name: str, description: str, *, kms_key_id: str | None = None
+) -> str:
     """Start an encrypted copy of ``image_id`` into ``target``'s region; return the copy's id (CloudError).
 
-    The client token makes a retried copy of the same AMI to the same region the same copy.
+    ``kms_key_id``: the copy's key (a key of the target region); the region's default EBS key
+    otherwise. The client token makes a retried copy of the same AMI to the same region the same copy.
     """
+    key = {"KmsKeyId": kms_key_id} if kms_key_id else {}
     reply = target.call(
         "copy_image",
         SourceImageId=image_id,
@@ -579,6 +583,7 @@ def copy_image(target: EC2, source_region: str, image_id: str, name: str, descri
         Description=description[:255],
         Encrypted=True,
         ClientToken=f"ebsrole-copy-{image_id}-{target.region}"[:64],
+        **key,
     )
     return str(reply["ImageId"])
 

@@ -24,6 +24,7 @@ from builder.errors import ExitCode, InvalidInput, exit_code_help
 if TYPE_CHECKING:
     from builder.aws.ec2 import EC2
     from builder.pipeline import BuildOptions
+    from builder.roles import Role
 
 log = logging.getLogger("builder")
 
@@ -66,6 +67,12 @@ def parser(common: Parser) -> Parser:
     )
     ssh.add_argument("--ssh-timeout", type=seconds, default=600, help="how long to wait for SSH (s)")
     reach_options(p, launches=True, admits=True)
+    image = p.add_argument_group("the AMI (docs/howto/accounts.md)")
+    image.add_argument("--kms-key-id", metavar="KEY", help="customer-managed key of the root volume and root snapshot")
+    when = image.add_mutually_exclusive_group()
+    when.add_argument("--deprecate-at", metavar="DATE", help="deprecate the AMI then (YYYY-MM-DD or an ISO time, UTC)")
+    when.add_argument("--deprecate-after", type=int, metavar="DAYS", help="deprecate the AMI this many days on")
+    image.add_argument("--protect", action="store_true", help="deregistration protection on it, off the previous")
     out = p.add_argument_group("results")
     out.add_argument(
         "--manifest",
@@ -141,16 +148,19 @@ def run(args: argparse.Namespace) -> int:
     ec2 = connect(request.target)
     # Whom SSH is admitted from is settled by the build before it creates anything.
     made = build(roles[0], ec2, replace(request.options, endpoint_url=ec2.endpoint_url))
-    copies = _copy(request, ec2, roles[0].name, made.ami) if request.copy_to else []
+    copies = _copy(request, ec2, roles[0], made.ami) if request.copy_to else []
     output.emit(output.built(made, copies, args.format))
     return ExitCode.OK
 
 
-def _copy(request: BuildRequest, ec2: EC2, role: str, ami: str | None) -> list[dict[str, str]]:
-    """Copy the AMI just built to each --copy-to region; return what was made."""
+def _copy(request: BuildRequest, ec2: EC2, role: Role, ami: str | None) -> list[dict[str, str]]:
+    """Copy the AMI just built to each --copy-to region (keys: the role's copy_kms_key_ids); return what was made."""
     from builder.copy import copy_to_regions
 
-    made = copy_to_regions(ec2, lambda region: connect(request.target, region), role, str(ami), request.copy_to)
+    keys = {r: k for r, k in role.copy_kms_key_ids if r in request.copy_to}
+    made = copy_to_regions(
+        ec2, lambda region: connect(request.target, region), role.name, str(ami), request.copy_to, keys=keys
+    )
     return [asdict(c) for c in made]
 
 

@@ -16,7 +16,7 @@ from builder.cli.registry import RESERVED
 from builder.errors import InvalidInput, RoleNotFound
 
 if TYPE_CHECKING:
-    from builder.aws.ec2 import EC2
+    from builder.aws.ec2 import EC2, AssumedRole
     from builder.roles import Role
 
 
@@ -28,11 +28,32 @@ class Target:
     profile: str | None = None
     endpoint_url: str | None = None
     sandbox: bool = False
+    role_arn: str | None = None  # --role-arn: assumed for every call
+    external_id: str | None = None
+    command: str = "build"  # names the assumed role's session: ebsrole-<command>
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Target:
-        """Return the target the AWS options of ``args`` name."""
-        return cls(args.region, args.profile, args.endpoint_url, args.sandbox)
+        """Return the target the AWS options of ``args`` name (InvalidInput for a bad --role-arn/--external-id)."""
+        from builder.accounts import check_external_id, check_role_arn
+
+        role_arn, external_id = getattr(args, "role_arn", None), getattr(args, "external_id", None)
+        if role_arn:
+            check_role_arn(role_arn)
+        if external_id:
+            if not role_arn:
+                raise InvalidInput("--external-id goes with --role-arn")
+            check_external_id(external_id)
+        command = getattr(args, "verb", None) or "build"
+        return cls(args.region, args.profile, args.endpoint_url, args.sandbox, role_arn, external_id, command)
+
+    def assumed(self) -> AssumedRole | None:
+        """Return the role to assume (--role-arn), or None."""
+        from builder.aws.ec2 import AssumedRole
+
+        if not self.role_arn:
+            return None
+        return AssumedRole(self.role_arn, f"ebsrole-{self.command}", self.external_id)
 
 
 def connect(target: Target, region: str | None = None) -> EC2:
@@ -43,9 +64,11 @@ def connect(target: Target, region: str | None = None) -> EC2:
     from builder.aws.ec2 import EC2
 
     if not target.sandbox:
-        return EC2.connect(region or target.region, target.profile, target.endpoint_url)
+        return EC2.connect(region or target.region, target.profile, target.endpoint_url, assume=target.assumed())
     if target.profile or target.endpoint_url:
         raise InvalidInput("--sandbox is its own endpoint and credentials: drop --endpoint-url and --profile")
+    if target.role_arn:
+        raise InvalidInput("--sandbox answers its own credentials only: it cannot assume --role-arn")
     from builder.sandbox import control
 
     current = control.ensure_started()

@@ -1,4 +1,4 @@
-"""prune, copy, sweep: the AMIs, snapshots and leftovers the tool made in a region."""
+"""prune, copy, share, sweep: the AMIs, snapshots and leftovers the tool made in a region."""
 
 from __future__ import annotations
 
@@ -33,11 +33,31 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p.add_argument("role", metavar="ROLE")
     p.add_argument("--to", required=True, action="append", metavar="REGION", help="repeatable")
     p.add_argument("--ami", help="this AMI of the role instead of the current one")
+    p.add_argument(
+        "--kms-key-id",
+        action="append",
+        default=[],
+        metavar="REGION=KEY",
+        help="encrypt the copy in REGION with this customer-managed key (repeatable; else the role's copy_kms_key_ids)",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
     aws_options(p)
+    _share_parser(add(sub, "share", common))
     _sweep_parser(add(sub, "sweep", common))
-    for name in ("prune", "copy", "sweep"):
+    for name in ("prune", "copy", "share", "sweep"):
         sub.choices[name].set_defaults(run=run)
+
+
+def _share_parser(p: Parser) -> None:
+    p.add_argument("role", metavar="ROLE")
+    whom = p.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--accounts", metavar="ID,ID", help="12-digit account ids, comma-separated")
+    whom.add_argument("--org-arn", metavar="ARN", help="an organization (launch permission only)")
+    whom.add_argument("--ou-arn", metavar="ARN", help="an organizational unit (launch permission only)")
+    p.add_argument("--ami", help="this AMI of the role instead of the current one")
+    p.add_argument("--revoke", action="store_true", help="remove the permissions instead")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    aws_options(p)
 
 
 def _sweep_parser(p: Parser) -> None:
@@ -68,7 +88,7 @@ def _sweep_parser(p: Parser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command of this group that ``args`` name; return its exit code."""
-    return {"prune": prune, "copy": copy}.get(args.verb, sweep)(args)
+    return {"prune": prune, "copy": copy, "share": share}.get(args.verb, sweep)(args)
 
 
 def _check_role_name(verb: str, role: str, what: str) -> None:
@@ -102,10 +122,43 @@ def copy(args: argparse.Namespace) -> int:
     from builder.copy import copy_to_regions
 
     _check_role_name("copy", args.role, "")
+    keys = _copy_keys(args)
     target = Target.of(args)
     ec2 = connect(target)
-    made = copy_to_regions(ec2, lambda region: connect(target, region), args.role, args.ami, args.to)
+    made = copy_to_regions(ec2, lambda region: connect(target, region), args.role, args.ami, args.to, keys=keys)
     output.emit(output.copied(args.role, [asdict(c) for c in made], args.format))
+    return ExitCode.OK
+
+
+def _copy_keys(args: argparse.Namespace) -> dict[str, str]:
+    """Return the copies' keys by region: the role file's copy_kms_key_ids (when there is one), then --kms-key-id."""
+    from builder.cli.context import load_role, roles_dir
+    from builder.pipeline import KMS_KEY
+    from builder.roles import role_names
+
+    where = roles_dir(args)
+    keys = dict(load_role(where, args.role).copy_kms_key_ids) if args.role in role_names(where) else {}
+    for given in args.kms_key_id:
+        region, _, key = given.partition("=")
+        if not region or not KMS_KEY.fullmatch(key):
+            raise InvalidInput(f"--kms-key-id {given!r}: give REGION=KEY (a key id, key ARN, alias/NAME or alias ARN)")
+        keys[region] = key
+    return {r: k for r, k in keys.items() if r in args.to or any(g.startswith(f"{r}=") for g in args.kms_key_id)}
+
+
+def share(args: argparse.Namespace) -> int:
+    """Grant (or revoke) other accounts the role's AMI and its snapshots."""
+    from builder import accounts
+
+    _check_role_name("share", args.role, "")
+    if args.org_arn:
+        accounts.check_org_arn(args.org_arn)
+    if args.ou_arn:
+        accounts.check_ou_arn(args.ou_arn)
+    ids = accounts.parse_accounts(args.accounts) if args.accounts else ()
+    grantees = accounts.Grantees(ids, args.org_arn, args.ou_arn)
+    done = accounts.share(connect_args(args), args.role, args.ami, grantees, revoke=args.revoke)
+    output.emit(output.shared(done, args.format))
     return ExitCode.OK
 
 

@@ -84,6 +84,19 @@ def copied(role: str, copies: Sequence[Mapping[str, str]], fmt: str) -> str:
     )
 
 
+def shared(done: Any, fmt: str) -> str:
+    """share: the AMI and snapshots, and whom they were granted to (or revoked from)."""
+    if fmt == "json":
+        return as_json(asdict(done))
+    verb = "revoked from" if done.revoked else "granted to"
+    lines = [f"{done.role}: {done.image_id} ({done.region}) launch permission {verb} {', '.join(done.grantees)}"]
+    if done.snapshot_grantees:
+        lines.append(f"createVolumePermission {verb} them on {' '.join(done.snapshots)}")
+    else:
+        lines.append("snapshots: createVolumePermission names accounts only; instances launch from the AMI as it is")
+    return "\n".join(lines)
+
+
 def fingerprints(found: Iterable[Any], fmt: str) -> str:
     """fingerprint: one per role."""
     if fmt == "json":

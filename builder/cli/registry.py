@@ -105,6 +105,13 @@ COMMANDS = (
         "the AMI/seed-snapshot pairing are kept.",
     ),
     Command(
+        "share",
+        "images",
+        "grant other accounts, an organization or an OU a role AMI and its snapshots",
+        "Grant (--revoke: remove) the launch permission of the role's AMI and createVolumePermission on its "
+        "snapshots. Refused, nothing granted, when a snapshot uses the AWS-managed key aws/ebs.",
+    ),
+    Command(
         "sweep",
         "images",
         "remove what killed builds left behind (found by tag)",
@@ -189,6 +196,8 @@ def aws_options(parser: argparse.ArgumentParser) -> None:
     aws.add_argument(
         "--sandbox", action="store_true", help="use the local sandbox (started when needed) instead of AWS"
     )
+    aws.add_argument("--role-arn", metavar="ARN", help="assume this IAM role for every call (session ebsrole-CMD)")
+    aws.add_argument("--external-id", metavar="ID", help="the ExternalId the role's trust policy asks for")
 
 
 def ssh_login_options(parser: argparse.ArgumentParser, title: str, whose: str) -> argparse._ArgumentGroup:

@@ -277,7 +277,8 @@ class Sandbox:
                 if new is not None:
                     params = new
                     raw = urlencode(params).encode()
-            status, headers, body = self._call_moto(environ, raw)
+            own = getattr(self, f"_answer_{action}", None)  # what moto lacks, answered here
+            status, headers, body = own(backend, params) if own else self._call_moto(environ, raw)
             if after is not None and status.startswith("200"):
                 changed = after(backend, params, body)
                 if isinstance(changed, bytes):
@@ -559,12 +560,62 @@ class Sandbox:
     # ------------------------------------------------------------ snapshots and images
 
     def _after_CreateSnapshot(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        self._after_CreateSnapshot_key(backend, params, body)
         for snapshot_id in response_ids(body, "snapshotId"):
             try:
                 self.plane.snapshot(params["VolumeId"], snapshot_id)
             except DataPlaneError:
                 backend.snapshots.pop(snapshot_id, None)
                 raise
+
+    def _after_CreateSnapshot_key(self, backend: Any, params: dict[str, str], body: bytes) -> None:
+        """EC2 names the key of every encrypted snapshot (moto drops the volume's): keep the volume's key."""
+        volume = backend.volumes.get(params["VolumeId"])
+        for snapshot_id in response_ids(body, "snapshotId"):
+            snapshot = backend.snapshots.get(snapshot_id)
+            if snapshot is not None and volume is not None and volume.encrypted:
+                snapshot.kms_key_id = volume.kms_key_id or backend._create_default_encryption_key()
+
+    # ------------------------------------------------------------ what moto lacks: deprecation, protection
+
+    def _answer_EnableImageDeprecation(self, backend: Any, params: dict[str, str]) -> tuple[str, list[Any], bytes]:
+        image = self._image(backend, params.get("ImageId", ""))
+        try:
+            when = dt.datetime.fromisoformat(params.get("DeprecateAt", "").replace("Z", "+00:00"))
+        except ValueError:
+            raise EC2Error(
+                "InvalidParameterValue", f"DeprecateAt {params.get('DeprecateAt')!r} is not a time"
+            ) from None
+        image.deprecation_time = when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        return _returned("EnableImageDeprecation")
+
+    def _answer_DisableImageDeprecation(self, backend: Any, params: dict[str, str]) -> tuple[str, list[Any], bytes]:
+        self._image(backend, params.get("ImageId", "")).deprecation_time = None
+        return _returned("DisableImageDeprecation")
+
+    def _answer_EnableImageDeregistrationProtection(
+        self, backend: Any, params: dict[str, str]
+    ) -> tuple[str, list[Any], bytes]:
+        cooldown = params.get("WithCooldown") == "true"
+        image = self._image(backend, params.get("ImageId", ""))
+        image.deregistration_protection = "enabled-with-cooldown" if cooldown else "enabled-without-cooldown"
+        return _returned("EnableImageDeregistrationProtection")
+
+    def _answer_DisableImageDeregistrationProtection(
+        self, backend: Any, params: dict[str, str]
+    ) -> tuple[str, list[Any], bytes]:
+        # The sandbox has no 24-hour cooldown: protection ends at once, with or without it.
+        self._image(backend, params.get("ImageId", "")).deregistration_protection = "disabled"
+        return _returned("DisableImageDeregistrationProtection")
+
+    def _before_DeregisterImage(self, backend: Any, params: dict[str, str]) -> None:
+        image = backend.amis.get(params.get("ImageId", ""))
+        if image is not None and str(getattr(image, "deregistration_protection", "") or "").startswith("enabled"):
+            raise EC2Error(
+                "InvalidParameterValue",
+                f"The AMI {image.id} has deregistration protection enabled: disable it first "
+                "(DisableImageDeregistrationProtection)",
+            )
 
     def _after_GetConsoleOutput(self, backend: Any, params: dict[str, str], body: bytes) -> bytes:
         """The machine's console (EC2 keeps the last 64 KiB), not moto's canned text."""
@@ -588,6 +639,12 @@ class Sandbox:
                     copy = backend.copy_snapshot(
                         snapshot_id, source_region, f"Copied for {image_id} from {source_region}", None
                     )
+                    # As EC2: the copy's key is KmsKeyId, else (encrypted) the region's default key.
+                    if params.get("KmsKeyId") or params.get("Encrypted") == "true":
+                        copy.encrypted = True
+                        copy.kms_key_id = params.get("KmsKeyId") or backend._create_default_encryption_key()
+                    mapping["Ebs"].pop("KmsKeyId", None)
+                    mapping["Ebs"]["Encrypted"] = bool(copy.encrypted)
                     self.plane.copy_snapshot(snapshot_id, copy.id)
                     mapping["Ebs"]["SnapshotId"] = copy.id
                 mappings.append(mapping)
@@ -806,6 +863,15 @@ def _placement(backend: Any, instance: Any) -> Placement:
         if c.get("cidr_block_state", {}).get("state") == "associated"
     )
     return Placement(vpc.id, str(primary.private_ip_address), network.prefixlen, cidrs or (str(vpc.cidr_block),))
+
+
+def _returned(action: str) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Return EC2's answer ``<return>true</return>`` to ``action``."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{action}Response xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        f"<requestId>{uuid.uuid4()}</requestId><return>true</return></{action}Response>"
+    ).encode()
+    return "200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))], body
 
 
 def _indexed(params: dict[str, str], name: str) -> list[str]:
