@@ -69,6 +69,12 @@ def _restore_parser(p: Parser, *, admits: bool) -> None:
     )
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
     p.add_argument("--subnet-id", help="launch in this subnet (its AZ; drill: a subnet in another AZ than the data's)")
+    p.add_argument(
+        "--volume-size",
+        type=int,
+        metavar="GIB",
+        help="data volume size (default: the snapshot's; larger: the filesystem grows at first mount)",
+    )
     p.add_argument("--ssh-user", default="admin")
     p.add_argument("--format", choices=("table", "json"), default="table")
     reach_options(p, launches=True, admits=admits)
@@ -188,6 +194,7 @@ def launch(args: argparse.Namespace) -> int:
         ssh_user=args.ssh_user,
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
+        volume_size=args.volume_size,
     )
     done = restore(connect_args(args), role, request)
     output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
@@ -210,6 +217,7 @@ def drill(args: argparse.Namespace) -> int:
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
         subnet_id=args.subnet_id,
+        volume_size=args.volume_size,
     )
     done = run(connect_args(args), role, request)
     output.emit(output.drilled(role.name, done.source, done.report, args.format))
