@@ -24,6 +24,7 @@ from tests.machines import boot, leftovers, needs_root, next_address
 pytestmark = [needs_root, pytest.mark.slow]
 
 DROPIN = "etc/systemd/system/apache2.service.d/ebsrole-data.conf"
+RULE = "etc/udev/rules.d/90-ebsrole-data.rules"
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +88,25 @@ def test_without_the_dropin_apache_starts_before_the_volume(
     provisioned_web: tuple[Path, Path], rootfs: Path, tmp_path: Path
 ) -> None:
     upper, image = provisioned_web
-    (upper / DROPIN).unlink()
-    machine, remote, _ = _boot_and_plug_late([upper, rootfs], image, tmp_path)
+    # Without the hot-attach rule too: it would start Apache again once the volume is mounted.
+    removed = {path: (upper / path).read_text() for path in (DROPIN, RULE)}
+    for path in removed:
+        (upper / path).unlink()
     try:
-        assert remote.check("findmnt -n -o SOURCE /data").stdout.strip().startswith("/dev/nvme1n1")
-        state = remote.run("systemctl is-active apache2").stdout.strip()
-        assert state != "active", "Apache started on dangling symlinks and should have failed"
-        assert _monotonic(remote, "apache2.service", "InactiveExitTimestampMonotonic") < _monotonic(
-            remote, "data.mount"
-        )
+        machine, remote, _ = _boot_and_plug_late([upper, rootfs], image, tmp_path)
+        try:
+            assert remote.check("findmnt -n -o SOURCE /data").stdout.strip().startswith("/dev/nvme1n1")
+            state = remote.run("systemctl is-active apache2").stdout.strip()
+            assert state != "active", "Apache started on dangling symlinks and should have failed"
+            assert _monotonic(remote, "apache2.service", "InactiveExitTimestampMonotonic") < _monotonic(
+                remote, "data.mount"
+            )
+        finally:
+            remote.close()
+            machine.stop()
     finally:
-        remote.close()
-        machine.stop()
+        for path, text in removed.items():
+            (upper / path).write_text(text)
 
 
 def _wait(remote: Remote, command: str, want: str, timeout: float, what: str) -> None:

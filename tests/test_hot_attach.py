@@ -28,15 +28,21 @@ from builder.roles import load_role
 from builder.sandbox import control
 from builder.sandbox.machine import Disk, make_image
 from builder.userdata import builder_user_data
-from tests.conftest import MINI_ROLE, PROJECT
+from tests.conftest import MINI_ROLE, PROJECT, run_cli
 from tests.machines import VOLUME_ID, boot, needs_root
 from tests.sandbox import World, wait_until
-
-pytestmark = needs_root
 
 GIB = 1024**3
 
 
+@pytest.mark.parametrize("verb", ["launch", "drill"])
+def test_volume_size_below_one_gib_is_refused_before_any_call(verb: str) -> None:
+    done = run_cli(verb, "web", "--volume-size", "0", "--endpoint-url", "http://127.0.0.1:9")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[0] == "error: --volume-size 0: give a size in GiB, at least 1"
+
+
+@needs_root
 def test_only_the_roles_volume_goes_live_grown_and_stops_services_first(
     rootfs: Path, state_root: Path, tmp_path: Path
 ) -> None:
@@ -127,6 +133,7 @@ def _http(url: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
+@needs_root
 @pytest.mark.slow
 def test_awscli_attach_volume_from_the_seed_makes_web_live(world: World, web: dict[str, str], tmp_path: Path) -> None:
     """The original recipe: run the web AMI without its data device, create a volume from the
@@ -181,6 +188,7 @@ echo "$vol"
     world.client().delete_volume(VolumeId=volume_id)
 
 
+@needs_root
 @pytest.mark.slow
 def test_launch_volume_size_grows_the_filesystem(world: World, web: dict[str, str], tmp_path: Path) -> None:
     """`launch --volume-size` larger than the seed: the restored filesystem is that large;

@@ -148,8 +148,10 @@ def test_provision_installs_hot_attach_and_grow(tmp_path: Path) -> None:
     assert "LIVE_RULE=/etc/udev/rules.d/90-ebsrole-data.rules" in provision
     assert '"ExecStop=$LIVE_HELPER stop"' in provision
     assert 'ensure_live "$dev"' in provision
-    helper = provision.split("cat <<'HELPER'\n", 1)[1].split("\nHELPER\n", 1)[0]
-    assert helper.startswith("#!/bin/bash\n") and "resize2fs" in helper and "xfs_growfs" in helper
+    assert "  printf '#!%s\\n' /bin/bash\n  cat <<'HELPER'\n" in provision
+    helper = "#!/bin/bash\n" + provision.split("cat <<'HELPER'\n", 1)[1].split("\nHELPER\n", 1)[0]
+    assert helper.startswith("#!/bin/bash\n# ebsrole-data-live start|stop|grow")
+    assert "resize2fs" in helper and "xfs_growfs" in helper
     path = tmp_path / "ebsrole-data-live"
     path.write_text(helper + "\n")
     subprocess.run(["bash", "-n", str(path)], check=True)

@@ -172,6 +172,13 @@ def schedule(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _volume_size(args: argparse.Namespace) -> int | None:
+    """Return --volume-size (None: the snapshot's); refuse one below 1 GiB before any cloud call."""
+    if args.volume_size is not None and args.volume_size < 1:
+        raise InvalidInput(f"--volume-size {args.volume_size}: give a size in GiB, at least 1")
+    return int(args.volume_size) if args.volume_size is not None else None
+
+
 def launch(args: argparse.Namespace) -> int:
     """Launch instances of a role from a snapshot; with --wait, verify each over SSH."""
     from builder.launch import LaunchRequest, restore
@@ -194,7 +201,7 @@ def launch(args: argparse.Namespace) -> int:
         ssh_user=args.ssh_user,
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
-        volume_size=args.volume_size,
+        volume_size=_volume_size(args),
     )
     done = restore(connect_args(args), role, request)
     output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
@@ -217,7 +224,7 @@ def drill(args: argparse.Namespace) -> int:
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
         subnet_id=args.subnet_id,
-        volume_size=args.volume_size,
+        volume_size=_volume_size(args),
     )
     done = run(connect_args(args), role, request)
     output.emit(output.drilled(role.name, done.source, done.report, args.format))
