@@ -20,7 +20,16 @@ from builder.checks import Check
 from builder.cleanup import UndoStack
 from builder.errors import BuildError, CloudError, InvalidInput
 from builder.keys import KeyPair
-from builder.launch import Source, choose_source, connect, current_image, launch, login_user_data, zones
+from builder.launch import (
+    Source,
+    check_volume_size,
+    choose_source,
+    connect,
+    current_image,
+    launch,
+    login_user_data,
+    zones,
+)
 from builder.live import verify_checks
 from builder.pipeline import new_build_id
 from builder.reach import Reach
@@ -65,6 +74,7 @@ class DrillRequest:
     reach: Reach = field(default_factory=Reach)
     public_ip: bool | None = None  # False: launch without a public IP
     subnet_id: str | None = None  # restore into this subnet: its AZ is the drill's
+    volume_size: int | None = None  # GiB of the restored volume (default: the snapshot's); grown into at boot
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
     source = choose_source(
         ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
     )
+    check_volume_size(ec2, source.snapshot_id, request.volume_size)
     report = drill(
         ec2,
         role,
@@ -104,6 +115,7 @@ def run(ec2: EC2, role: Role, request: DrillRequest) -> Drilled:
         reach=reach,
         public_ip=request.public_ip,
         subnet_id=request.subnet_id,
+        volume_size=request.volume_size,
     )
     return Drilled(source, report)
 
@@ -127,12 +139,14 @@ def drill(
     reach: Reach | None = None,
     public_ip: bool | None = None,
     subnet_id: str | None = None,
+    volume_size: int | None = None,
 ) -> DrillReport:
     """Restore ``source`` into an AZ other than its own, check it over SSH, remove everything; report.
 
     SSH is admitted from ``ssh_source`` (a CIDR or :class:`resources.SshSource`) and goes as
     ``reach`` says; ``public_ip`` False launches the instance without a public IP. With
-    ``subnet_id`` the instance goes there, and the subnet's AZ is the drill's.
+    ``subnet_id`` the instance goes there, and the subnet's AZ is the drill's. ``volume_size``
+    (GiB, checked against the snapshot by the caller) makes the restored volume larger.
     """
     started = time.monotonic()
     available = zones(ec2)
@@ -169,6 +183,7 @@ def drill(
             undo=undo,
             public_ip=public_ip,
             subnet_id=subnet_id,
+            volume_size=volume_size,
         )[0]
         report.instance_id = launched.instance_id
         remote = connect(ec2, launched, login, user, timeout, reach=reach)

@@ -172,6 +172,49 @@ class Launched:
         return {"InstanceId": self.instance_id, **{k: v for k, v in found.items() if v}}
 
 
+def snapshot_size(ec2: EC2, snapshot_id: str) -> int:
+    """Return the size in GiB of the volume ``snapshot_id`` was taken of; raise CloudError when it is unknown."""
+    raw = ec2.call("describe_snapshots", SnapshotIds=[snapshot_id])["Snapshots"]
+    if not raw:
+        raise CloudError("describe_snapshots", "InvalidSnapshot.NotFound", f"no snapshot {snapshot_id} in {ec2.region}")
+    return int(raw[0]["VolumeSize"])
+
+
+def check_volume_size(ec2: EC2, snapshot_id: str, size_gib: int | None) -> None:
+    """Refuse (InvalidInput, exit 2) a data volume smaller than its snapshot; None (the snapshot's size) passes."""
+    if size_gib is None:
+        return
+    if size_gib < 1:
+        raise InvalidInput(f"--volume-size {size_gib}: give a size in GiB, at least 1")
+    least = snapshot_size(ec2, snapshot_id)
+    if size_gib < least:
+        raise InvalidInput(
+            f"--volume-size {size_gib} GiB is smaller than snapshot {snapshot_id} ({least} GiB)",
+            hint=f"give at least {least}: a volume may grow at a restore, never shrink",
+        )
+
+
+def data_disk(
+    role: Role, image: RoleImage, snapshot_id: str, *, size_gib: int | None = None, delete_on_termination: bool = False
+) -> resources.Disk:
+    """Return the role's data device made from ``snapshot_id``, ``size_gib`` large (None: the snapshot's size).
+
+    A larger volume than the snapshot is grown into at its first mount (ebsrole-data-grow on
+    the instance). Check the size first with :func:`check_volume_size`.
+    """
+    vol = role.volume
+    return resources.Disk(
+        image.device or vol.device,
+        vol.type,
+        True,
+        delete_on_termination,
+        size_gib=size_gib,
+        snapshot_id=snapshot_id,
+        iops=vol.iops,
+        throughput=vol.throughput,
+    )
+
+
 def launch(
     ec2: EC2,
     role: Role,
@@ -190,22 +233,18 @@ def launch(
     delete_data_on_termination: bool = False,
     undo: UndoStack | None = None,
     public_ip: bool | None = None,
+    volume_size: int | None = None,
 ) -> list[Launched]:
     """Launch ``count`` instances of the role AMI with the data device made from ``source``.
 
     ``public_ip`` False launches them without a public IP (in the default subnet unless ``subnet_id``).
+    ``volume_size`` (GiB, checked against the snapshot by the caller) makes the data volume larger.
     """
     vol = role.volume
     name = f"{role.name}-{env}" if env else role.name
     shared = {**tags.launched(name, role.name, env, source.snapshot_id), **(extra_tags or {})}
-    data = resources.Disk(
-        image.device or vol.device,
-        vol.type,
-        True,
-        delete_data_on_termination,
-        snapshot_id=source.snapshot_id,
-        iops=vol.iops,
-        throughput=vol.throughput,
+    data = data_disk(
+        role, image, source.snapshot_id, size_gib=volume_size, delete_on_termination=delete_data_on_termination
     )
     spec = resources.LaunchSpec(
         image_id=image.image_id,
@@ -327,6 +366,7 @@ class LaunchRequest:
     ssh_user: str = "admin"
     reach: Reach = field(default_factory=Reach)  # how --wait reaches each instance
     public_ip: bool | None = None  # False: launch without a public IP
+    volume_size: int | None = None  # GiB of the data volume (default: the snapshot's); grown into at boot
 
     def __post_init__(self) -> None:
         """Refuse --no-public-ip with --connect public (InvalidInput)."""
@@ -354,6 +394,7 @@ def restore(ec2: EC2, role: Role, request: LaunchRequest) -> Restored:
     source = choose_source(
         ec2, role.name, image, request.choice, request.source_env, allow_other_role=request.allow_other_role
     )
+    check_volume_size(ec2, source.snapshot_id, request.volume_size)
     login = KeyPair.generate(f"ebsrole-launch-{role.name}") if request.wait else None
     launched = launch(
         ec2,
@@ -369,6 +410,7 @@ def restore(ec2: EC2, role: Role, request: LaunchRequest) -> Restored:
         security_group_ids=list(request.security_group_ids) or None,
         user_data=login_user_data(login) if login else None,
         public_ip=request.public_ip,
+        volume_size=request.volume_size,
     )
     if login is not None:
         for instance in launched:

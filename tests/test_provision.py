@@ -154,6 +154,15 @@ def test_image_hygiene_leaves_no_key_host_key_or_history(web: tuple[Booted, list
         check=False,
     ).stdout.split()
     assert leftover == ["0"]
+    # Hot attach ships in the image: the rule on the volume's filesystem UUID, its units, the helper.
+    uuid = booted.sh("blkid -p -s UUID -o value /dev/xvdf").stdout.strip()
+    kept = booted.sh(
+        "cat /etc/udev/rules.d/90-ebsrole-data.rules /etc/systemd/system/ebsrole-data-live.service "
+        "/etc/systemd/system/ebsrole-data-grow.service /etc/systemd/system/data.mount.d/ebsrole-grow.conf "
+        "/etc/ebsrole/data-live.conf && test -x /usr/local/sbin/ebsrole-data-live"
+    ).stdout
+    assert f'ENV{{ID_FS_UUID}}=="{uuid}"' in kept and 'ENV{SYSTEMD_WANTS}+="ebsrole-data-live.service"' in kept
+    assert "ExecStop=/usr/local/sbin/ebsrole-data-live stop" in kept and "SERVICES=(apache2.service)" in kept
     # The running session survives; a new login with the temporary key does not (sshd,
     # without host keys, now refuses every connection until a new instance makes its own).
     with pytest.raises(SSHError):

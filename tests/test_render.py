@@ -137,3 +137,23 @@ def test_machine_stage_script_is_clean() -> None:
         [shellcheck(), "--severity=style", str(STAGE)], capture_output=True, text=True, check=False
     )
     assert checked.returncode == 0, checked.stdout
+
+
+def test_provision_installs_hot_attach_and_grow(tmp_path: Path) -> None:
+    """The udev rule keys on the filesystem UUID alone and wants the live unit; the helper it runs
+    (written by provision.sh from a quoted heredoc, so not seen by the check above) is clean too."""
+    provision = render_role(load_role("web"))[0].text
+    assert 'ENV{ID_FS_UUID}==\\"$uuid\\"' in provision
+    assert 'ENV{SYSTEMD_WANTS}+=\\"$LIVE_UNIT\\"' in provision
+    assert "LIVE_RULE=/etc/udev/rules.d/90-ebsrole-data.rules" in provision
+    assert '"ExecStop=$LIVE_HELPER stop"' in provision
+    assert 'ensure_live "$dev"' in provision
+    assert "  printf '#!%s\\n' /bin/bash\n  cat <<'HELPER'\n" in provision
+    helper = "#!/bin/bash\n" + provision.split("cat <<'HELPER'\n", 1)[1].split("\nHELPER\n", 1)[0]
+    assert helper.startswith("#!/bin/bash\n# ebsrole-data-live start|stop|grow")
+    assert "resize2fs" in helper and "xfs_growfs" in helper
+    path = tmp_path / "ebsrole-data-live"
+    path.write_text(helper + "\n")
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    checked = subprocess.run([shellcheck(), "--severity=style", str(path)], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout

@@ -69,6 +69,12 @@ def _restore_parser(p: Parser, *, admits: bool) -> None:
     )
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
     p.add_argument("--subnet-id", help="launch in this subnet (its AZ; drill: a subnet in another AZ than the data's)")
+    p.add_argument(
+        "--volume-size",
+        type=int,
+        metavar="GIB",
+        help="data volume size (default: the snapshot's; larger: the filesystem grows at first mount)",
+    )
     p.add_argument("--ssh-user", default="admin")
     p.add_argument("--format", choices=("table", "json"), default="table")
     reach_options(p, launches=True, admits=admits)
@@ -166,6 +172,13 @@ def schedule(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _volume_size(args: argparse.Namespace) -> int | None:
+    """Return --volume-size (None: the snapshot's); refuse one below 1 GiB before any cloud call."""
+    if args.volume_size is not None and args.volume_size < 1:
+        raise InvalidInput(f"--volume-size {args.volume_size}: give a size in GiB, at least 1")
+    return int(args.volume_size) if args.volume_size is not None else None
+
+
 def launch(args: argparse.Namespace) -> int:
     """Launch instances of a role from a snapshot; with --wait, verify each over SSH."""
     from builder.launch import LaunchRequest, restore
@@ -188,6 +201,7 @@ def launch(args: argparse.Namespace) -> int:
         ssh_user=args.ssh_user,
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
+        volume_size=_volume_size(args),
     )
     done = restore(connect_args(args), role, request)
     output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
@@ -210,6 +224,7 @@ def drill(args: argparse.Namespace) -> int:
         reach=Reach.of(args),
         public_ip=False if args.no_public_ip else None,
         subnet_id=args.subnet_id,
+        volume_size=_volume_size(args),
     )
     done = run(connect_args(args), role, request)
     output.emit(output.drilled(role.name, done.source, done.report, args.format))

@@ -49,6 +49,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -121,6 +122,8 @@ DEVICES_ALLOWED = (
 )
 _DELEGATED = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
 BY_ID_PREFIX = "nvme-Amazon_Elastic_Block_Store_"
+# A property line of `udevadm test` (KEY=value).
+UDEV_PROPERTY = re.compile(r"[A-Z][A-Z0-9_]*=.*")
 
 
 @dataclass(frozen=True)
@@ -555,7 +558,29 @@ class Machine:
             link.unlink(missing_ok=True)
             link.symlink_to(f"../../{disk.node}")
             os.lchown(link, self.base, self.base)
+        self.announce(disk.node)
         return loop
+
+    def announce(self, node: str) -> list[str]:
+        """Do for /dev/<node>, just plugged, what udev and systemd do on an instance; return the units started.
+
+        The machine's own udev rules engine evaluates the device (``inside/uevent``: its
+        ``udevadm test``, no side effects left); when its rules tag the device for systemd,
+        the units their SYSTEMD_WANTS name are started, as systemd starts them when a device
+        appears. Nothing here knows any unit. A failure is logged, never raised: a kernel's
+        uevent cannot fail an attach either.
+        """
+        try:
+            done = self.exec("bash", "-s", node, check=True, timeout=120, input_text=(INSIDE / "uevent").read_text())
+            found = dict(line.split("=", 1) for line in done.stdout.splitlines() if UDEV_PROPERTY.fullmatch(line))
+            wanted = found.get("SYSTEMD_WANTS", "").split() if ":systemd:" in found.get("TAGS", "") else []
+            if wanted:
+                self.exec("systemctl", "start", "--no-block", "--", *wanted, timeout=60)
+                log.info("%s: /dev/%s appeared: started %s (its udev rules' SYSTEMD_WANTS)", self.name, node, wanted)
+            return wanted
+        except (MachineError, subprocess.TimeoutExpired) as exc:
+            log.warning("%s: /dev/%s: udev's part of its uevent failed: %s", self.name, node, exc)
+            return []
 
     def detach(self, node: str) -> None:
         """Unplug the volume shown as /dev/<node> and free its loop device."""
