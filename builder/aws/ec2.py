@@ -199,6 +199,23 @@ class EC2:
             raise CloudError(f"ssm {operation}", type(exc).__name__, str(exc)) from None
         return response
 
+    def autoscaling_call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call Auto Scaling ``operation`` (snake_case) in this region and return the response; raise CloudError."""
+        session = self.session or boto3.session.Session()
+        client = session.client(
+            "autoscaling", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config
+        )
+        self.calls[f"autoscaling:{operation}"] += 1
+        try:
+            response: dict[str, Any] = getattr(client, operation)(**params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            raise CloudError(f"autoscaling {operation}", code, str(error.get("Message") or code)) from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
+            raise CloudError(f"autoscaling {operation}", type(exc).__name__, str(exc)) from None
+        return response
+
     def call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call EC2 ``operation`` (snake_case) and return the response; raise CloudError."""
         self.calls[operation] += 1

@@ -31,6 +31,18 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p.add_argument("--keep-weekly", type=int, default=0, metavar="M", help="and the newest of each of M weeks")
     p.add_argument("--dry-run", action="store_true", help="retention: list what it would delete, delete nothing")
     p.add_argument("--as-of", metavar="YYYY-MM-DD", help="the night to record (default: today, UTC)")
+    p.add_argument(
+        "--update-template",
+        action="store_true",
+        help="then make each role's and env's launch template (`template`) default to the night's completed snapshot",
+    )
+    p.add_argument(
+        "--template-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="with --update-template: how long to wait for the snapshot to complete (default 900), else skip",
+    )
     p.add_argument("--format", choices=("table", "json"), default="table")
     ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
     reach_options(p)
@@ -114,6 +126,8 @@ def _check_snapshot_options(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--keep-weekly {args.keep_weekly}: at least 0")
     if (args.freeze or args.known_hosts) and not args.identity:
         raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    if not 0 < args.template_timeout <= 86400:
+        raise InvalidInput(f"--template-timeout {args.template_timeout:g}: give more than 0 and at most 86400 seconds")
     if not 1 <= args.freeze_timeout <= 900:
         raise InvalidInput(f"--freeze-timeout {args.freeze_timeout:g}: give 1 to 900 seconds")
 
@@ -140,8 +154,14 @@ def snapshot(args: argparse.Namespace) -> int:
     if args.keep_daily is not None and not failed:
         volumes = [i.volume_id for i in instances]
         retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
-    output.emit(output.snapshots(date.isoformat(), results, retention, args.format))
-    return ExitCode.FAILED if failed or any(r.fate == "left" for r in retention) else ExitCode.OK
+    templates = None
+    if args.update_template:
+        from builder.scaleout import update_templates
+
+        templates = update_templates(ec2, instances, results, args.template_timeout)
+    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, templates))
+    skipped = any(t.result == "skipped" for t in templates or ())
+    return ExitCode.FAILED if failed or skipped or any(r.fate == "left" for r in retention) else ExitCode.OK
 
 
 def schedule(args: argparse.Namespace) -> int:

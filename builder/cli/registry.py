@@ -98,6 +98,15 @@ COMMANDS = (
         "A restore drill: restore into another AZ, check over SSH, remove, report.",
     ),
     Command(
+        "template",
+        "scaleout",
+        "a role's launch template (data: a snapshot), optionally an Auto Scaling group on it",
+        "Create or update the one launch template of a role and env (ebsrole-ROLE-ENV): each run adds a "
+        "version whose data device maps the snapshot --from names, on the role's current AMI, and makes it "
+        "the default. With --asg, create or update an Auto Scaling group on the template's default version "
+        "(--refresh: start an instance refresh).",
+    ),
+    Command(
         "copy",
         "images",
         "copy a role AMI and its snapshots to another region, pairing kept",
