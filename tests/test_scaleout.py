@@ -6,6 +6,7 @@ plain awscli then scales the group out, and the machine it boots serves that nig
 seed has no such page). The next night, `snapshot --update-template` moves the template's
 default version to the new snapshot, and the next scale-out serves the new page. Scaling in
 stops the machine and deletes its data volume (a template's data volumes go with their instance).
+Retention never deletes the snapshot a template's default version maps.
 """
 
 from __future__ import annotations
@@ -174,6 +175,15 @@ def test_an_asg_on_the_template_boots_last_nights_data_and_follows_each_night(
     serves(world, again, "night.html", "<h1>night two</h1>")
     assert scale(world, tmp_path, 0) == []
     wait_until(lambda: again not in world.status()["machines"], 60, f"{again}'s machine stopped")
+
+    # Retention spares what the template's default version maps: here night one's again.
+    pinned = cli(world, roles, "template", "web", "--env", "prod", "--from", first, "--format", "json")
+    assert json.loads(pinned.stdout)["template"]["version"] == 3, pinned.stderr
+    third = night(world, roles, remote, (key, known), "2026-05-03", "<h1>night three</h1>")["snapshots"][0]
+    wait_until(lambda: completed(world, third["snapshot_id"]), 120, "night three's snapshot completed")
+    kept = night(world, roles, remote, (key, known), "2026-05-03", "<h1>night three</h1>", "--keep-daily", "1")
+    fates = {r["snapshot_id"]: r["fate"] for r in kept["retention"]}
+    assert fates == {first: "protected", second: "deleted", third["snapshot_id"]: "kept (daily)"}, kept
     remote.close()
     world.client(service="autoscaling").delete_auto_scaling_group(AutoScalingGroupName=GROUP)
     ec2.terminate_instances(InstanceIds=[production["instance_id"]])
