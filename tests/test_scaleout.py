@@ -33,6 +33,12 @@ from tests.sandbox import World, wait_until
 
 GROUP = "web-prod"
 TEMPLATE = "ebsrole-web-prod"
+HOWTO = PROJECT / "docs/howto/scale-out.md"
+# docs/howto/scale-out.md shows these lines verbatim (checked below).
+SCALE = """aws autoscaling set-desired-capacity --auto-scaling-group-name {group} --desired-capacity {desired}
+aws autoscaling describe-auto-scaling-groups --auto-scaling-group-names {group} \\
+    --query 'AutoScalingGroups[0].Instances[].InstanceId' --output text
+"""
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +78,15 @@ def page(address: str, name: str) -> str | None:
 
 
 def scale(world: World, tmp_path: Path, desired: int) -> list[str]:
-    """Set the group's desired capacity with awscli; return its instances' ids."""
-    out = awscli(
-        world,
-        tmp_path,
-        f"""
-aws autoscaling set-desired-capacity --auto-scaling-group-name {GROUP} --desired-capacity {desired}
-aws autoscaling describe-auto-scaling-groups --auto-scaling-group-names {GROUP} \\
-    --query 'AutoScalingGroups[0].Instances[].InstanceId' --output text
-""",
-    )
-    return out.split()
+    """Set the group's desired capacity with awscli, as the how-to does; return its instances' ids."""
+    return awscli(world, tmp_path, SCALE.format(group=GROUP, desired=desired)).split()
+
+
+def test_the_howto_shows_the_awscli_commands_this_test_runs() -> None:
+    text = HOWTO.read_text(encoding="utf-8")
+    for desired in (1, 0):
+        assert SCALE.format(group=GROUP, desired=desired).splitlines()[0] in text
+    assert SCALE.format(group=GROUP, desired=1).split("\n", 1)[1] in text
 
 
 def serves(world: World, instance_id: str, name: str, text: str) -> None:
