@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import Parser, add, aws_options, reach_options, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, reach_options, source_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput
 from builder.reach import Reach
 
@@ -64,21 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
 def _restore_parser(p: Parser, *, admits: bool) -> None:
     """The options launch and drill share: which snapshot, which AZ, how to log in (``admits``: drill's group)."""
     p.add_argument("role", metavar="ROLE")
-    p.add_argument(
-        "--from",
-        dest="source",
-        default="latest",
-        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
-    )
-    p.add_argument(
-        "--source-env",
-        help="restore this environment's data (launch: default its --env; drill: default no environment)",
-    )
-    p.add_argument(
-        "--allow-other-role",
-        action="store_true",
-        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
-    )
+    source_options(p, "restore this environment's data (launch: default its --env; drill: default no environment)")
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
     p.add_argument("--subnet-id", help="launch in this subnet (its AZ; drill: a subnet in another AZ than the data's)")
     p.add_argument("--ssh-user", default="admin")

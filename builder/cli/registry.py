@@ -200,6 +200,22 @@ def aws_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def source_options(parser: argparse.ArgumentParser, source_env_help: str) -> None:
+    """Add which snapshot a restore starts from: --from, --source-env, --allow-other-role (launch, drill, template)."""
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default="latest",
+        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
+    )
+    parser.add_argument("--source-env", help=source_env_help)
+    parser.add_argument(
+        "--allow-other-role",
+        action="store_true",
+        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
+    )
+
+
 def ssh_login_options(parser: argparse.ArgumentParser, title: str, whose: str) -> argparse._ArgumentGroup:
     """Add --identity, --known-hosts and --ssh-user for logging in to existing instances."""
     ssh = parser.add_argument_group(title)

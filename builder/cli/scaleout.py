@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, roles_dir
-from builder.cli.registry import Parser, add, aws_options
+from builder.cli.registry import Parser, add, aws_options, source_options
 from builder.errors import ExitCode, InvalidInput
 
 if TYPE_CHECKING:
@@ -19,18 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p = add(sub, "template", common)
     p.add_argument("role", metavar="ROLE")
     p.add_argument("--env", default="", help="environment name: the template is ebsrole-ROLE-ENV, its instances tagged")
-    p.add_argument(
-        "--from",
-        dest="source",
-        default="latest",
-        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
-    )
-    p.add_argument("--source-env", help="take this environment's snapshots (default: --env's)")
-    p.add_argument(
-        "--allow-other-role",
-        action="store_true",
-        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
-    )
+    source_options(p, "take this environment's snapshots (default: --env's)")
     p.add_argument("--instance-type", help="default: the role's first instance type")
     p.add_argument("--key-name", help="EC2 key pair for your own logins")
     p.add_argument("--security-group-id", action="append", help="repeatable")
