@@ -268,22 +268,34 @@ def _update_one(ec2: EC2, role: str, env: str, snapshot_ids: list[str], timeout:
 # ---------------------------------------------------------------- Auto Scaling
 
 
-def put_group(ec2: EC2, role: str, env: str, template: TemplateVersion, request: GroupRequest) -> Group:
-    """Create or update the Auto Scaling group ``request.name`` on ``template``'s default version.
+def existing_group(ec2: EC2, role: str, env: str, request: GroupRequest) -> dict[str, Any] | None:
+    """Return the group ``request`` names (None when there is none yet), checked before anything changes.
 
-    A group not made by `template` (no ``ebsrole:template`` tag) is refused, as is one of
-    another template (CloudError). Creating needs --min and --max (InvalidInput). With
-    ``request.refresh`` an instance refresh starts (its id is returned).
+    A group not made by `template` on this role's and env's template (its ``ebsrole:template``
+    tag) is refused (CloudError); creating one needs --min and --max (InvalidInput).
     """
     found = ec2.autoscaling_call("describe_auto_scaling_groups", AutoScalingGroupNames=[request.name])
-    existing = (found.get("AutoScalingGroups") or [None])[0]
+    existing: dict[str, Any] | None = (found.get("AutoScalingGroups") or [None])[0]
+    if existing is not None:
+        _refuse_foreign(existing, request.name, tags.template_name(role, env))
+    elif request.min_size is None or request.max_size is None:
+        raise InvalidInput(f"--asg {request.name}: no such group yet; creating it needs --min and --max")
+    return existing
+
+
+def put_group(
+    ec2: EC2, role: str, env: str, template: TemplateVersion, request: GroupRequest, *, existing: dict[str, Any] | None
+) -> Group:
+    """Create (``existing`` None) or update the group ``request.name`` on ``template``'s default version.
+
+    ``existing`` comes from :func:`existing_group`. With ``request.refresh`` an instance
+    refresh starts (its id is returned). Raises CloudError.
+    """
     lt = {"LaunchTemplateName": template.name, "Version": DEFAULT_VERSION}
     sizes = {"MinSize": request.min_size, "MaxSize": request.max_size, "DesiredCapacity": request.desired}
     given = {k: v for k, v in sizes.items() if v is not None}
     where: dict[str, Any] = {"VPCZoneIdentifier": ",".join(request.subnets)} if request.subnets else {}
     if existing is None:
-        if request.min_size is None or request.max_size is None:
-            raise InvalidInput(f"--asg {request.name}: no such group yet; creating it needs --min and --max")
         where = where or {"AvailabilityZones": zones(ec2)}
         group_tags = [
             {"Key": k, "Value": v, "PropagateAtLaunch": False}
@@ -299,7 +311,6 @@ def put_group(ec2: EC2, role: str, env: str, template: TemplateVersion, request:
         )
         done = "created"
     else:
-        _refuse_foreign(existing, request.name, template.name)
         ec2.autoscaling_call(
             "update_auto_scaling_group", AutoScalingGroupName=request.name, LaunchTemplate=lt, **given, **where
         )

@@ -201,14 +201,26 @@ def test_template_refuses_bad_sizes_and_a_group_it_did_not_make(world: World, ro
     assert stray.returncode == 2 and "--desired: options of an Auto Scaling group; give --asg NAME" in stray.stderr
     if not world.status()["ec2"][control.REGION]["images"]:
         pytest.skip("needs the module's web build (the slow test)")
-    scaling = world.client(service="autoscaling")
+    ec2, scaling = world.client(), world.client(service="autoscaling")
     scaling.create_auto_scaling_group(
         AutoScalingGroupName="theirs", LaunchTemplate={"LaunchTemplateName": TEMPLATE}, MinSize=0, MaxSize=1,
         AvailabilityZones=[f"{control.REGION}a"],
     )  # fmt: skip
+    versions = ec2.describe_launch_templates(LaunchTemplateNames=[TEMPLATE])["LaunchTemplates"][0][
+        "LatestVersionNumber"
+    ]
     refused = cli(world, roles, "template", "web", "--env", "prod", "--from", "seed", "--asg", "theirs", "--max", "3")
     assert refused.returncode == 3, refused.stderr
     assert "Auto Scaling group theirs is left as it is" in refused.stderr
+    # Refused before anything changed: the template has no new version either.
+    after = ec2.describe_launch_templates(LaunchTemplateNames=[TEMPLATE])["LaunchTemplates"][0]["LatestVersionNumber"]
+    assert after == versions
+    unsized = cli(world, roles, "template", "web", "--env", "prod", "--from", "seed", "--asg", "new-group")
+    assert unsized.returncode == 2 and "creating it needs --min and --max" in unsized.stderr, unsized.stderr
+    assert (
+        ec2.describe_launch_templates(LaunchTemplateNames=[TEMPLATE])["LaunchTemplates"][0]["LatestVersionNumber"]
+        == versions
+    )
     assert (
         scaling.describe_auto_scaling_groups(AutoScalingGroupNames=["theirs"])["AutoScalingGroups"][0]["MaxSize"] == 1
     )

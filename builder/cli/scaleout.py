@@ -42,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
 
 def run(args: argparse.Namespace) -> int:
     """Add a default version to the role's template; with --asg, put the group on it."""
-    from builder.scaleout import Templated, TemplateRequest, put_group, put_template
+    from builder.scaleout import Templated, TemplateRequest, existing_group, put_group, put_template
 
     role = load_role(roles_dir(args), args.role)
     group = _group_request(args)
@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         keep_volumes=args.keep_volumes,
     )
     ec2 = connect_args(args)
+    existing = existing_group(ec2, role.name, args.env, group) if group else None  # refused before any change
     version, source = put_template(ec2, role, request)
-    done = Templated(version, source, put_group(ec2, role.name, args.env, version, group) if group else None)
+    made = put_group(ec2, role.name, args.env, version, group, existing=existing) if group else None
+    done = Templated(version, source, made)
     output.emit(output.templated(role.name, done, args.format))
     return ExitCode.OK
 
