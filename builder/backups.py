@@ -19,7 +19,8 @@ most recent ISO weeks. Only ``completed`` snapshots count: a ``pending`` one is 
 deleted and never stands in for a completed one; one in ``error`` is reported and deleted
 only once a newer completed one exists; the newest completed snapshot of a volume is never
 deleted, whatever the flags. Only ``nightly`` snapshots are ever considered; a seed
-snapshot, or any snapshot an AMI names, never.
+snapshot, any snapshot an AMI names, or one the default or latest version of one of the tool's
+launch templates maps (`template`), never.
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ def apply_retention(
     Returns one row per snapshot considered; a snapshot in ``error`` is logged as a warning.
     """
     protected = {s for image in ec2.call("describe_images", Owners=["self"])["Images"] for s in _snapshots_of(image)}
+    protected |= template_snapshots(ec2)
     rows = []
     snapshots = nightly_snapshots(ec2, volumes=volumes)
     for volume in sorted(set(volumes)):
@@ -407,6 +409,24 @@ def apply_retention(
                         row.fate, row.error = "left", str(exc).splitlines()[0]
             rows.append(row)
     return rows
+
+
+def template_snapshots(ec2: EC2) -> set[str]:
+    """Return the snapshots the default and latest versions of the tool's launch templates map.
+
+    Retention never deletes them: an Auto Scaling group on such a template restores them at
+    its next scale-out. Older versions are not counted, or nightly versions would keep every night.
+    """
+    ours = [{"Name": f"tag:{tags.KIND}", "Values": [tags.KIND_LAUNCH_TEMPLATE]}]
+    found = set()
+    for template in ec2.call("describe_launch_templates", Filters=ours)["LaunchTemplates"]:
+        versions = ec2.call(
+            "describe_launch_template_versions",
+            LaunchTemplateId=template["LaunchTemplateId"],
+            Versions=["$Default", "$Latest"],
+        )["LaunchTemplateVersions"]
+        found |= {s for v in versions for s in _snapshots_of(v.get("LaunchTemplateData") or {})}
+    return found
 
 
 def _snapshots_of(image: dict[str, Any]) -> list[str]:

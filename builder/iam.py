@@ -38,6 +38,13 @@ _RESTORE: Final = (
     "ec2:DescribeSubnets",  # --subnet-id's AZ; --no-public-ip: the AZ's default subnet
 )
 _COPY: Final = (*_READ_IMAGES, "ec2:CopyImage", "ec2:CreateTags")
+# A role's launch template: found by name, its default version read, a version added and made default.
+_TEMPLATE_VERSIONS: Final = (
+    "ec2:DescribeLaunchTemplates",
+    "ec2:DescribeLaunchTemplateVersions",
+    "ec2:CreateLaunchTemplateVersion",
+    "ec2:ModifyLaunchTemplate",
+)
 
 ACTIONS: Final[Mapping[str, frozenset[str]]] = {
     "build": frozenset(
@@ -90,6 +97,23 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeSnapshots",
             "ec2:CreateSnapshot",
             "ec2:DeleteSnapshot",
+            *_TEMPLATE_VERSIONS,  # --update-template
+        }
+    ),
+    "template": frozenset(
+        {
+            *_READ_IMAGES,
+            "sts:GetCallerIdentity",  # whose snapshots are "ours"
+            "ec2:DescribeSnapshots",
+            "ec2:CreateLaunchTemplate",
+            *_TEMPLATE_VERSIONS,
+            "ec2:DescribeAvailabilityZones",  # --asg without --subnets: every AZ
+            "ec2:RunInstances",  # a group made on a launch template needs its caller may launch it
+            "autoscaling:DescribeAutoScalingGroups",
+            "autoscaling:CreateAutoScalingGroup",
+            "autoscaling:CreateOrUpdateTags",  # a group's tags at creation
+            "autoscaling:UpdateAutoScalingGroup",
+            "autoscaling:StartInstanceRefresh",  # --refresh
         }
     ),
     "schedule": frozenset(
@@ -165,6 +189,8 @@ OWNED: Final = frozenset(
         "ec2:EnableImageDeprecation",
         "ec2:EnableImageDeregistrationProtection",
         "ec2:DisableImageDeregistrationProtection",
+        "ec2:CreateLaunchTemplateVersion",
+        "ec2:ModifyLaunchTemplate",
     }
 )
 # The calls that tag what they create (TagSpecifications): CreateTags is checked with this name.
@@ -174,6 +200,7 @@ TAG_ON_CREATE: Final = (
     "ImportKeyPair",
     "CreateSnapshot",
     "RegisterImage",
+    "CreateLaunchTemplate",
 )
 KMS_ACTIONS: Final = (
     "kms:CreateGrant",
@@ -313,6 +340,7 @@ def _other_statements(actions: set[str]) -> list[dict[str, Any]]:
         # share: any snapshot's key may be asked whether it is AWS-managed (it reads, never uses, the key).
         _statement("DescribeSnapshotKeys", {"kms:DescribeKey"} & actions),
         _statement("LifecyclePolicies", {a for a in actions if a.startswith("dlm:")}),
+        _statement("AutoScalingGroups", {a for a in actions if a.startswith("autoscaling:")}),
     ]
 
 

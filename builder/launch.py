@@ -13,6 +13,7 @@ import logging
 import re
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +216,61 @@ def data_disk(
     )
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How an instance of a role is set up, whether launched now or by a launch template later."""
+
+    env: str = ""
+    instance_type: str | None = None  # None: the role's first instance type
+    key_name: str | None = None
+    security_group_ids: tuple[str, ...] = ()
+    user_data: str | None = None
+    extra_tags: Mapping[str, str] = field(default_factory=dict)
+    delete_data_on_termination: bool = False
+    public_ip: bool | None = None
+    volume_size: int | None = None  # GiB, checked against the snapshot (check_volume_size); None: its size
+
+
+def restore_spec(
+    role: Role,
+    image: RoleImage,
+    source: Source,
+    options: RestoreOptions,
+    *,
+    count: int = 1,
+    subnet_id: str | None = None,
+    az: str | None = None,
+) -> resources.LaunchSpec:
+    """Return the LaunchSpec of an instance of ``role``'s ``image`` whose data device is made from ``source``.
+
+    The one home of a restore's shape, for `launch` and `template` alike: the data device
+    (encrypted, the role's type and rates) and the tags its instance and volumes get at creation.
+    """
+    name = f"{role.name}-{options.env}" if options.env else role.name
+    shared = {**tags.launched(name, role.name, options.env, source.snapshot_id), **options.extra_tags}
+    data = data_disk(
+        role,
+        image,
+        source.snapshot_id,
+        size_gib=options.volume_size,
+        delete_on_termination=options.delete_data_on_termination,
+    )
+    return resources.LaunchSpec(
+        image_id=image.image_id,
+        instance_type=options.instance_type or role.instance_type,
+        disks=(data,),
+        instance_tags=tags.with_kind(shared, tags.KIND_INSTANCE),
+        volume_tags=tags.with_kind(shared, tags.KIND_VOLUME),
+        count=count,
+        user_data=options.user_data,
+        key_name=options.key_name,
+        subnet_id=subnet_id,
+        security_group_ids=options.security_group_ids,
+        az=az,
+        public_ip=options.public_ip,
+    )
+
+
 def launch(
     ec2: EC2,
     role: Role,
@@ -240,26 +296,26 @@ def launch(
     ``public_ip`` False launches them without a public IP (in the default subnet unless ``subnet_id``).
     ``volume_size`` (GiB, checked against the snapshot by the caller) makes the data volume larger.
     """
-    vol = role.volume
-    name = f"{role.name}-{env}" if env else role.name
-    shared = {**tags.launched(name, role.name, env, source.snapshot_id), **(extra_tags or {})}
-    data = data_disk(
-        role, image, source.snapshot_id, size_gib=volume_size, delete_on_termination=delete_data_on_termination
-    )
-    spec = resources.LaunchSpec(
-        image_id=image.image_id,
-        instance_type=instance_type or role.instance_type,
-        disks=(data,),
-        instance_tags=tags.with_kind(shared, tags.KIND_INSTANCE),
-        volume_tags=tags.with_kind(shared, tags.KIND_VOLUME),
+    spec = restore_spec(
+        role,
+        image,
+        source,
+        RestoreOptions(
+            env=env,
+            instance_type=instance_type,
+            key_name=key_name,
+            security_group_ids=tuple(security_group_ids or ()),
+            user_data=user_data,
+            extra_tags=extra_tags or {},
+            delete_data_on_termination=delete_data_on_termination,
+            public_ip=public_ip,
+            volume_size=volume_size,
+        ),
         count=count,
-        user_data=user_data,
-        key_name=key_name,
         subnet_id=subnet_id,
-        security_group_ids=tuple(security_group_ids or ()),
         az=az,
-        public_ip=public_ip,
     )
+    vol = role.volume
     fallback = () if instance_type else role.instance_types[1:]
     ids = resources.launch(ec2, spec, undo, fallback=fallback, running=900)
     launched = []

@@ -61,6 +61,7 @@ SCHEDULED_BY: Final = "ebsrole:scheduled-by"
 RESTORED_FROM: Final = "ebsrole:restored-from"
 DATA_OF: Final = "ebsrole:data-of"
 BACKUP_TARGET: Final = "ebsrole:backup-target"
+TEMPLATE: Final = "ebsrole:template"  # on an Auto Scaling group: the launch template it reads
 
 # ---------------------------------------------------------------- kinds (values of ebsrole:kind)
 KIND_IMAGE: Final = "image"
@@ -76,6 +77,8 @@ KIND_INSTANCE: Final = "instance"
 KIND_VOLUME: Final = "volume"
 KIND_DATA_VOLUME: Final = "data-volume"
 KIND_DRILL: Final = "drill"
+KIND_LAUNCH_TEMPLATE: Final = "launch-template"
+KIND_AUTOSCALING_GROUP: Final = "autoscaling-group"
 # The kinds of volume that hold a role's data (launch, drills), and a builder's volumes.
 DATA_VOLUMES: Final = (KIND_VOLUME, KIND_DATA_VOLUME)
 BUILDER_VOLUMES: Final = (KIND_BUILDER_VOLUME, KIND_BUILDER_ROOT)
@@ -240,6 +243,21 @@ def launched(name: str, role: str, env: str, restored_from: str) -> dict[str, st
 def data_volume(role: str, env: str) -> dict[str, str]:
     """Return the tags a launched instance's data volume gets: the target of `schedule` and `snapshot`."""
     return {DATA_OF: role, KIND: KIND_DATA_VOLUME, BACKUP_TARGET: backup_target(role, env)}
+
+
+def template_name(role: str, env: str) -> str:
+    """Return the name of the one launch template of ``role`` in ``env`` (``ebsrole-web-prod``)."""
+    return f"{TOOL}-{role}-{env}" if env else f"{TOOL}-{role}"
+
+
+def launch_template(role: str, env: str) -> dict[str, str]:
+    """Return the tags of the launch template of ``role`` in ``env`` (how `template` and `snapshot` find it)."""
+    return {NAME: template_name(role, env), ROLE: role, ENV: env, KIND: KIND_LAUNCH_TEMPLATE, **created_by()}
+
+
+def autoscaling_group(role: str, env: str, template: str) -> dict[str, str]:
+    """Return the tags of an Auto Scaling group `template --asg` made on ``template`` (not propagated)."""
+    return {ROLE: role, ENV: env, KIND: KIND_AUTOSCALING_GROUP, TEMPLATE: template, **created_by()}
 
 
 def drill(drill_id: str, role: str, created_at: str | None = None) -> dict[str, str]:

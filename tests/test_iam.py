@@ -6,7 +6,7 @@ command runs against it as a user runs it, and the actions it made the endpoint 
 all be in that command's policy; the policy's actions no run used are reported (printed and
 warned), not failed: error paths (a failed build's cleanup) are in the policy too.
 
-DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts, kms) and moto
+DLM is not served by the sandbox (builder/sandbox/auth.py SERVICES: ec2, ssm, sts, kms, autoscaling) and moto
 (5.2.5) has no DLM at all: ``schedule --apply`` runs in-process with moto for STS, and
 botocore's ``before-call`` event records each operation the tool's clients call; for DLM
 the same hook answers in place of the missing service (an empty list, then the created
@@ -82,8 +82,13 @@ def runs(world: World, roles: Path) -> Iterator[dict[str, set[str]]]:
     launched = run(world, roles, "launch", "launch", "mini", "--from", "seed", "--env", "prod", "--wait",
                    "--format", "json")  # fmt: skip
     instance = launched["instances"][0]["instance_id"]
-    for night, keep in (("2026-03-01", ()), ("2026-03-02", ("--keep-daily", "1"))):
-        run(world, roles, "snapshot", "snapshot", "mini", "--as-of", night, *keep, "--format", "json")
+    run(world, roles, "snapshot", "snapshot", "mini", "--as-of", "2026-03-01", "--format", "json")
+    group = ("--asg", "mini-prod", "--min", "0", "--max", "1", "--desired", "0")
+    run(world, roles, "template", "template", "mini", "--env", "prod", *group, "--format", "json")
+    run(world, roles, "template", "template", "mini", "--env", "prod", *group, "--refresh", "--format", "json")
+    night = run(world, roles, "snapshot", "snapshot", "mini", "--as-of", "2026-03-02", "--keep-daily", "1",
+                "--update-template", "--format", "json")  # fmt: skip
+    assert [t["result"] for t in night["templates"]] == ["updated"], night
     drill = run(world, roles, "drill", "drill", "mini", "--source-env", "prod", "--format", "json")
     assert drill["passed"], drill
     run(world, roles, "copy", "copy", "mini", "--to", SECOND_REGION, "--format", "json")

@@ -243,17 +243,25 @@ class EC2:
 
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""
-        session = self.session or boto3.session.Session()
-        ssm = session.client("ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
-        self.calls[f"ssm:{operation}"] += 1
+        return self.service_call("ssm", operation, **params)
+
+    def autoscaling_call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """Call Auto Scaling ``operation`` (snake_case) in this region and return the response; raise CloudError."""
+        return self.service_call("autoscaling", operation, **params)
+
+    def service_call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
+        """Call ``service``'s (boto3's name) ``operation`` in this region at this endpoint; raise CloudError."""
+        session: Any = self.session or boto3.session.Session()
+        client = session.client(service, region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
+        self.calls[f"{service}:{operation}"] += 1
         try:
-            response: dict[str, Any] = getattr(ssm, operation)(**params)
+            response: dict[str, Any] = getattr(client, operation)(**params)
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
-            raise CloudError(f"ssm {operation}", code, str(error.get("Message") or code)) from None
+            raise CloudError(f"{service} {operation}", code, str(error.get("Message") or code)) from None
         except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
-            raise CloudError(f"ssm {operation}", type(exc).__name__, str(exc)) from None
+            raise CloudError(f"{service} {operation}", type(exc).__name__, str(exc)) from None
         return response
 
     def call(self, operation: str, **params: Any) -> dict[str, Any]:

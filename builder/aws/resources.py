@@ -12,6 +12,7 @@ returns.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
 import re
@@ -129,6 +130,22 @@ def run_params(spec: LaunchSpec) -> dict[str, Any]:
         optional["SubnetId"] = optional["SecurityGroupIds"] = None
     params.update({k: v for k, v in optional.items() if v})
     return params
+
+
+# What a launch template cannot hold, or holds elsewhere: counts and a token belong to a launch,
+# the subnet and the AZ to whatever reads the template (an Auto Scaling group's subnets).
+NOT_IN_TEMPLATES = ("MinCount", "MaxCount", "ClientToken", "SubnetId", "Placement")
+
+
+def template_data(spec: LaunchSpec) -> dict[str, Any]:
+    """Return the LaunchTemplateData of ``spec``: what :func:`run_params` gives a launch, less ``NOT_IN_TEMPLATES``.
+
+    A template's user data is base64 text (run_instances encodes it itself).
+    """
+    data = {k: v for k, v in run_params(spec).items() if k not in NOT_IN_TEMPLATES}
+    if "UserData" in data:
+        data["UserData"] = base64.b64encode(str(data["UserData"]).encode()).decode()
+    return data
 
 
 def default_subnet(ec2: EC2, az: str | None = None) -> str:

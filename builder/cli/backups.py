@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import Parser, add, aws_options, reach_options, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, reach_options, source_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput
 from builder.reach import Reach
 
@@ -31,6 +31,18 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     p.add_argument("--keep-weekly", type=int, default=0, metavar="M", help="and the newest of each of M weeks")
     p.add_argument("--dry-run", action="store_true", help="retention: list what it would delete, delete nothing")
     p.add_argument("--as-of", metavar="YYYY-MM-DD", help="the night to record (default: today, UTC)")
+    p.add_argument(
+        "--update-template",
+        action="store_true",
+        help="then make each role's and env's launch template (`template`) default to the night's completed snapshot",
+    )
+    p.add_argument(
+        "--template-timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="with --update-template: how long to wait for the snapshot to complete (default 900), else skip",
+    )
     p.add_argument("--format", choices=("table", "json"), default="table")
     ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
     reach_options(p)
@@ -52,21 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
 def _restore_parser(p: Parser, *, admits: bool) -> None:
     """The options launch and drill share: which snapshot, which AZ, how to log in (``admits``: drill's group)."""
     p.add_argument("role", metavar="ROLE")
-    p.add_argument(
-        "--from",
-        dest="source",
-        default="latest",
-        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
-    )
-    p.add_argument(
-        "--source-env",
-        help="restore this environment's data (launch: default its --env; drill: default no environment)",
-    )
-    p.add_argument(
-        "--allow-other-role",
-        action="store_true",
-        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
-    )
+    source_options(p, "restore this environment's data (launch: default its --env; drill: default no environment)")
     p.add_argument("--az", help="availability zone (drill: default one other than the snapshot's)")
     p.add_argument("--subnet-id", help="launch in this subnet (its AZ; drill: a subnet in another AZ than the data's)")
     p.add_argument(
@@ -120,6 +118,8 @@ def _check_snapshot_options(args: argparse.Namespace) -> None:
         raise InvalidInput(f"--keep-weekly {args.keep_weekly}: at least 0")
     if (args.freeze or args.known_hosts) and not args.identity:
         raise InvalidInput("--freeze needs SSH to the instances: give --identity KEY_FILE")
+    if not 0 < args.template_timeout <= 86400:
+        raise InvalidInput(f"--template-timeout {args.template_timeout:g}: give more than 0 and at most 86400 seconds")
     if not 1 <= args.freeze_timeout <= 900:
         raise InvalidInput(f"--freeze-timeout {args.freeze_timeout:g}: give 1 to 900 seconds")
 
@@ -146,8 +146,14 @@ def snapshot(args: argparse.Namespace) -> int:
     if args.keep_daily is not None and not failed:
         volumes = [i.volume_id for i in instances]
         retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
-    output.emit(output.snapshots(date.isoformat(), results, retention, args.format))
-    return ExitCode.FAILED if failed or any(r.fate == "left" for r in retention) else ExitCode.OK
+    templates = None
+    if args.update_template:
+        from builder.scaleout import update_templates
+
+        templates = update_templates(ec2, instances, results, args.template_timeout)
+    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, templates))
+    skipped = any(t.result == "skipped" for t in templates or ())
+    return ExitCode.FAILED if failed or skipped or any(r.fate == "left" for r in retention) else ExitCode.OK
 
 
 def schedule(args: argparse.Namespace) -> int:

@@ -221,10 +221,14 @@ def snapshot_failures(results: Sequence[Any]) -> str:
     )
 
 
-def snapshots(date: str, results: Sequence[Any], retention: Sequence[Any], fmt: str) -> str:
-    """snapshot: each volume's snapshot, then the retention's fates."""
+def snapshots(
+    date: str, results: Sequence[Any], retention: Sequence[Any], fmt: str, templates: Sequence[Any] | None = None
+) -> str:
+    """snapshot: each volume's snapshot, then the retention's fates (and with --update-template, the templates)."""
     if fmt == "json":
         doc = {"date": date, "snapshots": [asdict(r) for r in results], "retention": [asdict(r) for r in retention]}
+        if templates is not None:
+            doc["templates"] = [asdict(t) for t in templates]
         return as_json(doc)
     lines = [] if results else ["no running role instances"]
     for r in results:
@@ -236,6 +240,8 @@ def snapshots(date: str, results: Sequence[Any], retention: Sequence[Any], fmt: 
     for k in retention:
         extra = (f" ({k.state})" if k.state != "completed" else "") + (f": {k.error}" if k.error else "")
         lines.append(f"{k.fate:14} {k.snapshot_id:24} {k.volume_id:22} {k.date or '-'}{extra}")
+    if templates:
+        lines.append(template_updates(templates))
     return "\n".join(lines)
 
 
@@ -248,6 +254,35 @@ def launched(role: str, image: str, source: Any, instances: Sequence[Any], fmt: 
     return "\n".join(
         f"{role}: {i.instance_id} {i.az} {i.address} data from {i.snapshot_id}{states[i.verified]}" for i in instances
     )
+
+
+def templated(role: str, done: Any, fmt: str) -> str:
+    """template: the new default version, its AMI and data, and the group on it."""
+    v, source, group = done.version, done.source, done.group
+    if fmt == "json":
+        doc = {"role": role, "template": asdict(v), "source": asdict(source), "group": asdict(group) if group else None}
+        return as_json(doc)
+    made = " (new template)" if v.created else ""
+    lines = [
+        f"{role}: launch template {v.name} ({v.template_id}) version {v.version} is the default{made}: "
+        f"{v.image_id}, data from {source.kind} snapshot {v.snapshot_id} ({source.date})"
+    ]
+    if group is not None:
+        sizes = f"min {group.min_size} max {group.max_size} desired {group.desired}"
+        lines.append(f"{role}: Auto Scaling group {group.name} {group.done} on {v.name} {group.version}: {sizes}")
+        if group.refresh_id:
+            lines.append(f"{role}: instance refresh {group.refresh_id} started")
+    return "\n".join(lines)
+
+
+def template_updates(updates: Sequence[Any]) -> str:
+    """snapshot --update-template: one line per role and env (on stderr when nothing was updated)."""
+    lines = []
+    for u in updates:
+        where = f"{u.role}{'@' + u.env if u.env else ''}"
+        what = f"version {u.version} is the default: data from {u.snapshot_id}" if u.version else u.why
+        lines.append(f"template {u.result:9} {where:20} {u.template}: {what}")
+    return "\n".join(lines)
 
 
 def drilled(role: str, source: Any, report: Any, fmt: str) -> str:

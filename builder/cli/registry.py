@@ -98,6 +98,15 @@ COMMANDS = (
         "A restore drill: restore into another AZ, check over SSH, remove, report.",
     ),
     Command(
+        "template",
+        "scaleout",
+        "a role's launch template (data: a snapshot), optionally an Auto Scaling group on it",
+        "Create or update the one launch template of a role and env (ebsrole-ROLE-ENV): each run adds a "
+        "version whose data device maps the snapshot --from names, on the role's current AMI, and makes it "
+        "the default. With --asg, create or update an Auto Scaling group on the template's default version "
+        "(--refresh: start an instance refresh).",
+    ),
+    Command(
         "copy",
         "images",
         "copy a role AMI and its snapshots to another region, pairing kept",
@@ -198,6 +207,22 @@ def aws_options(parser: argparse.ArgumentParser) -> None:
     )
     aws.add_argument("--role-arn", metavar="ARN", help="assume this IAM role for every call (session ebsrole-CMD)")
     aws.add_argument("--external-id", metavar="ID", help="the ExternalId the role's trust policy asks for")
+
+
+def source_options(parser: argparse.ArgumentParser, source_env_help: str) -> None:
+    """Add which snapshot a restore starts from: --from, --source-env, --allow-other-role (launch, drill, template)."""
+    parser.add_argument(
+        "--from",
+        dest="source",
+        default="latest",
+        help="latest (the newest nightly snapshot; default), seed, or a snapshot id",
+    )
+    parser.add_argument("--source-env", help=source_env_help)
+    parser.add_argument(
+        "--allow-other-role",
+        action="store_true",
+        help="with --from SNAP: accept a snapshot of another role (never another account's or kind's)",
+    )
 
 
 def ssh_login_options(parser: argparse.ArgumentParser, title: str, whose: str) -> argparse._ArgumentGroup:

@@ -34,7 +34,8 @@ from builder.errors import EnvironmentProblem
 from builder.files import write_atomic
 
 CREDENTIALS_FILE = "credentials.json"
-SERVICES = ("ec2", "ssm", "sts", "kms")  # EC2; SSM parameters (prune reads them); STS (the account id); KMS keys
+# EC2; SSM parameters (prune reads them); STS (the account id); KMS keys; Auto Scaling (`template --asg`).
+SERVICES = ("ec2", "ssm", "sts", "kms", "autoscaling")
 MAX_SKEW = dt.timedelta(minutes=15)  # as AWS allows
 AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256 Credential=(?P<key>[^/,\s]+)/(?P<date>\d{8})/(?P<region>[a-z0-9-]+)/(?P<service>[a-z0-9-]+)"

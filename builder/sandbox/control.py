@@ -208,6 +208,7 @@ def env(state: Path = STATE_DIR) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": key,
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_ENDPOINT_URL_EC2": current.endpoint,
+        "AWS_ENDPOINT_URL_AUTO_SCALING": current.endpoint,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_REGION": REGION,
     }

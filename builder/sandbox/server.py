@@ -49,7 +49,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from builder.errors import DataPlaneError, EC2Error
 from builder.files import write_atomic
-from builder.sandbox import capacity
+from builder.sandbox import capacity, scaling
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
 from builder.sandbox.dataplane import Attachment, DataPlane, Placement
 from builder.sandbox.latency import Latency, Model
@@ -60,6 +60,7 @@ log = logging.getLogger("builder.sandbox.server")
 AMIS = Path(__file__).with_name("debian-amis.json")
 ACCOUNT = "123456789012"  # moto's default account
 MOTO_STATE = "moto-ec2.pickle"
+AUTOSCALING = "autoscaling"  # its regions' key in MOTO_STATE (EC2's regions are the others)
 SERVER_FILE = "server.json"
 STATUS_PATH = "/ebsrole-sandbox/status"
 MAX_RANGE = 64  # a wider port range of a security group rule is not forwarded
@@ -190,9 +191,16 @@ class Sandbox:
         """Load moto's EC2 state saved by an earlier run, and start the machines that were running."""
         path = self.state / MOTO_STATE
         if path.exists():
-            regions: dict[str, Any] = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, root-only dir
-            for region, backend in regions.items():
+            saved: dict[str, Any] = pickle.loads(path.read_bytes())  # noqa: S301 - our own file, root-only dir
+            # EC2's regions, and Auto Scaling's (whose groups hold EC2's instances: one pickle keeps them one).
+            groups = saved.pop(AUTOSCALING, {})
+            for region, backend in saved.items():
                 self.backends()[region] = backend
+            if groups:
+                from moto.autoscaling.models import autoscaling_backends
+
+                for region, backend in groups.items():
+                    autoscaling_backends[ACCOUNT][region] = backend
         for region in list(self.backends().keys()):
             backend = self.backend(region)
             for instance in list(backend.all_instances()):
@@ -207,7 +215,11 @@ class Sandbox:
     def save(self) -> None:
         """Pickle moto's EC2 state (every region used) next to the data plane's index."""
         backends = self.backends()
-        data = pickle.dumps({region: backends[region] for region in list(backends.keys())})
+        from moto.autoscaling.models import autoscaling_backends
+
+        groups = autoscaling_backends[ACCOUNT]
+        saved = {region: backends[region] for region in list(backends.keys())}
+        data = pickle.dumps({**saved, AUTOSCALING: {region: groups[region] for region in list(groups.keys())}})
         part = self.state / f".{MOTO_STATE}.part"
         part.write_bytes(data)
         part.chmod(0o600)
@@ -253,7 +265,8 @@ class Sandbox:
             self.calls += 1
             self.actions[action] += 1
             self.operations[operation] += 1
-            status, headers, body = self._handle(environ, verdict.region, action, params, raw)
+            handle = self._autoscaling if verdict.service == "autoscaling" else self._handle
+            status, headers, body = handle(environ, verdict.region, action, params, raw)
         start_response(status, headers)
         return [body]
 
@@ -293,6 +306,27 @@ class Sandbox:
         except DataPlaneError as exc:
             log.warning("%s: %s", action, exc)
             return error_response(exc.code, str(exc), 500)
+        finally:
+            if not READ_ONLY.match(action):
+                self.save()
+        return status, headers, body
+
+    def _autoscaling(
+        self, environ: Environ, region: str, action: str, params: dict[str, str], raw: bytes
+    ) -> tuple[str, list[tuple[str, str]], bytes]:
+        """Answer an Auto Scaling call through moto; then give its new instances machines (``scaling``)."""
+        backend = self.backend(region)
+        before = scaling.states(backend)
+        try:
+            if action == "StartInstanceRefresh":  # moto has none
+                body = scaling.start_instance_refresh(ACCOUNT, region, params)
+                status, headers = "200 OK", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+            else:
+                status, headers, body = self._call_moto(environ, raw)
+            if status.startswith("200") and not READ_ONLY.match(action):
+                scaling.reconcile(self, backend, before)
+        except EC2Error as exc:
+            return error_response(exc.code, exc.message, exc.status)
         finally:
             if not READ_ONLY.match(action):
                 self.save()
