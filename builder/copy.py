@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from builder import tags
+from builder import publish, tags
 from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CopiesFailed, InvalidInput
@@ -27,12 +27,23 @@ class Copied:
     root_snapshot: str
     source_ami: str
     source_region: str
+    published: list[dict[str, Any]] = field(default_factory=list)  # its SSM parameters in its region
 
 
 def copy_to_regions(
-    source: EC2, connect: Callable[[str], EC2], role: str, ami: str | None, regions: Sequence[str]
+    source: EC2,
+    connect: Callable[[str], EC2],
+    role: str,
+    ami: str | None,
+    regions: Sequence[str],
+    *,
+    publish_to: bool = True,
+    env: str = "",
 ) -> list[Copied]:
     """Copy AMI ``ami`` of ``role`` (default: its newest) to each of ``regions`` at once; return the copies.
+
+    With ``publish_to`` each copy is published in its region (``builder.publish``: the
+    role's AMI and seed snapshot, and ``env``'s AMI when given).
 
     ``connect(region)`` gives the EC2 of a region; every region is connected to before the
     first copy, so a bad one stops it all. Raises InvalidInput when there is no such AMI or a
@@ -53,12 +64,14 @@ def copy_to_regions(
     targets = {region: connect(region) for region in wanted}
     started = time.monotonic()
     log.info("%s: copying %s to %s at once ...", role, image.image_id, ", ".join(wanted))
-    made = copy_images(source, targets, image)
+    made = copy_images(source, targets, image, publish_to=publish_to, env=env)
     log.info("%s: copies done after %.1f s", role, time.monotonic() - started)
     return made
 
 
-def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[Copied]:
+def copy_images(
+    source: EC2, targets: dict[str, EC2], image: RoleImage, *, publish_to: bool = False, env: str = ""
+) -> list[Copied]:
     """Copy a role AMI to every target region at once; return the copies in the targets' order.
 
     Each copy is EC2's work, so waiting for them one after another would add their times:
@@ -75,6 +88,8 @@ def copy_images(source: EC2, targets: dict[str, EC2], image: RoleImage) -> list[
     def one(region: str, target: EC2) -> None:
         try:
             done[region] = copy_image(source, target, image, raw, on_started=lambda ami: started.update({region: ami}))
+            if publish_to:  # never raises: a copy that is made stays made
+                _publish(target, done[region], image.role, env)
         except BuildError as exc:
             failed[region] = exc
 
@@ -135,3 +150,10 @@ def copy_image(
             snap_tags = tags.copied_snapshot(source_tags, origin, kind, copied)
             target.call("create_tags", Resources=[snapshot], Tags=tag_list(snap_tags))
     return Copied(target.region, copied, seed, root, image.image_id, source.region)
+
+
+def _publish(target: EC2, copied: Copied, role: str, env: str) -> None:
+    """Publish a copy in its region: the role's AMI and seed snapshot (and ``env``'s AMI); record the outcomes."""
+    writer = f"copy from {copied.source_region}/{copied.source_ami}"
+    made = publish.image_parameters(role, copied.ami, copied.seed_snapshot, writer, [env] if env else [])
+    copied.published = [asdict(p) for p in publish.publish(target, made, role, env)]

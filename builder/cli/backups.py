@@ -8,7 +8,7 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import Parser, add, aws_options, reach_options, ssh_login_options
+from builder.cli.registry import Parser, add, aws_options, publish_options, reach_options, ssh_login_options
 from builder.errors import ExitCode, InvalidInput
 from builder.reach import Reach
 
@@ -35,6 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
     reach_options(p)
     aws_options(p)
+    publish_options(p, env=False)
     _schedule_parser(sub, common)
     for verb in ("launch", "drill"):
         _restore_parser(add(sub, verb, common), admits=verb == "drill")
@@ -120,7 +121,7 @@ def _check_snapshot_options(args: argparse.Namespace) -> None:
 
 def snapshot(args: argparse.Namespace) -> int:
     """Snapshot the data volumes of running role instances; apply retention."""
-    from builder.backups import apply_retention, role_instances, snapshot_instances, ssh_connector
+    from builder.backups import apply_retention, publish_latest, role_instances, snapshot_instances, ssh_connector
 
     date = _night(args.as_of)
     _check_snapshot_options(args)
@@ -140,7 +141,12 @@ def snapshot(args: argparse.Namespace) -> int:
     if args.keep_daily is not None and not failed:
         volumes = [i.volume_id for i in instances]
         retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
-    output.emit(output.snapshots(date.isoformat(), results, retention, args.format))
+    latest = publish_latest(ec2, instances) if args.publish else []
+    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, latest))
+    rows = [{"name": p.parameter, "value": p.snapshot_id, "outcome": p.outcome, "error": p.error} for p in latest]
+    warning = output.unpublished([(ec2.region, rows)])
+    if warning:  # the snapshots stand; the exit code says only whether they were taken
+        output.note(warning)
     return ExitCode.FAILED if failed or any(r.fate == "left" for r in retention) else ExitCode.OK
 
 
