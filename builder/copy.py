@@ -78,7 +78,8 @@ def copy_images(
     they run on one thread each. A failure in one region does not stop the others
     (CopiesFailed names it and what completed). On Ctrl-C or SIGTERM the copies EC2 is still
     making are named in a warning: they finish on their own, untagged, and running the copy
-    again (same client token) picks them up and tags them.
+    again (same client token) picks them up and tags them. With ``publish_to`` each copy is
+    published in its region as soon as it is made (its ``published`` says how).
     """
     raw = source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
     started: dict[str, str] = {}

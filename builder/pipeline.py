@@ -2,7 +2,8 @@
 
 resolve base image -> temporary credentials -> launch builder (with its data volume) ->
 SSH (pinned host key) -> provision, verify, image hygiene -> stop builder ->
-snapshot root and data volume -> register the role AMI -> pair and tag -> clean up.
+snapshot root and data volume -> register the role AMI -> pair and tag -> publish the SSM
+parameters (builder.publish; also for an unchanged build) -> clean up.
 
 Every resource is pushed on an undo stack the moment it exists and tagged with the
 build id at creation; whatever happens, the stack unwinds and the manifest is written.
