@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from builder.errors import InvalidInput
+from builder.publish import ami_name, check_env, latest_snapshot_name
 from builder.sandbox import control
 from tests.conftest import MINI_ROLE, PROJECT
 from tests.machines import needs_root
@@ -75,6 +77,23 @@ def parameter(world: World, name: str, region: str = REGION) -> dict[str, Any] |
 def values(world: World, *names: str, region: str = REGION) -> dict[str, str | None]:
     """Return each parameter's value (None: no such parameter)."""
     return {name: (parameter(world, name, region) or {}).get("Value") for name in names}
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("env", ["", "prod", "staging-2", "eu.west_1", "A" * 63])
+def test_names_of_valid_environments(env: str) -> None:
+    check_env(env, "--env")
+    assert ami_name("web", env) == (f"/ebsrole/web/{env}/ami" if env else "/ebsrole/web/ami")
+    assert latest_snapshot_name("web", env).startswith("/ebsrole/web/")
+
+
+@pytest.mark.parametrize("env", ["prod/eu", "-prod", ".", "prod env", "prød", "A" * 64, "prod:1"])
+def test_an_environment_that_cannot_be_one_level_of_a_path_is_refused(env: str) -> None:
+    with pytest.raises(InvalidInput, match="not usable in an SSM parameter name") as caught:
+        check_env(env, "--env")
+    assert caught.value.exit_code == 2 and repr(env) in str(caught.value)
 
 
 # ---------------------------------------------------------------- build

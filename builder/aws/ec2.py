@@ -125,6 +125,7 @@ class EC2:
         # (its port changes at every start; its waits do not).
         self.wait_scope = endpoint_url or "aws"
         self.dlm_client: Any = None  # Data Lifecycle Manager, made on first use
+        self.ssm_client: Any = None  # SSM parameters, made on first use (prune reads, publish writes)
         self.config = RETRIES  # every client's: timeouts and the SDK's retries
 
     @classmethod
@@ -186,11 +187,14 @@ class EC2:
 
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""
-        session = self.session or boto3.session.Session()
-        ssm = session.client("ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
+        if self.ssm_client is None:
+            session = self.session or boto3.session.Session()
+            self.ssm_client = session.client(
+                "ssm", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config
+            )
         self.calls[f"ssm:{operation}"] += 1
         try:
-            response: dict[str, Any] = getattr(ssm, operation)(**params)
+            response: dict[str, Any] = getattr(self.ssm_client, operation)(**params)
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "Unknown"))
