@@ -266,6 +266,11 @@ def test_snapshot_publishes_each_envs_newest_completed_snapshot_only(
 # ---------------------------------------------------------------- prune
 
 
+def images_available(world: World, ids: list[str]) -> bool:
+    found = world.client().describe_images(ImageIds=ids)["Images"]
+    return len(found) == len(ids) and all(i["State"] == "available" for i in found)
+
+
 @needs_root
 def test_prune_spares_the_ami_an_envs_parameter_names_beyond_the_newest(
     world: World, roles: Path, built: dict[str, Any]
@@ -273,15 +278,14 @@ def test_prune_spares_the_ami_an_envs_parameter_names_beyond_the_newest(
     """The built AMI stays named by /ebsrole/mini/staging/ami only, while two newer AMIs of mini exist."""
     newer = [fake_role_image(world, "mini", f"{n:032x}", "/srv/app", f"20991231T00000{n}Z-0000000{n}") for n in (1, 2)]
     ids = [m["image"] for m in newer]
-    available = {"Name": "state", "Values": ["available"]}  # with the latency model they pend first
-    wait_until(lambda: len(world.client().describe_images(ImageIds=ids, Filters=[available])["Images"]) == 2, 60)
+    wait_until(lambda: images_available(world, ids), 60, "the newer AMIs available")  # they pend first
     ssm = world.client(service="ssm")
     ssm.put_parameter(Name="/ebsrole/mini/ami", Value=newer[1]["image"], Type="String", DataType=IMAGE, Overwrite=True)
     try:
         done = cli(world, roles, "prune", "mini", "--keep", "1", "--dry-run", "--format", "json")
         assert done.returncode == 0, done.stderr
         rows = {r["image_id"]: r for r in json.loads(done.stdout)["images"]}
-        assert rows[built["ami"]]["fate"] == "in use"
+        assert rows[built["ami"]]["fate"] == "in use", (built["ami"], ids, rows)
         assert rows[built["ami"]]["detail"] == "SSM parameter /ebsrole/mini/staging/ami"
         assert rows[newer[0]["image"]]["fate"] == "would deregister"
     finally:
