@@ -170,8 +170,3 @@ def _current(ec2: EC2, names: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 def _first_line(exc: BuildError) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def failures(done: Sequence[Published]) -> list[Published]:
-    """Return the parameters that were not published, or published untagged."""
-    return [p for p in done if p.outcome == "failed" or p.error]
