@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import freeze as freezing
-from builder import tags
+from builder import publish, tags
 from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CloudError, FreezeRefused
@@ -433,6 +433,52 @@ def _snapshots_of(image: dict[str, Any]) -> list[str]:
     return [
         m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings") or [] if m.get("Ebs", {}).get("SnapshotId")
     ]
+
+
+# ---------------------------------------------------------------- publishing
+
+
+@dataclass
+class Latest:
+    """The newest completed nightly snapshot of a role in an environment, as ``snapshot`` published it."""
+
+    role: str
+    env: str
+    parameter: str
+    snapshot_id: str | None  # None: no completed nightly snapshot yet
+    date: str
+    outcome: str  # written | unchanged | failed | none completed | not published
+    note: str | None = None  # a newer snapshot still pending, or why it was not published
+    error: str | None = None
+
+
+def publish_latest(ec2: EC2, instances: Sequence[RoleInstance]) -> list[Latest]:
+    """Publish, per role and environment of ``instances``, its newest completed nightly snapshot.
+
+    The parameter is ``builder.publish.latest_snapshot_name``. A newer snapshot still
+    pending leaves it at the newest completed one (noted; the next run publishes the new
+    one). An environment that cannot be part of a parameter name is noted, not published.
+    Never raises BuildError for SSM: the outcome says what happened.
+    """
+    return [_publish_one(ec2, role, env) for role, env in sorted({(i.role, i.env) for i in instances})]
+
+
+def _publish_one(ec2: EC2, role: str, env: str) -> Latest:
+    snapshots = nightly_snapshots(ec2, role=role, env=env)  # newest first
+    newest = next((s for s in snapshots if s["state"] == "completed"), None)
+    row = Latest(role, env, "", newest["id"] if newest else None, newest["date"] if newest else "", "none completed")
+    newer = [s for s in snapshots if s["state"] == "pending" and (newest is None or s["start"] > newest["start"])]
+    if newer:
+        row.note = f"{newer[0]['id']} ({newer[0]['date'] or '?'}) is still pending: a later run publishes it"
+    if env and not publish.ENV_NAME.fullmatch(env):
+        row.outcome, row.error = "not published", f"environment {env!r} cannot be part of an SSM parameter name"
+        return row
+    row.parameter = publish.latest_snapshot_name(role, env)
+    if newest is not None:
+        parameter = publish.snapshot_parameter(role, env, newest["id"], newest["date"])
+        (done,) = publish.publish(ec2, [parameter], role, env)
+        row.outcome, row.error = done.outcome, done.error
+    return row
 
 
 def ssh_connector(identity: Path, known_hosts: Path, user: str, reach: Reach | None = None) -> Connector:

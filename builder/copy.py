@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from builder import tags
+from builder import publish, tags
 from builder.aws import resources
 from builder.aws.ec2 import EC2
 from builder.errors import BuildError, CopiesFailed, InvalidInput
@@ -27,6 +27,7 @@ class Copied:
     root_snapshot: str
     source_ami: str
     source_region: str
+    published: list[dict[str, Any]] = field(default_factory=list)  # its SSM parameters in its region
 
 
 def copy_to_regions(
@@ -37,10 +38,14 @@ def copy_to_regions(
     regions: Sequence[str],
     *,
     keys: Mapping[str, str] | None = None,
+    publish_to: bool = True,
+    env: str = "",
 ) -> list[Copied]:
     """Copy AMI ``ami`` of ``role`` (default: its newest) to each of ``regions`` at once; return the copies.
 
     ``keys``: the KMS key of the copy in a region (region -> key); a region not named gets its default key.
+    With ``publish_to`` each copy is published in its region (``builder.publish``: the
+    role's AMI and seed snapshot, and ``env``'s AMI when given).
 
     ``connect(region)`` gives the EC2 of a region; every region is connected to before the
     first copy, so a bad one stops it all. Raises InvalidInput when there is no such AMI or a
@@ -64,13 +69,19 @@ def copy_to_regions(
     targets = {region: connect(region) for region in wanted}
     started = time.monotonic()
     log.info("%s: copying %s to %s at once ...", role, image.image_id, ", ".join(wanted))
-    made = copy_images(source, targets, image, keys or {})
+    made = copy_images(source, targets, image, keys or {}, publish_to=publish_to, env=env)
     log.info("%s: copies done after %.1f s", role, time.monotonic() - started)
     return made
 
 
 def copy_images(
-    source: EC2, targets: dict[str, EC2], image: RoleImage, keys: Mapping[str, str] | None = None
+    source: EC2,
+    targets: dict[str, EC2],
+    image: RoleImage,
+    keys: Mapping[str, str] | None = None,
+    *,
+    publish_to: bool = False,
+    env: str = "",
 ) -> list[Copied]:
     """Copy a role AMI to every target region at once; return the copies in the targets' order.
 
@@ -78,7 +89,8 @@ def copy_images(
     they run on one thread each. A failure in one region does not stop the others
     (CopiesFailed names it and what completed). On Ctrl-C or SIGTERM the copies EC2 is still
     making are named in a warning: they finish on their own, untagged, and running the copy
-    again (same client token) picks them up and tags them.
+    again (same client token) picks them up and tags them. With ``publish_to`` each copy is
+    published in its region as soon as it is made (its ``published`` says how).
     """
     raw = source.call("describe_images", ImageIds=[image.image_id])["Images"][0]
     started: dict[str, str] = {}
@@ -95,6 +107,8 @@ def copy_images(
                 on_started=lambda ami: started.update({region: ami}),
                 kms_key_id=(keys or {}).get(region),
             )
+            if publish_to:  # never raises: a copy that is made stays made
+                _publish(target, done[region], image.role, env)
         except BuildError as exc:
             failed[region] = exc
 
@@ -157,3 +171,10 @@ def copy_image(
             snap_tags = tags.copied_snapshot(source_tags, origin, kind, copied)
             target.call("create_tags", Resources=[snapshot], Tags=tag_list(snap_tags))
     return Copied(target.region, copied, seed, root, image.image_id, source.region)
+
+
+def _publish(target: EC2, copied: Copied, role: str, env: str) -> None:
+    """Publish a copy in its region: the role's AMI and seed snapshot (and ``env``'s AMI); record the outcomes."""
+    writer = f"copy from {copied.source_region}/{copied.source_ami}"
+    made = publish.image_parameters(role, copied.ami, copied.seed_snapshot, writer, [env] if env else [])
+    copied.published = [asdict(p) for p in publish.publish(target, made, role, env)]

@@ -37,7 +37,9 @@ _RESTORE: Final = (
     "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the role's instance_types
     "ec2:DescribeSubnets",  # --subnet-id's AZ; --no-public-ip: the AZ's default subnet
 )
-_COPY: Final = (*_READ_IMAGES, "ec2:CopyImage", "ec2:CreateTags")
+# Publishing the SSM parameters under /ebsrole/ (builder.publish): read, write only if changed, tag.
+_PUBLISH: Final = ("ssm:GetParameters", "ssm:PutParameter", "ssm:AddTagsToResource")
+_COPY: Final = (*_READ_IMAGES, "ec2:CopyImage", "ec2:CreateTags", *_PUBLISH)
 # A role's launch template: found by name, its default version read, a version added and made default.
 _TEMPLATE_VERSIONS: Final = (
     "ec2:DescribeLaunchTemplates",
@@ -97,6 +99,7 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeSnapshots",
             "ec2:CreateSnapshot",
             "ec2:DeleteSnapshot",
+            *_PUBLISH,  # /ebsrole/ROLE[/ENV]/latest-snapshot
             *_TEMPLATE_VERSIONS,  # --update-template
         }
     ),
@@ -270,7 +273,7 @@ def policy(
     keys = kms_keys(roles, kms_key_arns)
     statements = [
         *_ec2_statements(actions),
-        *_other_statements(actions),
+        *_other_statements(actions, names),
         *_pass_roles(names, actions, execution_role_arn, instance_role_arn),
         *(_kms_statements(keys) if ENCRYPTING & set(names) else []),
     ]
@@ -326,16 +329,16 @@ def _ec2_statements(actions: set[str]) -> list[dict[str, Any]]:
     return statements
 
 
-def _other_statements(actions: set[str]) -> list[dict[str, Any]]:
+def _other_statements(actions: set[str], names: list[str]) -> list[dict[str, Any]]:
     parameters = "arn:aws:ssm:*:*:parameter"
+    ours = [f"{parameters}/{tags.TOOL}", f"{parameters}/{tags.TOOL}/*"]
+    # Launch templates may name any parameter (resolve:ssm:NAME): prune reads those too.
+    anywhere = {"ssm:GetParameters"} & actions if "prune" in names else set()
+    reads = {"ssm:GetParametersByPath", "ssm:GetParameters"} & actions - anywhere
     return [
-        _statement(
-            "ReadTheToolsParameters",
-            {"ssm:GetParametersByPath"} & actions,
-            [f"{parameters}/{tags.TOOL}", f"{parameters}/{tags.TOOL}/*"],
-        ),
-        # Launch templates may name any parameter (resolve:ssm:NAME): prune reads those too.
-        _statement("ReadParametersNamedByLaunchTemplates", {"ssm:GetParameters"} & actions, f"{parameters}/*"),
+        _statement("ReadTheToolsParameters", reads, ours),
+        _statement("ReadParametersNamedByLaunchTemplates", anywhere, f"{parameters}/*"),
+        _statement("PublishTheToolsParameters", {"ssm:PutParameter", "ssm:AddTagsToResource"} & actions, ours),
         _statement("WhoAmI", {"sts:GetCallerIdentity"} & actions),
         # share: any snapshot's key may be asked whether it is AWS-managed (it reads, never uses, the key).
         _statement("DescribeSnapshotKeys", {"kms:DescribeKey"} & actions),

@@ -41,6 +41,7 @@ class Manifest:
     scripts: dict[str, str] = field(default_factory=dict)
     resources: list[dict[str, str]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    published: list[dict[str, Any]] = field(default_factory=list)  # SSM parameters: name, value, outcome, error
     api_calls: int = 0
     api_calls_by_action: dict[str, int] = field(default_factory=dict)
     finished_at: str | None = None

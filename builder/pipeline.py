@@ -2,7 +2,8 @@
 
 resolve base image -> temporary credentials -> launch builder (with its data volume) ->
 SSH (pinned host key) -> provision, verify, image hygiene -> stop builder ->
-snapshot root and data volume -> register the role AMI -> pair and tag -> clean up.
+snapshot root and data volume -> register the role AMI -> pair and tag -> publish the SSM
+parameters (builder.publish; also for an unchanged build) -> clean up.
 
 Every resource is pushed on an undo stack the moment it exists and tagged with the
 build id at creation; whatever happens, the stack unwinds and the manifest is written.
@@ -20,12 +21,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder import tags
+from builder import publish, tags
 from builder.aws import resources
 from builder.aws.ec2 import EC2, Image
 from builder.cleanup import Resource, UndoStack
@@ -34,6 +35,7 @@ from builder.files import write_atomic
 from builder.fingerprint import fingerprint
 from builder.keys import KeyPair
 from builder.manifest import Manifest, write_manifest
+from builder.publish import check_env
 from builder.reach import Reach
 from builder.registry import role_images
 from builder.render import render_role
@@ -103,6 +105,8 @@ class BuildOptions:
     manifest_path: Path | None = None
     endpoint_url: str | None = None
     if_changed: bool = False  # skip the build when an AMI of the role's fingerprint exists
+    publish: bool = True  # write the SSM parameters /ebsrole/<role>/... (builder.publish)
+    publish_env: str = ""  # and /ebsrole/<role>/<env>/ami
     connect: Connector | None = None  # how to open SSH (default: Remote.connect)
     kms_key_id: str | None = None  # the root volume's key, over the role's root.kms_key_id
     deprecate_at: str | None = None  # YYYY-MM-DD or an ISO time (UTC unless it says otherwise)
@@ -116,6 +120,7 @@ class BuildOptions:
                 raise InvalidInput(f"{name} {seconds}: must be more than 0 and at most {MAX_TIMEOUT} s (7 days)")
         if not 1 <= self.ssh_port <= 65535:
             raise InvalidInput(f"ssh_port {self.ssh_port}: must be 1 to 65535")
+        check_env(self.publish_env, "--env")
         reach = self.reach  # checked here, before any cloud call
         if self.kms_key_id and not KMS_KEY.fullmatch(self.kms_key_id):
             raise InvalidInput(f"--kms-key-id {self.kms_key_id!r}: not a KMS key id, key ARN, alias/NAME or alias ARN")
@@ -181,18 +186,10 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     state = _Build(role, ec2, options, manifest)
     error: BaseException | None = None
     try:
-        for name, stage in STAGES:
-            with _step(state, name):
-                stage(state)
-        manifest.status = "complete"
-    except Unchanged as image:
-        manifest.status = "unchanged"
-        manifest.ami, manifest.seed_snapshot, manifest.root_snapshot = (
-            image.image_id,
-            image.seed_snapshot,
-            image.root_snapshot,
-        )
-        log.info("%s: unchanged: AMI %s has fingerprint %s", role.name, image.image_id, manifest.fingerprint)
+        _run_stages(state)
+        if options.publish:  # an unchanged build too: a re-run repairs a missing or stale parameter
+            with _step(state, "publish parameters"):
+                _publish(state)
     except BaseException as exc:  # noqa: BLE001 - Ctrl-C and SIGTERM too: clean up, then re-raise
         error = exc
         manifest.status = "interrupted" if not isinstance(exc, Exception) else "failed"
@@ -218,6 +215,34 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
     if leftovers:
         raise LeftBehind(leftovers, None, state.build_id)
     return manifest
+
+
+def _run_stages(state: _Build) -> None:
+    """Run the stages; an unchanged build (--if-changed) ends early, naming the AMI it found."""
+    manifest = state.manifest
+    try:
+        for name, stage in STAGES:
+            with _step(state, name):
+                stage(state)
+        manifest.status = "complete"
+    except Unchanged as image:
+        manifest.status = "unchanged"
+        manifest.ami, manifest.seed_snapshot, manifest.root_snapshot = (
+            image.image_id,
+            image.seed_snapshot,
+            image.root_snapshot,
+        )
+        log.info("%s: unchanged: AMI %s has fingerprint %s", state.role.name, image.image_id, manifest.fingerprint)
+
+
+def _publish(state: _Build) -> None:
+    """Write the role's SSM parameters (and --env's AMI); record each outcome in the manifest, never raise."""
+    manifest, envs = state.manifest, [state.options.publish_env] if state.options.publish_env else []
+    made = publish.image_parameters(
+        state.role.name, str(manifest.ami), manifest.seed_snapshot or "", f"build {state.build_id}", envs
+    )
+    done = publish.publish(state.ec2, made, state.role.name, state.options.publish_env)
+    manifest.published = [asdict(p) for p in done]
 
 
 @contextmanager

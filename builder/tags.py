@@ -227,6 +227,11 @@ def dlm_policy(role: str, env: str) -> dict[str, str]:
     return {ROLE: role, ENV: env, **created_by()}
 
 
+def parameter(role: str, env: str) -> dict[str, str]:
+    """Return the tags of an SSM parameter the tool publishes (``builder.publish``)."""
+    return {ROLE: role, **({ENV: env} if env else {}), **created_by()}
+
+
 def backup_target(role: str, env: str) -> str:
     """Return the ``ebsrole:backup-target`` value of the data volumes of ``role`` in ``env``."""
     return f"{role}@{env}" if env else role

@@ -162,6 +162,7 @@ class EC2:
         # (its port changes at every start; its waits do not).
         self.wait_scope = endpoint_url or "aws"
         self.dlm_client: Any = None  # Data Lifecycle Manager, made on first use
+        self.clients: dict[str, Any] = {}  # SSM, Auto Scaling, KMS: each made on first use
         self.config = RETRIES  # every client's: timeouts and the SDK's retries
 
     @classmethod
@@ -229,17 +230,7 @@ class EC2:
 
     def kms_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call KMS ``operation`` (snake_case) in this region and return the response; raise CloudError."""
-        kms = self.session.client("kms", region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
-        self.calls[f"kms:{operation}"] += 1
-        try:
-            response: dict[str, Any] = getattr(kms, operation)(**params)
-        except botocore.exceptions.ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "Unknown"))
-            raise CloudError(f"kms {operation}", code, str(error.get("Message") or code)) from None
-        except (botocore.exceptions.BotoCoreError, ConnectionError) as exc:
-            raise CloudError(f"kms {operation}", type(exc).__name__, str(exc)) from None
-        return response
+        return self.service_call("kms", operation, **params)
 
     def ssm_call(self, operation: str, **params: Any) -> dict[str, Any]:
         """Call SSM ``operation`` (snake_case) in this region and return the response; raise CloudError."""
@@ -251,8 +242,13 @@ class EC2:
 
     def service_call(self, service: str, operation: str, **params: Any) -> dict[str, Any]:
         """Call ``service``'s (boto3's name) ``operation`` in this region at this endpoint; raise CloudError."""
-        session: Any = self.session or boto3.session.Session()
-        client = session.client(service, region_name=self.region, endpoint_url=self.endpoint_url, config=self.config)
+        client = self.clients.get(service)
+        if client is None:
+            session: Any = self.session or boto3.session.Session()
+            client = session.client(
+                service, region_name=self.region, endpoint_url=self.endpoint_url, config=self.config
+            )
+            self.clients[service] = client
         self.calls[f"{service}:{operation}"] += 1
         try:
             response: dict[str, Any] = getattr(client, operation)(**params)

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import Parser, add, aws_options, reach_options, source_options, ssh_login_options
+from builder.cli.registry import (
+    Parser,
+    add,
+    aws_options,
+    publish_options,
+    reach_options,
+    source_options,
+    ssh_login_options,
+)
 from builder.errors import ExitCode, InvalidInput
 from builder.reach import Reach
 
@@ -47,6 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     ssh_login_options(p, "SSH to existing instances (host keys pinned from known_hosts)", "the instances' host keys")
     reach_options(p)
     aws_options(p)
+    publish_options(p, env=False)
     _schedule_parser(sub, common)
     for verb in ("launch", "drill"):
         _restore_parser(add(sub, verb, common), admits=verb == "drill")
@@ -126,7 +135,7 @@ def _check_snapshot_options(args: argparse.Namespace) -> None:
 
 def snapshot(args: argparse.Namespace) -> int:
     """Snapshot the data volumes of running role instances; apply retention."""
-    from builder.backups import apply_retention, role_instances, snapshot_instances, ssh_connector
+    from builder.backups import apply_retention, publish_latest, role_instances, snapshot_instances, ssh_connector
 
     date = _night(args.as_of)
     _check_snapshot_options(args)
@@ -146,12 +155,17 @@ def snapshot(args: argparse.Namespace) -> int:
     if args.keep_daily is not None and not failed:
         volumes = [i.volume_id for i in instances]
         retention = apply_retention(ec2, volumes, args.keep_daily, args.keep_weekly, dry_run=args.dry_run)
+    latest = publish_latest(ec2, instances) if args.publish else []
     templates = None
     if args.update_template:
         from builder.scaleout import update_templates
 
         templates = update_templates(ec2, instances, results, args.template_timeout)
-    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, templates))
+    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, latest=latest, templates=templates))
+    rows = [{"name": p.parameter, "value": p.snapshot_id, "outcome": p.outcome, "error": p.error} for p in latest]
+    warning = output.unpublished([(ec2.region, rows)])
+    if warning:  # the snapshots stand; the exit code says only whether they were taken
+        output.note(warning)
     skipped = any(t.result == "skipped" for t in templates or ())
     return ExitCode.FAILED if failed or skipped or any(r.fate == "left" for r in retention) else ExitCode.OK
 

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 from builder import __version__
 from builder.cli import output
 from builder.cli.context import Target, check_writable_dir, connect, load_roles, require_roles, roles_dir
-from builder.cli.registry import Parser, aws_options, command_list, port, prog, reach_options, seconds
+from builder.cli.registry import (
+    Parser,
+    aws_options,
+    command_list,
+    port,
+    prog,
+    publish_options,
+    reach_options,
+    seconds,
+)
 from builder.errors import ExitCode, InvalidInput, exit_code_help
 
 if TYPE_CHECKING:
@@ -86,6 +95,7 @@ def parser(common: Parser) -> Parser:
     out.add_argument(
         "--copy-to", action="append", metavar="REGION", help="then copy the AMI and its snapshots there (repeatable)"
     )
+    publish_options(p, env=True)
     p.set_defaults(run=run)
     return p
 
@@ -150,16 +160,28 @@ def run(args: argparse.Namespace) -> int:
     made = build(roles[0], ec2, replace(request.options, endpoint_url=ec2.endpoint_url))
     copies = _copy(request, ec2, roles[0], made.ami) if request.copy_to else []
     output.emit(output.built(made, copies, args.format))
+    # Not publishing loses nothing: the AMI stands (exit 0), and the warning says how to publish it.
+    warning = output.unpublished([(made.region, made.published), *((c["region"], c["published"]) for c in copies)])
+    if warning:
+        output.note(warning)
     return ExitCode.OK
 
 
-def _copy(request: BuildRequest, ec2: EC2, role: Role, ami: str | None) -> list[dict[str, str]]:
+def _copy(request: BuildRequest, ec2: EC2, role: Role, ami: str | None) -> list[dict[str, Any]]:
     """Copy the AMI just built to each --copy-to region (keys: the role's copy_kms_key_ids); return what was made."""
     from builder.copy import copy_to_regions
 
+    options = request.options
     keys = {r: k for r, k in role.copy_kms_key_ids if r in request.copy_to}
     made = copy_to_regions(
-        ec2, lambda region: connect(request.target, region), role.name, str(ami), request.copy_to, keys=keys
+        ec2,
+        lambda region: connect(request.target, region),
+        role.name,
+        str(ami),
+        request.copy_to,
+        keys=keys,
+        publish_to=options.publish,
+        env=options.publish_env,
     )
     return [asdict(c) for c in made]
 

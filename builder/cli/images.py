@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 from builder.cli import output
 from builder.cli.context import Target, connect, connect_args
-from builder.cli.registry import Parser, add, aws_options
+from builder.cli.registry import Parser, add, aws_options, publish_options
 from builder.errors import ExitCode, InvalidInput
 
 
@@ -42,6 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
     aws_options(p)
+    publish_options(p, env=True)
     _share_parser(add(sub, "share", common))
     _sweep_parser(add(sub, "sweep", common))
     for name in ("prune", "copy", "share", "sweep"):
@@ -120,13 +121,27 @@ def prune(args: argparse.Namespace) -> int:
 def copy(args: argparse.Namespace) -> int:
     """Copy the role's AMI to other regions."""
     from builder.copy import copy_to_regions
+    from builder.publish import check_env
 
     _check_role_name("copy", args.role, "")
+    check_env(args.publish_env, "--env")
     keys = _copy_keys(args)
     target = Target.of(args)
     ec2 = connect(target)
-    made = copy_to_regions(ec2, lambda region: connect(target, region), args.role, args.ami, args.to, keys=keys)
+    made = copy_to_regions(
+        ec2,
+        lambda region: connect(target, region),
+        args.role,
+        args.ami,
+        args.to,
+        keys=keys,
+        publish_to=args.publish,
+        env=args.publish_env,
+    )
     output.emit(output.copied(args.role, [asdict(c) for c in made], args.format))
+    warning = output.unpublished([(c.region, c.published) for c in made])
+    if warning:  # the copies stand: exit 0
+        output.note(warning)
     return ExitCode.OK
 
 

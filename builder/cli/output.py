@@ -58,6 +58,7 @@ def built(manifest: Manifest, copies: Sequence[Mapping[str, str]], fmt: str) -> 
             "fingerprint": manifest.fingerprint,
             "manifest": str(manifest.path),
             "copies": list(copies),
+            "published": manifest.published,
         }
         return as_json({"builds": [record]})
     if manifest.status == "unchanged":
@@ -71,6 +72,26 @@ def built(manifest: Manifest, copies: Sequence[Mapping[str, str]], fmt: str) -> 
         f"{manifest.role}: copied to {c['region']}: AMI {c['ami']} seed snapshot {c['seed_snapshot']}" for c in copies
     )
     return "\n".join((head, *made))
+
+
+PUBLISH_HINT = (
+    "hint: the result stands; to publish it, grant ssm:GetParameters, ssm:PutParameter and "
+    "ssm:AddTagsToResource on arn:aws:ssm:*:*:parameter/ebsrole/* and run again (a build with "
+    "--if-changed only publishes), or give --no-publish (docs/reference/parameters.md)"
+)
+
+
+def unpublished(published: Iterable[tuple[str, Iterable[Mapping[str, Any]]]]) -> str | None:
+    """build, copy, snapshot: a warning per SSM parameter (region, rows) not written or untagged; None: all were."""
+    lines = []
+    for region, rows in published:
+        for row in rows:
+            said = f"warning: SSM parameter {row['name'] or '-'} in {region}"
+            if row.get("outcome") in ("failed", "not published"):
+                lines.append(f"{said} NOT set to {row['value']}: {row['error']}")
+            elif row.get("error"):
+                lines.append(f"{said} set to {row['value']}, {row['error']}")
+    return "\n".join([*lines, PUBLISH_HINT]) if lines else None
 
 
 def copied(role: str, copies: Sequence[Mapping[str, str]], fmt: str) -> str:
@@ -222,11 +243,22 @@ def snapshot_failures(results: Sequence[Any]) -> str:
 
 
 def snapshots(
-    date: str, results: Sequence[Any], retention: Sequence[Any], fmt: str, templates: Sequence[Any] | None = None
+    date: str,
+    results: Sequence[Any],
+    retention: Sequence[Any],
+    fmt: str,
+    *,
+    latest: Sequence[Any] = (),
+    templates: Sequence[Any] | None = None,
 ) -> str:
-    """snapshot: each volume's snapshot, then the retention's fates (and with --update-template, the templates)."""
+    """snapshot: each volume's snapshot, the retention's fates, the published latest snapshots (and the templates)."""
     if fmt == "json":
-        doc = {"date": date, "snapshots": [asdict(r) for r in results], "retention": [asdict(r) for r in retention]}
+        doc = {
+            "date": date,
+            "snapshots": [asdict(r) for r in results],
+            "retention": [asdict(r) for r in retention],
+            "published": [asdict(p) for p in latest],
+        }
         if templates is not None:
             doc["templates"] = [asdict(t) for t in templates]
         return as_json(doc)
@@ -240,6 +272,9 @@ def snapshots(
     for k in retention:
         extra = (f" ({k.state})" if k.state != "completed" else "") + (f": {k.error}" if k.error else "")
         lines.append(f"{k.fate:14} {k.snapshot_id:24} {k.volume_id:22} {k.date or '-'}{extra}")
+    for p in latest:
+        extra = (f": {p.error}" if p.error else "") + (f" ({p.note})" if p.note else "")
+        lines.append(f"{p.outcome:14} {p.parameter or '-'} {p.snapshot_id or '-'}{extra}")
     if templates:
         lines.append(template_updates(templates))
     return "\n".join(lines)

@@ -274,3 +274,13 @@ def seconds(text: str) -> float:
     if not 0 < value <= MAX_TIMEOUT:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r}: give seconds, more than 0 and at most {MAX_TIMEOUT} (7 days)")
     return value
+
+
+def publish_options(parser: argparse.ArgumentParser, *, env: bool) -> None:
+    """Add --no-publish (and with ``env``, --env ENV): the SSM parameters of builder.publish."""
+    ssm = parser.add_argument_group("SSM parameters (docs/reference/parameters.md)")
+    no = "write no SSM parameter /ebsrole/ROLE/... (accounts where SSM is not allowed)"
+    ssm.add_argument("--no-publish", dest="publish", action="store_false", help=no)
+    if env:
+        also = "also publish the AMI as environment ENV's: /ebsrole/ROLE/ENV/ami"
+        ssm.add_argument("--env", dest="publish_env", default="", metavar="ENV", help=also)

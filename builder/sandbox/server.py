@@ -298,7 +298,8 @@ class Sandbox:
                     body = changed
                     headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
                     headers.append(("Content-Length", str(len(body))))
-            if self.latency is not None and status.startswith("200") and not READ_ONLY.match(action):
+            # A JSON service's answer (SSM's) has no form Action and is no EC2 XML: no latency, no ids.
+            if self.latency is not None and action and status.startswith("200") and not READ_ONLY.match(action):
                 ids = {t: response_ids(body, t) for t in ("instanceId", "volumeId", "snapshotId", "imageId")}
                 self.latency.after(action, backend, params, ids)
         except EC2Error as exc:
