@@ -6,17 +6,10 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-from builder.cli import output
+from builder.cli import backup_output, output
 from builder.cli.context import connect_args, load_role, require_role_files, roles_dir
-from builder.cli.registry import (
-    Parser,
-    add,
-    aws_options,
-    publish_options,
-    reach_options,
-    source_options,
-    ssh_login_options,
-)
+from builder.cli.options import aws_options, publish_options, reach_options, source_options, ssh_login_options
+from builder.cli.registry import Parser, add
 from builder.errors import ExitCode, InvalidInput
 from builder.reach import Reach
 
@@ -150,7 +143,7 @@ def snapshot(args: argparse.Namespace) -> int:
     )
     failed = any(r.result == "failed" for r in results)
     if failed:  # a failed night deletes nothing: its older snapshots are all there is
-        output.note(output.snapshot_failures(results))
+        output.note(backup_output.snapshot_failures(results))
     retention = []
     if args.keep_daily is not None and not failed:
         volumes = [i.volume_id for i in instances]
@@ -161,7 +154,9 @@ def snapshot(args: argparse.Namespace) -> int:
         from builder.scaleout import update_templates
 
         templates = update_templates(ec2, instances, results, args.template_timeout)
-    output.emit(output.snapshots(date.isoformat(), results, retention, args.format, latest=latest, templates=templates))
+    output.emit(
+        backup_output.snapshots(date.isoformat(), results, retention, args.format, latest=latest, templates=templates)
+    )
     rows = [{"name": p.parameter, "value": p.snapshot_id, "outcome": p.outcome, "error": p.error} for p in latest]
     warning = output.unpublished([(ec2.region, rows)])
     if warning:  # the snapshots stand; the exit code says only whether they were taken
@@ -224,7 +219,7 @@ def launch(args: argparse.Namespace) -> int:
         volume_size=_volume_size(args),
     )
     done = restore(connect_args(args), role, request)
-    output.emit(output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
+    output.emit(backup_output.launched(role.name, done.image.image_id, done.source, done.instances, args.format))
     return ExitCode.FAILED if any(i.verified is False for i in done.instances) else ExitCode.OK
 
 
@@ -247,7 +242,7 @@ def drill(args: argparse.Namespace) -> int:
         volume_size=_volume_size(args),
     )
     done = run(connect_args(args), role, request)
-    output.emit(output.drilled(role.name, done.source, done.report, args.format))
+    output.emit(backup_output.drilled(role.name, done.source, done.report, args.format))
     if done.report.left_behind:
         return ExitCode.LEFTOVERS
     return ExitCode.OK if done.report.passed else ExitCode.FAILED

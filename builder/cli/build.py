@@ -18,16 +18,8 @@ from typing import TYPE_CHECKING, Any
 from builder import __version__
 from builder.cli import output
 from builder.cli.context import Target, check_writable_dir, connect, load_roles, require_roles, roles_dir
-from builder.cli.registry import (
-    Parser,
-    aws_options,
-    command_list,
-    port,
-    prog,
-    publish_options,
-    reach_options,
-    seconds,
-)
+from builder.cli.options import aws_options, port, publish_options, reach_options, seconds
+from builder.cli.registry import Parser, command_list, prog
 from builder.errors import ExitCode, InvalidInput, exit_code_help
 
 if TYPE_CHECKING:

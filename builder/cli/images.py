@@ -7,7 +7,8 @@ from dataclasses import asdict
 
 from builder.cli import output
 from builder.cli.context import Target, connect, connect_args
-from builder.cli.registry import Parser, add, aws_options, publish_options
+from builder.cli.options import aws_options, publish_options
+from builder.cli.registry import Parser, add
 from builder.errors import ExitCode, InvalidInput
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from builder.cli import output
 from builder.cli.context import connect_args, load_role, load_roles, require_roles, roles_dir
-from builder.cli.registry import Parser, add, aws_options, port, reach_options, ssh_login_options
+from builder.cli.options import aws_options, port, reach_options, ssh_login_options
+from builder.cli.registry import Parser, add
 from builder.errors import ExitCode, InvalidInput, RoleInvalid
 
 

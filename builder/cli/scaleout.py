@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from builder.cli import output
+from builder.cli import backup_output, output
 from builder.cli.context import connect_args, load_role, roles_dir
-from builder.cli.registry import Parser, add, aws_options, source_options
+from builder.cli.options import aws_options, source_options
+from builder.cli.registry import Parser, add
 from builder.errors import ExitCode, InvalidInput
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     version, source = put_template(ec2, role, request)
     made = put_group(ec2, role.name, args.env, version, group, existing=existing) if group else None
     done = Templated(version, source, made)
-    output.emit(output.templated(role.name, done, args.format))
+    output.emit(backup_output.templated(role.name, done, args.format))
     return ExitCode.OK
 
 
