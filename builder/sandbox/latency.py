@@ -54,7 +54,7 @@ TIMES: dict[str, float] = {
     "image_pending": 10,
 }
 # realistic: a snapshot is 40 s plus 10 s per GiB written (about 100 MiB/s), so the small
-# volumes a build snapshots (a few hundred MiB written) still take about fixed's 45 s.
+# volumes a build snapshots (little written) take about fixed's 45 s.
 REALISTIC_TIMES = {**TIMES, "snapshot_pending": 40, "snapshot_per_gib": 10}
 # Coefficient of variation of each draw (standard deviation / mean). A launch's 0.4 puts
 # 90 % of launches between about 8 and 28 s around the 15 s median.
