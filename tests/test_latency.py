@@ -19,6 +19,7 @@ import yaml
 from builder.cli import output
 from builder.errors import InvalidInput
 from builder.sandbox import control
+from builder.sandbox.dataplane import DataPlane
 from builder.sandbox.latency import GIB, PRESETS, REALISTIC_CV, Bucket, Latency, Model
 from tests.conftest import MINI_ROLE, run_cli
 from tests.machines import needs_root
@@ -138,6 +139,23 @@ def test_snapshot_time_grows_with_the_gib_written() -> None:
     assert backend.snapshots["snap-big"].status == "pending"
 
 
+def test_a_snapshot_written_counts_its_allocated_blocks(tmp_path: Path) -> None:
+    """What the data plane reports as written: a sparse copy's allocated blocks, a tree's files; not the size."""
+    plane = DataPlane(tmp_path / "data")
+    sparse = tmp_path / "snap-a.img"
+    with sparse.open("wb") as out:
+        out.truncate(2 * GIB)  # a 2 GiB volume
+        out.seek(GIB)
+        out.write(b"x" * 3 * 2**20)  # 3 MiB written
+    tree = tmp_path / "snap-b.tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "data").write_bytes(b"y" * 2**20)
+    plane.snapshots.update({"snap-a": {"file": str(sparse)}, "snap-b": {"tree": str(tree), "layers": []}})
+    assert 3 * 2**20 <= plane.snapshot_bytes("snap-a") < 4 * 2**20
+    assert 2**20 <= plane.snapshot_bytes("snap-b") < 2 * 2**20
+    assert plane.snapshot_bytes("snap-gone") == 0
+
+
 def test_the_seed_and_model_are_recorded() -> None:
     """The seed, preset, scale and CVs are in the model's JSON (what `sandbox status --format json`
     shows as "latency"); the waits learnt under a model do not depend on its seed."""
@@ -192,6 +210,8 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
     """
     ec2 = slow_world.client()
     model = Model.preset("fixed", SCALE)
+    shown = slow_world.status()["latency"]  # what `sandbox status --format json` shows
+    assert shown["name"] == "fixed" and shown["scale"] == SCALE and isinstance(shown["seed"], int)
 
     def instance_state() -> str:
         return str(slow_world.describe(instance)["State"]["Name"])
