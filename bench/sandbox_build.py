@@ -80,6 +80,8 @@ def main() -> int:
             runs.append(one_run(args.role, Path(work), n))
             print(f"run {n + 1}/{args.runs}: {runs[-1]['wall_s']} s", file=sys.stderr)
 
+    latency = control.status().get("latency")
+
     def median(key: str) -> float:
         return round(statistics.median(r[key] for r in runs), 2)
 
@@ -92,6 +94,9 @@ def main() -> int:
         "runs": runs,
         "summary": summary,
         "sandbox_start_s": None if was_running else round(sandbox_start, 2),
+        # The sandbox's latency model with its seed (None: instant EC2, nothing drawn).
+        "latency": latency,
+        "seed": latency["seed"] if latency else None,
         "machine": subprocess.run(["uname", "-srm"], capture_output=True, text=True, check=False).stdout.strip(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -4,8 +4,9 @@
 Both build the same AMI (a root and a data volume at /dev/sdf, provisioned by the same
 three scripts: our rendered provision.sh, verify.sh and image-hygiene.sh, which Packer runs
 as its shell provisioner) against the same endpoint: a sandbox started with the EC2 latency
-model (`realistic`, scaled by --scale) and API throttling, so each tool's instances are
-real machines reached over SSH and every wait takes the modelled time. Three contenders,
+model (`realistic`, scaled by --scale, its draws seeded by --seed, recorded in the results) and
+API throttling, so each tool's instances are real machines reached over SSH and every wait
+takes the modelled time. Three contenders,
 interleaved run by run (A B C A B C ...): ours, Packer with its defaults (waiters poll every
 15 s) and Packer with AWS_POLL_DELAY_SECONDS=1. Ours learns how long each kind of wait takes
 (builder.aws.waits.Waits); the bench starts it with nothing learnt and reports that first build
@@ -43,7 +44,7 @@ import yaml  # noqa: E402
 from builder.render import render_role  # noqa: E402
 from builder.roles import load_role  # noqa: E402
 from builder.sandbox import control  # noqa: E402
-from builder.sandbox.latency import Model  # noqa: E402
+from builder.sandbox.latency import Model, new_seed  # noqa: E402
 
 BASE = "ami-000000000000000d2"
 FIRST = "ours, first build (no wait history yet)"
@@ -176,20 +177,25 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--scale", type=float, default=0.1, help="of the realistic latency preset")
     parser.add_argument("--rate", type=float, default=20, help="EC2 calls per second before throttling")
+    parser.add_argument("--seed", type=int, default=new_seed(), help="of the latency model's draws (default: random)")
     parser.add_argument("--out", type=Path, default=PROJECT / "bench/results/vs-packer.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = arguments()
     if not shutil.which("packer"):
         sys.exit("needs Debian's packer: apt-get install packer")
-    model = Model.preset("realistic", args.scale, args.rate)
+    model = Model.preset("realistic", args.scale, args.rate, args.seed)  # the seed is recorded: a run can be replayed
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         state = work / "sandbox"
-        control.start(state, latency=("realistic", args.scale, args.rate))
+        control.start(state, latency=("realistic", args.scale, args.rate), seed=args.seed)
         try:
             roles = work / "roles"
             roles.mkdir()
@@ -240,6 +246,7 @@ def main() -> int:
     result = {
         "model": json.loads(model.to_json()),
         "scale": args.scale,
+        "seed": args.seed,
         "runs": args.runs,
         "machine_work_s": work_s,
         "lower_bound_s": lower,

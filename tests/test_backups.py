@@ -34,7 +34,8 @@ from tests.machines import needs_root
 from tests.sandbox import REGION, Instance, World, wait_until
 
 ARN = "arn:aws:iam::123456789012:role/AWSDataLifecycleManagerDefaultRole"
-# The realistic latency model, scaled: a snapshot stays `pending` for 6.75 s, as EC2's do
+# The fixed latency model (no variance: these checks time the night), scaled: a snapshot
+# stays `pending` for 6.75 s, as EC2's do
 # for a minute, so a run sees its own night's snapshot pending; instances pend 2.25 s.
 SCALE = 0.15
 
@@ -43,7 +44,7 @@ SCALE = 0.15
 def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
     """This module's sandbox, with the latency model: snapshots really are `pending` for a while."""
     state = tmp_path_factory.mktemp("sandbox")
-    world = World.start(state, latency=("realistic", SCALE, 0.0))
+    world = World.start(state, latency=("fixed", SCALE, 0.0))
     try:
         yield world
     finally:

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import botocore.config
 import botocore.exceptions
 import pytest
 import yaml
 
+from builder.cli import output
+from builder.errors import InvalidInput
 from builder.sandbox import control
-from builder.sandbox.latency import Bucket, Model
-from tests.conftest import MINI_ROLE
+from builder.sandbox.dataplane import DataPlane
+from builder.sandbox.latency import GIB, PRESETS, REALISTIC_CV, Bucket, Latency, Model
+from tests.conftest import MINI_ROLE, run_cli
 from tests.machines import needs_root
 from tests.sandbox import REGION, World
 
-SCALE = 0.1  # realistic / 10: pending 1.5 s, creating 0.3 s, stopping 3 s, snapshot 4.5 s, image 1 s
+SCALE = 0.1  # fixed / 10: pending 1.5 s, creating 0.3 s, stopping 3 s, snapshot 4.5 s, image 1 s
 BASE = "ami-000000000000000d2"
 
 
 @pytest.fixture(scope="module")
 def slow_world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
-    """A sandbox with the realistic latency model (scaled) and throttling at 20 calls a second."""
+    """A sandbox with the fixed latency model (scaled: its checks time each state) and throttling at 20 calls a second."""
     state = tmp_path_factory.mktemp("sandbox")
-    world = World.start(state, latency=("realistic", SCALE, 20.0))
+    world = World.start(state, latency=("fixed", SCALE, 20.0))
     try:
         yield world
     finally:
@@ -57,12 +63,134 @@ def states(probe: Callable[[], str], final: str, since: float, limit: float = 60
 
 
 def test_presets_scale_and_round_trip() -> None:
-    model = Model.preset("realistic", 0.1, rate=20)
+    model = Model.preset("fixed", 0.1, rate=20)
     assert model.instance_pending == 1.5 and model.snapshot_pending == 4.5 and model.burst == 100
     assert Model.from_json(model.to_json()) == model
     assert not Model.preset("none").active and model.active
-    with pytest.raises(ValueError, match="no latency preset"):
+    with pytest.raises(InvalidInput, match="no latency preset 'glacial'"):
         Model.preset("glacial")
+
+
+def latency(model: Model, written: Callable[[str], int] | None = None) -> Latency:
+    """A Latency on its own (no sandbox): its draws are what the sandbox's transitions would last."""
+    made = Latency(model, threading.RLock(), written)
+    made.clock.stop()
+    return made
+
+
+EMPTY_STATUS = {"state": "/s", "machines": [], "loop_devices": [], "mounts": [], "bytes_on_disk": 0}
+MIXED = ("instance_pending", "volume_creating", "snapshot_pending", "instance_stopping", "image_pending") * 40
+
+
+def test_draws_for_a_seed_are_reproducible_and_seeds_differ() -> None:
+    """One RNG per sandbox: the same seed, the same times for the same sequence of transitions."""
+
+    def sequence(seed: int) -> list[float]:
+        lat = latency(Model.preset("realistic", 1.0, seed=seed))
+        return [lat.draw(t) for t in MIXED] + [lat.snapshot_time(2.5) for _ in range(20)]
+
+    first = sequence(7)
+    assert sequence(7) == first
+    other = sequence(8)
+    assert other != first and sum(a != b for a, b in zip(first, other, strict=True)) > len(first) * 0.9
+    assert len(set(first)) > len(first) * 0.9  # draws, not one time repeated
+
+
+@pytest.mark.parametrize("transition", [t for t in REALISTIC_CV if t != "snapshot_per_gib"])
+def test_realistic_draws_have_the_presets_median_and_cv(transition: str) -> None:
+    """Over many draws (fixed seed: no flakes) the sample median is the preset's time and the CV its CV."""
+    scale = 0.5
+    lat = latency(Model.preset("realistic", scale, seed=20261202))
+    draws = [lat.draw(transition) for _ in range(20000)]
+    median = PRESETS["realistic"][0][transition] * scale
+    # Standard errors at 20000 draws: ~0.3 % of the median, ~0.005 of the CV; these bounds are 10x that.
+    assert statistics.median(draws) == pytest.approx(median, rel=0.03)
+    assert statistics.stdev(draws) / statistics.mean(draws) == pytest.approx(REALISTIC_CV[transition], abs=0.05)
+    assert min(draws) > 0
+
+
+def test_fixed_gives_exact_times() -> None:
+    """fixed: every occurrence lasts exactly the preset's time (scaled), whatever the seed or the data."""
+    for seed in (1, 2):
+        lat = latency(Model.preset("fixed", 0.1, seed=seed))
+        assert [lat.draw("instance_pending") for _ in range(5)] == [1.5] * 5
+        assert lat.draw("instance_stopping") == 3.0 and lat.draw("image_pending") == 1.0
+        assert lat.snapshot_time(0) == lat.snapshot_time(8) == 4.5
+
+
+def test_snapshot_time_grows_with_the_gib_written() -> None:
+    """realistic: a snapshot is a drawn base (40 s) plus a drawn 10 s per GiB its copy holds."""
+
+    def median_time(gib: float) -> float:
+        lat = latency(Model.preset("realistic", 1.0, seed=3))
+        return statistics.median(lat.snapshot_time(gib) for _ in range(4000))
+
+    medians = [median_time(g) for g in (0, 1, 4, 16)]
+    assert medians == sorted(medians) and medians[0] == pytest.approx(40, rel=0.05)
+    assert medians[2] == pytest.approx(80, rel=0.05) and medians[3] == pytest.approx(200, rel=0.05)
+
+    # The sandbox's CreateSnapshot asks the data plane how much the snapshot holds.
+    sizes = {"snap-small": 0, "snap-big": 20 * GIB}
+    lat = latency(Model.preset("realistic", 1.0, seed=3), written=sizes.__getitem__)
+    backend = SimpleNamespace(snapshots={k: SimpleNamespace(status="completed") for k in sizes})
+    small = [lat._pending_snapshot(backend, "snap-small") for _ in range(50)]
+    big = [lat._pending_snapshot(backend, "snap-big") for _ in range(50)]
+    assert statistics.median(big) > statistics.median(small) + 150
+    assert backend.snapshots["snap-big"].status == "pending"
+
+
+def test_a_snapshot_written_counts_its_allocated_blocks(tmp_path: Path) -> None:
+    """What the data plane reports as written: a sparse copy's allocated blocks, a tree's files; not the size."""
+    plane = DataPlane(tmp_path / "data")
+    sparse = tmp_path / "snap-a.img"
+    with sparse.open("wb") as out:
+        out.truncate(2 * GIB)  # a 2 GiB volume
+        out.seek(GIB)
+        out.write(b"x" * 3 * 2**20)  # 3 MiB written
+    tree = tmp_path / "snap-b.tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "data").write_bytes(b"y" * 2**20)
+    plane.snapshots.update({"snap-a": {"file": str(sparse)}, "snap-b": {"tree": str(tree), "layers": []}})
+    assert 3 * 2**20 <= plane.snapshot_bytes("snap-a") < 4 * 2**20
+    assert 2**20 <= plane.snapshot_bytes("snap-b") < 2 * 2**20
+    assert plane.snapshot_bytes("snap-gone") == 0
+
+
+def test_the_seed_and_model_are_recorded() -> None:
+    """The seed, preset, scale and CVs are in the model's JSON (what `sandbox status --format json`
+    shows as "latency"); the waits learnt under a model do not depend on its seed."""
+    model = Model.preset("realistic", 0.5, rate=2, seed=424242)
+    shown = json.loads(model.to_json())
+    assert shown["seed"] == 424242 and shown["name"] == "realistic" and shown["scale"] == 0.5
+    assert shown["cv"]["instance_pending"] == 0.4 and shown["snapshot_per_gib"] == 5.0
+    assert Model.from_json(model.to_json()) == model
+    other = json.loads(Model.preset("realistic", 0.5, rate=2, seed=1).to_json())
+    assert control.Running(1, "e", shown).wait_scope == control.Running(2, "f", other).wait_scope
+    fixed = json.loads(Model.preset("fixed", 0.5, rate=2, seed=1).to_json())
+    assert control.Running(1, "e", fixed).wait_scope != control.Running(1, "e", other).wait_scope
+    text = output.sandbox_status({"running": True, "endpoint": "e", "latency": shown, **EMPTY_STATUS})
+    assert "seed 424242" in text and "preset realistic" in text
+
+
+def test_bad_values_are_one_line_errors(tmp_path: Path) -> None:
+    for call, message in [
+        (lambda: Model.preset("realistic", cv={"instance_pending": -0.1}), "cv: instance_pending: -0.1 is not"),
+        (lambda: Model.preset("realistic", cv={"warp": 0.1}), "cv: no transition 'warp'"),
+        (lambda: Model.preset("glacial"), "--latency: no latency preset 'glacial'"),
+        (lambda: Model.preset("realistic", -1.0), "--latency-scale: -1.0 is not a factor"),
+        (lambda: Model(instance_pending=-3), "instance_pending: -3 is negative"),
+    ]:
+        with pytest.raises(InvalidInput, match=message) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    # Before anything starts: no server, no state directory.
+    with pytest.raises(InvalidInput, match="--latency-scale"):
+        control.start(tmp_path / "state", latency=("realistic", -2.0, 0.0))
+    assert not (tmp_path / "state").exists()
+    done = run_cli("sandbox", "start", "--latency", "fixed", "--latency-scale", "-1", "--latency-seed", "3")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --latency-scale: -1.0 is not a factor (>= 0)"
+    ], done.stderr
 
 
 def test_bucket_admits_a_burst_then_the_rate() -> None:
@@ -81,7 +209,9 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
     (how quickly a machine halts) may make it last longer.
     """
     ec2 = slow_world.client()
-    model = Model.preset("realistic", SCALE)
+    model = Model.preset("fixed", SCALE)
+    shown = slow_world.status()["latency"]  # what `sandbox status --format json` shows
+    assert shown["name"] == "fixed" and shown["scale"] == SCALE and isinstance(shown["seed"], int)
 
     def instance_state() -> str:
         return str(slow_world.describe(instance)["State"]["Name"])
@@ -151,7 +281,7 @@ def test_a_build_rides_out_the_modelled_waits(slow_world: World, tmp_path: Path)
     assert done.returncode == 0, done.stderr
     build = json.loads(done.stdout)["builds"][0]
     assert build["result"] == "complete"
-    model = Model.preset("realistic", SCALE)
+    model = Model.preset("fixed", SCALE)
     assert time.monotonic() - started >= model.instance_pending + model.instance_stopping + model.snapshot_pending
     ec2 = slow_world.client()
     assert ec2.describe_images(ImageIds=[build["ami"]])["Images"][0]["State"] == "available"

@@ -38,7 +38,7 @@ SCALE = 0.15  # the latency model, scaled: a snapshot stays `pending` for about 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
     state = tmp_path_factory.mktemp("sandbox")
-    world = World.start(state, latency=("realistic", SCALE, 0.0))
+    world = World.start(state, latency=("fixed", SCALE, 0.0))
     try:
         yield world
     finally:

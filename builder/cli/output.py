@@ -222,7 +222,8 @@ def sandbox_status(status: Mapping[str, Any]) -> str:
             f"snapshots {len(view['snapshots'])}; images {len(view['images'])}"
         )
     if status.get("latency"):
-        model = ", ".join(f"{k} {v}" for k, v in status["latency"].items() if v)
+        shown = {("preset" if k == "name" else k): v for k, v in status["latency"].items() if v and k != "cv"}
+        model = ", ".join(f"{k} {v}" for k, v in shown.items())
         lines.append(f"  latency model: {model}; throttled calls: {status.get('throttled', 0)}")
     lines.append(f"  machines running: {' '.join(status['machines']) or 'none'}")
     lines.append(f"  loop devices: {' '.join(status['loop_devices']) or 'none'}")

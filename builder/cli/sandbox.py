@@ -39,10 +39,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser], common: Parser) -> None
     )
     p.add_argument(
         "--latency",
-        choices=("none", "realistic"),
+        choices=("none", "fixed", "realistic"),
         default="none",
-        help="start: model EC2's waiting (transitional states that last; default none: instant)",
+        help="start: model EC2's waiting (transitional states that last; realistic: drawn around EC2's "
+        "times, fixed: exactly them; default none: instant)",
     )
+    p.add_argument("--latency-seed", type=int, help="start: seed of the model's draws (default: random, in status)")
     p.add_argument("--latency-scale", type=float, default=1.0, help="start: multiply the model's times (e.g. 0.1)")
     p.add_argument("--api-rate", type=float, default=0, help="start: throttle EC2 calls to this many a second")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     json_out = args.format == "json"
     if args.action == "start":
         latency = (args.latency, args.latency_scale, args.api_rate)
-        current = control.start(releases=tuple(args.release or ("bookworm",)), latency=latency)
+        current = control.start(releases=tuple(args.release or ("bookworm",)), latency=latency, seed=args.latency_seed)
         doc: dict[str, object] = {"running": True, "endpoint": current.endpoint, "pid": current.pid}
         text = f"sandbox running: EC2 endpoint {current.endpoint} (pid {current.pid}, state {control.STATE_DIR})"
     elif args.action == "stop":

@@ -29,6 +29,7 @@ from builder.errors import EnvironmentProblem
 from builder.sandbox import auth, vpcnet
 from builder.sandbox.dataplane import DataPlane, network_prefix
 from builder.sandbox.host import require_root, require_tools
+from builder.sandbox.latency import Model, new_seed
 from builder.sandbox.machine import TOOLS, Machine
 from builder.sandbox.rootfs import DEFAULT_CACHE, ensure_rootfs
 from builder.sandbox.server import SERVER_FILE, STATUS_PATH
@@ -75,7 +76,9 @@ class Running:
     @property
     def wait_scope(self) -> str:
         """What the sandbox's waits are remembered under: its latency model, not its port."""
-        model = json.dumps(self.latency, sort_keys=True) if self.latency else "none"
+        # Not its seed: the same model with other draws is the same EC2 to learn from.
+        latency = {k: v for k, v in self.latency.items() if k != "seed"} if self.latency else None
+        model = json.dumps(latency, sort_keys=True) if latency else "none"
         return f"sandbox:{model}"
 
 
@@ -126,11 +129,15 @@ def start(
     releases: tuple[str, ...] = ("bookworm",),
     cache: Path = DEFAULT_CACHE,
     latency: tuple[str, float, float] = ("none", 1.0, 0.0),
+    seed: int | None = None,
 ) -> Running:
     """Start the sandbox unless it runs; prepare the Debian trees it boots first (with progress).
 
-    ``latency`` is (preset, scale, EC2 calls per second) of the EC2 latency model.
+    ``latency`` is (preset, scale, EC2 calls per second) of the EC2 latency model; ``seed``
+    that of its draws (None: a random one, recorded in its status).
     """
+    seed = new_seed() if seed is None else seed
+    Model.preset(*latency, seed=seed)  # bad values: InvalidInput, before anything starts
     require_packages()
     check_host()
     for release in releases:
@@ -159,6 +166,8 @@ def start(
                 str(latency[1]),
                 "--api-rate",
                 str(latency[2]),
+                "--latency-seed",
+                str(seed),
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,

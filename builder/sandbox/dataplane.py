@@ -208,6 +208,16 @@ class DataPlane:
             self.snapshots[snapshot_id] = {"tree": str(tree), "layers": source["layers"]}
         self.save()
 
+    def snapshot_bytes(self, snapshot_id: str) -> int:
+        """Bytes a snapshot holds: the blocks allocated to its sparse copy, or to its tree's files
+        (a root volume's tree holds only what was written over its layers)."""
+        entry = self.snapshots.get(snapshot_id, {})
+        if "file" in entry:
+            with contextlib.suppress(OSError):
+                return Path(entry["file"]).stat().st_blocks * 512
+            return 0
+        return _disk_usage(Path(entry["tree"])) if "tree" in entry else 0
+
     def in_use_as_layer(self, snapshot_id: str) -> bool:
         """True when a root volume or another snapshot still reads ``snapshot_id``'s tree."""
         tree = self.snapshots.get(snapshot_id, {}).get("tree")

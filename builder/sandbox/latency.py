@@ -11,6 +11,16 @@ for their snapshots). The presets' times are what EC2 takes for a small Debian i
 and a fresh volume; ``scale`` shrinks them so a benchmark run stays short. Throttling is a
 token bucket over every EC2 call: past it, the call fails with RequestLimitExceeded
 (HTTP 503), as EC2's does.
+
+Real EC2 varies: a launch takes 8-40 s, a snapshot's time grows with the data written. In
+the ``realistic`` preset each transitional time is drawn, when its transition starts, from
+a lognormal distribution whose *median* is the preset's time (scaled) and whose coefficient
+of variation (standard deviation / mean) is the preset's CV for that transition. A
+snapshot's time is a base plus a part per GiB written (the bytes its copy in the data plane
+holds), each drawn. The draws come from one ``random.Random(seed)`` per sandbox, taken
+under the sandbox lock: the same seed and the same sequence of transitions give the same
+times. ``fixed`` is the same medians with no variance and no per-GiB part (each transition
+lasts exactly its time); ``none`` is moto's instant EC2.
 """
 
 from __future__ import annotations
@@ -18,34 +28,63 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import math
+import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 
-# Seconds, unscaled. Sources: typical Nitro launches reach `running` in ~10-20 s; a stop
-# or termination of a small instance ~30 s; a new gp3 volume is available in a few
-# seconds; the first snapshot of a fresh small volume takes about a minute; an image is
-# available some seconds after its snapshots.
-PRESETS: dict[str, dict[str, float]] = {
-    "none": {},
-    "realistic": {
-        "instance_pending": 15,
-        "instance_stopping": 30,
-        "instance_shutting_down": 30,
-        "volume_creating": 3,
-        "volume_attaching": 2,
-        "snapshot_pending": 45,
-        "image_pending": 10,
-    },
+from builder.errors import InvalidInput
+
+# Seconds, unscaled (the median of each draw). Sources: typical Nitro launches reach
+# `running` in ~10-20 s (8-40 s seen); a stop or termination of a small instance ~30 s; a new
+# gp3 volume is available in a few seconds; the first snapshot of a fresh small volume takes
+# about a minute, more the more blocks were written; an image is available some seconds
+# after its snapshots.
+TIMES: dict[str, float] = {
+    "instance_pending": 15,
+    "instance_stopping": 30,
+    "instance_shutting_down": 30,
+    "volume_creating": 3,
+    "volume_attaching": 2,
+    "snapshot_pending": 45,
+    "image_pending": 10,
 }
+# realistic: a snapshot is 40 s plus 10 s per GiB written (about 100 MiB/s), so the small
+# volumes a build snapshots (little written) take about fixed's 45 s.
+REALISTIC_TIMES = {**TIMES, "snapshot_pending": 40, "snapshot_per_gib": 10}
+# Coefficient of variation of each draw (standard deviation / mean). A launch's 0.4 puts
+# 90 % of launches between about 8 and 28 s around the 15 s median.
+REALISTIC_CV: dict[str, float] = {
+    "instance_pending": 0.4,
+    "instance_stopping": 0.3,
+    "instance_shutting_down": 0.3,
+    "volume_creating": 0.3,
+    "volume_attaching": 0.3,
+    "snapshot_pending": 0.3,
+    "snapshot_per_gib": 0.3,
+    "image_pending": 0.3,
+}
+PRESETS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "none": ({}, {}),
+    "fixed": (TIMES, {}),
+    "realistic": (REALISTIC_TIMES, REALISTIC_CV),
+}
+TRANSITIONS = (*TIMES, "snapshot_per_gib")
+
+
+def new_seed() -> int:
+    """A random seed, for a sandbox started without one (it is recorded in its status)."""
+    return random.SystemRandom().randrange(2**31)
 
 
 @dataclass(frozen=True)
 class Model:
-    """How long each transition lasts (seconds, already scaled) and the API rate limit."""
+    """How long each transition lasts (seconds, already scaled: the median of its draw), its
+    spread, and the API rate limit."""
 
     instance_pending: float = 0
     instance_stopping: float = 0
@@ -53,28 +92,72 @@ class Model:
     volume_creating: float = 0
     volume_attaching: float = 0
     snapshot_pending: float = 0
+    snapshot_per_gib: float = 0  # added per GiB the snapshot holds
     image_pending: float = 0
     rate: float = 0  # EC2 calls per second; 0: no throttling
     burst: int = 0  # calls at once before the rate applies (EC2's buckets are deep)
+    cv: dict[str, float] = field(default_factory=dict)  # transition -> coefficient of variation
+    name: str = "none"  # the preset's
+    scale: float = 1.0
+    seed: int = 0  # of the sandbox's random.Random: the same seed, the same draws
+
+    def __post_init__(self) -> None:
+        for name in TRANSITIONS:
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"latency model: {name}: {getattr(self, name)} is negative")
+        for name, value in self.cv.items():
+            if name not in TRANSITIONS:
+                raise InvalidInput(f"latency model: cv: no transition {name!r} (have: {', '.join(TRANSITIONS)})")
+            if not value >= 0:  # also NaN
+                raise InvalidInput(f"latency model: cv: {name}: {value} is not a coefficient of variation (>= 0)")
 
     @classmethod
-    def preset(cls, name: str, scale: float = 1.0, rate: float = 0) -> Model:
-        """Return preset ``name`` with its times multiplied by ``scale``; a burst of 5 s worth of calls."""
+    def preset(
+        cls, name: str, scale: float = 1.0, rate: float = 0, seed: int = 0, cv: dict[str, float] | None = None
+    ) -> Model:
+        """Return preset ``name`` with its times multiplied by ``scale``; a burst of 5 s worth of calls.
+
+        ``cv`` overrides the preset's coefficients of variation for the transitions it names.
+        """
         if name not in PRESETS:
-            raise ValueError(f"no latency preset {name!r} (have: {', '.join(PRESETS)})")
-        times = {k: round(v * scale, 3) for k, v in PRESETS[name].items()}
-        return cls(**times, rate=rate, burst=max(1, round(5 * rate)) if rate else 0)
+            raise InvalidInput(f"--latency: no latency preset {name!r} (have: {', '.join(PRESETS)})")
+        if not scale >= 0:
+            raise InvalidInput(f"--latency-scale: {scale} is not a factor (>= 0)")
+        if not rate >= 0:
+            raise InvalidInput(f"--api-rate: {rate} is not a rate (>= 0)")
+        base, spread = PRESETS[name]
+        times = {k: round(v * scale, 3) for k, v in base.items()}
+        return cls(
+            **times,
+            rate=rate,
+            burst=max(1, round(5 * rate)) if rate else 0,
+            cv={**spread, **(cv or {})},
+            name=name,
+            scale=scale,
+            seed=seed,
+        )
 
     @property
     def active(self) -> bool:
-        return any(v for k, v in asdict(self).items() if k not in ("rate", "burst")) or self.rate > 0
+        return any(getattr(self, k) for k in TRANSITIONS) or self.rate > 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Model:
-        return replace(cls(), **json.loads(text))
+        known = {f.name for f in fields(cls)}
+        return replace(cls(), **{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def lognormal(rng: random.Random, median: float, cv: float) -> float:
+    """Draw from the lognormal with this median and coefficient of variation (cv 0: the median itself).
+
+    A lognormal's CV is sqrt(exp(sigma^2) - 1), so sigma^2 = ln(1 + cv^2); its median is exp(mu).
+    """
+    if median <= 0 or cv <= 0:
+        return median
+    return rng.lognormvariate(math.log(median), math.sqrt(math.log1p(cv * cv)))
 
 
 class Clock:
@@ -147,15 +230,33 @@ def set_state(instance: Any, name: str, code: int) -> None:
     instance._state.name, instance._state.code = name, code
 
 
-class Latency:
-    """Applies a Model to the resources EC2 calls create or change (called under the sandbox lock)."""
+GIB = 2**30
 
-    def __init__(self, model: Model, lock: threading.RLock) -> None:
+
+class Latency:
+    """Applies a Model to the resources EC2 calls create or change (called under the sandbox lock).
+
+    ``written`` returns the bytes a snapshot holds (its copy in the data plane): the
+    per-GiB part of its time.
+    """
+
+    def __init__(self, model: Model, lock: threading.RLock, written: Callable[[str], int] | None = None) -> None:
         self.model = model
         self.clock = Clock(lock)
         self.bucket = Bucket(model.rate, model.burst)
+        self.rng = random.Random(model.seed)  # noqa: S311 (a simulation's draws, no secret)
+        self.written = written or (lambda snapshot_id: 0)
         self.not_before: dict[str, float] = {}  # instance id -> earliest time `stopped` may show
         self.terminating: set[str] = set()  # a second TerminateInstances does not start it again
+
+    def draw(self, transition: str) -> float:
+        """Seconds this occurrence of ``transition`` lasts: a draw around the model's median."""
+        return lognormal(self.rng, getattr(self.model, transition), self.model.cv.get(transition, 0.0))
+
+    def snapshot_time(self, gib: float) -> float:
+        """Seconds a snapshot holding ``gib`` GiB stays pending: a drawn base plus a drawn part per GiB."""
+        base = self.draw("snapshot_pending")
+        return base + gib * self.draw("snapshot_per_gib") if self.model.snapshot_per_gib and gib else base
 
     def after(self, action: str, backend: Any, params: dict[str, str], ids: dict[str, list[str]]) -> None:
         """Put what ``action`` just made or changed into its transitional state."""
@@ -165,10 +266,10 @@ class Latency:
                 instance = backend.get_instance(instance_id)
                 if instance.state == "running" and m.instance_pending:
                     set_state(instance, "pending", 0)
-                    self.clock.at(m.instance_pending, partial(_finish, instance, "pending", "running", 16))
+                    self.clock.at(self.draw("instance_pending"), partial(_finish, instance, "pending", "running", 16))
         elif action == "StopInstances":
             for key in (k for k in params if k.startswith("InstanceId.")):
-                self.not_before[params[key]] = time.monotonic() + m.instance_stopping
+                self.not_before[params[key]] = time.monotonic() + self.draw("instance_stopping")
         elif action == "TerminateInstances" and m.instance_shutting_down:
             for key in (k for k in params if k.startswith("InstanceId.")):
                 instance = backend.get_instance(params[key])
@@ -176,44 +277,50 @@ class Latency:
                     self.terminating.add(instance.id)
                     set_state(instance, "shutting-down", 32)
                     self.clock.at(
-                        m.instance_shutting_down, partial(_finish, instance, "shutting-down", "terminated", 48)
+                        self.draw("instance_shutting_down"),
+                        partial(_finish, instance, "shutting-down", "terminated", 48),
                     )
         elif action == "CreateVolume" and m.volume_creating:
             for volume_id in ids.get("volumeId", []):
                 volume = backend.get_volume(volume_id)
                 volume.sandbox_state = "creating"
-                self.clock.at(m.volume_creating, partial(setattr, volume, "sandbox_state", None))
+                self.clock.at(self.draw("volume_creating"), partial(setattr, volume, "sandbox_state", None))
         elif action == "AttachVolume" and m.volume_attaching:
             volume = backend.get_volume(params["VolumeId"])
             if volume.attachment is not None:
                 volume.attachment.status = "attaching"
-                self.clock.at(m.volume_attaching, partial(_attached, volume.attachment))
+                self.clock.at(self.draw("volume_attaching"), partial(_attached, volume.attachment))
         elif action in ("CreateSnapshot", "CopySnapshot") and m.snapshot_pending:
             for snapshot_id in ids.get("snapshotId", []):
-                self._pending_snapshot(backend, snapshot_id, m.snapshot_pending)
+                self._pending_snapshot(backend, snapshot_id)
         elif action == "RegisterImage" and m.image_pending:
             for image_id in ids.get("imageId", []):
-                self._pending_image(backend, image_id, m.image_pending)
+                self._pending_image(backend, image_id, self.draw("image_pending"))
         elif action in ("CreateImage", "CopyImage"):
             for image_id in ids.get("imageId", []):
                 image = backend.amis.get(image_id)
                 if image is None:
                     continue
+                # The image is available its own time after its slowest snapshot.
+                slowest = 0.0
                 for mapping in image.block_device_mappings:
                     snapshot_id = mapping.get("Ebs", {}).get("SnapshotId")
                     if snapshot_id in backend.snapshots and m.snapshot_pending:
-                        self._pending_snapshot(backend, snapshot_id, m.snapshot_pending)
+                        slowest = max(slowest, self._pending_snapshot(backend, snapshot_id))
                 if m.snapshot_pending + m.image_pending:
-                    self._pending_image(backend, image_id, m.snapshot_pending + m.image_pending)
+                    self._pending_image(backend, image_id, slowest + self.draw("image_pending"))
 
     def remaining_stop(self, instance_id: str) -> float:
         """Seconds until a stopping instance may show `stopped`."""
         return max(0.0, self.not_before.pop(instance_id, 0.0) - time.monotonic())
 
-    def _pending_snapshot(self, backend: Any, snapshot_id: str, seconds: float) -> None:
+    def _pending_snapshot(self, backend: Any, snapshot_id: str) -> float:
+        """Make the snapshot pending for its drawn time; return that time."""
+        seconds = self.snapshot_time(self.written(snapshot_id) / GIB if self.model.snapshot_per_gib else 0.0)
         snapshot = backend.snapshots[snapshot_id]
         snapshot.status = "pending"
         self.clock.at(seconds, partial(_finish_attr, snapshot, "status", "pending", "completed"))
+        return seconds
 
     def _pending_image(self, backend: Any, image_id: str, seconds: float) -> None:
         image = backend.amis[image_id]

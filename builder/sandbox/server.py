@@ -52,7 +52,7 @@ from builder.files import write_atomic
 from builder.sandbox import capacity, scaling
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
 from builder.sandbox.dataplane import Attachment, DataPlane, Placement
-from builder.sandbox.latency import Latency, Model
+from builder.sandbox.latency import Latency, Model, new_seed
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
 
 log = logging.getLogger("builder.sandbox.server")
@@ -173,7 +173,7 @@ class Sandbox:
         # "service:Action" as IAM names it (ec2:RunInstances, ssm:GetParameters): what a policy must allow.
         self.operations: Counter[str] = Counter()
         self.model = model or Model()
-        self.latency = Latency(self.model, self.lock) if self.model.active else None
+        self.latency = Latency(self.model, self.lock, self.plane.snapshot_bytes) if self.model.active else None
         self._stop_watch = threading.Event()
 
     # ------------------------------------------------------------ moto's state
@@ -1006,13 +1006,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--latency", default="none", help="latency preset: none or realistic")
+    parser.add_argument("--latency", default="none", help="latency preset: none, fixed or realistic")
     parser.add_argument("--latency-scale", type=float, default=1.0)
+    parser.add_argument("--latency-seed", type=int, default=None, help="of the draws (default: a random one)")
     parser.add_argument("--api-rate", type=float, default=0, help="EC2 calls per second (0: no throttling)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    model = Model.preset(args.latency, args.latency_scale, args.api_rate)
+    seed = new_seed() if args.latency_seed is None else args.latency_seed
+    model = Model.preset(args.latency, args.latency_scale, args.api_rate, seed)
     serve(args.state, args.address, args.port, args.cache, model)
     return 0
 
