@@ -457,13 +457,16 @@ def snapshot_volumes(state: _Build) -> None:
         if m["DeviceName"] == instance.get("RootDeviceName", state.base.root_device_name if state.base else "")
     )
     made: dict[str, str] = {}
+    # Where the data was: a drill of the seed then restores it into another AZ, as of a nightly one.
+    zone = instance.get("Placement", {}).get("AvailabilityZone")
+    facts = {tags.SOURCE_AZ: str(zone)} if zone else {}
     for kind, volume_id in ((tags.KIND_ROOT_SNAPSHOT, root_volume), (tags.KIND_SEED_SNAPSHOT, str(state.volume_id))):
         with state.undo.creating():
             snapshot_id = resources.snapshot(
                 ec2,
                 volume_id,
                 f"ebsrole {role.name} {kind} {state.build_id}",
-                state.stamp.artefact(kind, tags.STATUS_PENDING),
+                state.stamp.artefact(kind, tags.STATUS_PENDING, facts),
             )
             state.undo.push("snapshot", snapshot_id, _deleter(ec2, "delete_snapshot", SnapshotId=snapshot_id))
         made[kind] = snapshot_id

@@ -80,7 +80,7 @@ def test_the_seed_drills_through_the_bastion_in_another_az(
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["passed"] and not report["left_behind"]
-    assert report["az"] == f"{REGION}b"  # the subnet's AZ (a seed records no source AZ)
+    assert report["az"] == f"{REGION}b" and report["source_az"] == f"{REGION}a"  # the seed records where it was
     assert any(c["check"] == "http" and c["state"] == "ok" for c in report["checks"]), report["checks"]
     assert not _ssh_processes()
 
