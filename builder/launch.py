@@ -80,8 +80,10 @@ def choose_source(
     for a nightly one, of ``source_env``. Raises InvalidInput (exit 2) naming what differs,
     CloudError when there is no such snapshot.
     """
-    if choice == "seed":
-        return Source(image.seed_snapshot, "seed", image.created[:10], "", None, "", role)
+    if choice == "seed":  # its source-az (a build's snapshots record the builder's AZ) sends a drill elsewhere
+        raw = ec2.call("describe_snapshots", SnapshotIds=[image.seed_snapshot])["Snapshots"]
+        zone = tags.parse(raw[0]).source_az if raw else ""
+        return Source(image.seed_snapshot, "seed", image.created[:10], zone, None, "", role)
     if choice != "latest" and not re.fullmatch(r"snap-[0-9a-f]{8,17}", choice):
         raise InvalidInput(f"--from {choice!r}: give latest, seed or a snapshot id (snap-...)")
     account = ec2.account_id()
