@@ -181,6 +181,43 @@ main
 """
 
 
+# The builder's whole image at one point in time: data and root frozen in one script that never
+# writes to a disk while they are frozen (no file, no log; its output goes to the SSH channel), and
+# that waits for the end of its input (the tool closes it once the snapshot calls have returned:
+# it sends nothing more) before it thaws, data first, root last. Both watchdogs are armed before
+# anything is frozen; a lost session is an end of input too, so it thaws at once.
+_FREEZE_ALL = """\
+main() {
+  local fsfreeze
+  check_mount
+  fsfreeze=$(command -v fsfreeze) || refuse "fsfreeze is not installed (util-linux)"
+  sync
+  systemd-run --quiet --collect --unit="$UNIT" --description="ebsrole: thaw $MOUNT_POINT if the build dies" \\
+    --on-active="${TIMEOUT_MS}ms" --timer-property=AccuracySec=100ms -- "$fsfreeze" --unfreeze -- "$MOUNT_POINT"
+  systemd-run --quiet --collect --unit="$UNIT-root" --description="ebsrole: thaw / if the build dies" \\
+    --on-active="${TIMEOUT_MS}ms" --timer-property=AccuracySec=100ms -- "$fsfreeze" --unfreeze -- /
+  if ! fsfreeze --freeze -- "$MOUNT_POINT"; then
+    systemctl stop -- "$UNIT.timer" "$UNIT-root.timer" 2>/dev/null || true
+    exit 1
+  fi
+  if ! fsfreeze --freeze -- /; then
+    fsfreeze --unfreeze -- "$MOUNT_POINT" || true
+    systemctl stop -- "$UNIT.timer" "$UNIT-root.timer" 2>/dev/null || true
+    exit 1
+  fi
+  echo "frozen_at=$(now)"
+  while read -r -t "$((TIMEOUT_MS / 1000 + 1))" _; do :; done || true
+  thawed_by=ebsrole
+  fsfreeze --unfreeze -- "$MOUNT_POINT" || thawed_by=watchdog
+  fsfreeze --unfreeze -- / || thawed_by=watchdog
+  echo "thawed_at=$(now)"
+  echo "thawed_by=$thawed_by"
+  systemctl stop -- "$UNIT.timer" "$UNIT.service" "$UNIT-root.timer" "$UNIT-root.service" 2>/dev/null || true
+}
+main
+"""
+
+
 def render(body: str, volume: Volume, unit: str = "", timeout: float = DEFAULT_TIMEOUT) -> str:
     """Return the script ``body`` with the volume's values, each shell-quoted (the strict renderer)."""
     values = {
@@ -198,7 +235,7 @@ def render(body: str, volume: Volume, unit: str = "", timeout: float = DEFAULT_T
         raise TemplateError("builder/freeze.py", str(exc)) from exc
 
 
-SCRIPTS = {"check": _CHECK, "freeze": _FREEZE, "thaw": _THAW}
+SCRIPTS = {"check": _CHECK, "freeze": _FREEZE, "thaw": _THAW, "freeze-all": _FREEZE_ALL}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -264,6 +301,44 @@ def while_frozen(
     return value, thaw(remote, volume, frozen)
 
 
+def while_all_frozen(
+    remote: Remote, volume: Volume, action: Callable[[], T], timeout: float = DEFAULT_TIMEOUT
+) -> tuple[T, Thawed]:
+    """Freeze the data volume's filesystem, then root, run ``action``, thaw both; return its value and the thaw.
+
+    One remote script does it all (``_FREEZE_ALL``): this session only reads from it and, when
+    ``action`` returns or fails, closes its input. Raises FreezeRefused (nothing frozen) when the
+    mount point is not the volume's own mount, RemoteCommandFailed when a freeze fails, and what
+    ``action`` raises (after the thaw).
+    """
+    unit = f"{UNIT_PREFIX}{secrets.token_hex(6)}"
+    script = render(_FREEZE_ALL, volume, unit, timeout)
+    held = remote.hold("sudo -n bash -s", script, "frozen_at=", timeout + 60)
+    if held.result is not None:
+        _run(remote, volume, script, f"freezing {volume.mount_point} and /", timeout, done=held.result)
+        raise RemoteCommandFailed(held.result, f"{volume.instance_id}: freezing {volume.mount_point} and /")
+    frozen_at = float(_values(held.out.text())["frozen_at"])
+    log.info(
+        "%s: %s and / frozen; the watchdog %s thaws them within %.0f s",
+        volume.instance_id,
+        volume.mount_point,
+        unit,
+        timeout,
+    )
+    try:
+        value = action()
+    finally:
+        ended = held.release(timeout + 60)
+        result = _run(remote, volume, script, f"thawing {volume.mount_point} and /", timeout, done=ended)
+    values = _values(result.stdout)
+    if values.get("thawed_by") == "watchdog":
+        log.warning("%s: the watchdog thawed %s and / after %.0f s", volume.instance_id, volume.mount_point, timeout)
+        return value, Thawed(timeout, "watchdog")
+    seconds = max(0.0, float(values["thawed_at"]) - frozen_at)
+    log.info("%s: %s and / thawed after %.3f s frozen", volume.instance_id, volume.mount_point, seconds)
+    return value, Thawed(seconds, "ebsrole")
+
+
 def _thaw_after_failure(remote: Remote, volume: Volume, frozen: Frozen) -> None:
     try:
         thaw(remote, volume, frozen)
@@ -271,8 +346,11 @@ def _thaw_after_failure(remote: Remote, volume: Volume, frozen: Frozen) -> None:
         log.warning("%s: %s: thaw failed (%s); the watchdog thaws it", frozen.instance_id, frozen.mount_point, exc)
 
 
-def _run(remote: Remote, volume: Volume, script: str, what: str, timeout: float = 0.0) -> CommandResult:
-    result = remote.run("sudo -n bash -s", stdin=script, timeout=timeout + 60)
+def _run(
+    remote: Remote, volume: Volume, script: str, what: str, timeout: float = 0.0, *, done: CommandResult | None = None
+) -> CommandResult:
+    """Run ``script`` with sudo (or take ``done``, its result already); raise FreezeRefused or RemoteCommandFailed."""
+    result = done or remote.run("sudo -n bash -s", stdin=script, timeout=timeout + 60)
     if result.exit_status == REFUSED:
         reason = (
             result.stderr.strip().splitlines()[-1].removeprefix("refused: ") if result.stderr.strip() else "refused"

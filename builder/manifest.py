@@ -35,6 +35,7 @@ class Manifest:
     seed_snapshot: str | None = None
     root_snapshot: str | None = None
     data_volume: str | None = None
+    snapshot_way: str = ""  # frozen (data and root frozen on the running builder) | stopped (--stop)
     device: str = ""
     mount_point: str = ""
     externalized: list[str] = field(default_factory=list)

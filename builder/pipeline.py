@@ -1,9 +1,9 @@
 """The build of one role AMI, as an ordered list of stages.
 
 resolve base image -> temporary credentials -> launch builder (with its data volume) ->
-SSH (pinned host key) -> provision, verify, image hygiene -> stop builder ->
-snapshot root and data volume -> register the role AMI -> pair and tag -> publish the SSM
-parameters (builder.publish; also for an unchanged build) -> clean up.
+SSH (pinned host key) -> provision, verify, image hygiene -> freeze data and root, snapshot
+both, thaw (with --stop instead: stop builder -> snapshot root and data volume) -> register the
+role AMI -> pair and tag -> publish the SSM parameters (builder.publish; also for an unchanged build) -> clean up.
 
 Every resource is pushed on an undo stack the moment it exists and tagged with the
 build id at creation; whatever happens, the stack unwinds and the manifest is written.
@@ -112,6 +112,7 @@ class BuildOptions:
     deprecate_at: str | None = None  # YYYY-MM-DD or an ISO time (UTC unless it says otherwise)
     deprecate_after: int | None = None  # days, over the role's deprecate_after_days
     protect: bool = False  # deregistration protection on the new AMI, as the role's deregistration_protection
+    stop: bool = False  # stop the builder before the snapshots (the old way) instead of freezing it
 
     def __post_init__(self) -> None:
         """Refuse numbers that would disarm the dead-man switch or cannot be a port, and a bad reach (InvalidInput)."""
@@ -220,8 +221,9 @@ def build(role: Role, ec2: EC2, options: BuildOptions, build_id: str | None = No
 def _run_stages(state: _Build) -> None:
     """Run the stages; an unchanged build (--if-changed) ends early, naming the AMI it found."""
     manifest = state.manifest
+    manifest.snapshot_way = "stopped" if state.options.stop else "frozen"
     try:
-        for name, stage in STAGES:
+        for name, stage in STOP_STAGES if state.options.stop else STAGES:
             with _step(state, name):
                 stage(state)
         manifest.status = "complete"
@@ -429,8 +431,38 @@ def run_scripts(state: _Build) -> None:
         started = time.monotonic()
         state.remote.run_script(script.name, script.text, args, timeout=state.options.timeout)
         log.info("%s: %s passed in %.1f s", state.role.name, script.name, time.monotonic() - started)
+    if state.options.stop:  # else the session freezes the builder next
+        state.remote.close()
+        state.remote = None
+
+
+@dataclass(frozen=True)
+class _DataVolume:
+    """The builder's data volume, as builder.freeze knows volumes."""
+
+    instance_id: str
+    volume_id: str
+    device: str
+    mount_point: str
+
+
+def freeze_and_snapshot(state: _Build) -> None:
+    """Freeze data then root on the running builder, start both snapshots, thaw; release the builder.
+
+    A snapshot holds the blocks as of its CreateSnapshot call, so both are consistent images of
+    one instant, with no StopInstances (and its wait) on the critical path. The watchdogs thaw
+    the builder within FREEZE_TIMEOUT even if this process or its session dies.
+    """
+    assert state.remote
+    vol = state.role.volume
+    volume = _DataVolume(str(state.instance_id), str(state.volume_id), vol.device, vol.mount_point)
+    from builder.freeze import while_all_frozen
+
+    _, thawed = while_all_frozen(state.remote, volume, lambda: _start_snapshots(state), FREEZE_TIMEOUT)
     state.remote.close()
     state.remote = None
+    log.info("%s: builder frozen %.3f s for its snapshots (thawed by %s)", state.role.name, thawed.seconds, thawed.by)
+    _release_and_wait(state)
 
 
 def stop_builder(state: _Build) -> None:
@@ -448,7 +480,13 @@ def stop_builder(state: _Build) -> None:
 
 
 def snapshot_volumes(state: _Build) -> None:
-    """Snapshot the root and the data volume of the stopped builder, both at once."""
+    """Snapshot the root and the data volume of the stopped builder, both at once (--stop)."""
+    _start_snapshots(state)
+    _release_and_wait(state)
+
+
+def _start_snapshots(state: _Build) -> None:
+    """Start the snapshots of the builder's root and data volume; each is on the undo stack once it exists."""
     ec2, role = state.ec2, state.role
     instance = ec2.described.get(str(state.instance_id)) or ec2.instance(str(state.instance_id))
     root_volume = next(
@@ -474,12 +512,17 @@ def snapshot_volumes(state: _Build) -> None:
         made[tags.KIND_ROOT_SNAPSHOT],
         made[tags.KIND_SEED_SNAPSHOT],
     )
+
+
+def _release_and_wait(state: _Build) -> None:
+    """Terminate the builder without waiting for it, then wait for both snapshots to complete."""
+    ec2 = state.ec2
     # A snapshot holds the volume's blocks as they were when CreateSnapshot answered: the
     # builder is not needed any more, so it shuts down while the snapshots complete instead
     # of after the AMI is made (cleanup then finds it gone, or nearly).
     ec2.call("terminate_instances", InstanceIds=[str(state.instance_id)])
     state.released = True  # cleanup only waits for it to be gone
-    ids = list(made.values())
+    ids = [str(state.manifest.root_snapshot), str(state.manifest.seed_snapshot)]
     ec2.wait_for(
         "snapshots " + " ".join(ids),
         lambda: _all_same(ec2.snapshot_states(ids)),
@@ -569,17 +612,27 @@ def deprecate_and_protect(state: _Build) -> None:
             log.info("%s: deregistration protection moved from %s to %s", role.name, older.image_id, image_id)
 
 
-STAGES: list[tuple[str, Callable[[_Build], None]]] = [
+FREEZE_TIMEOUT = 120.0  # seconds the builder may stay frozen before its watchdogs thaw it
+
+_BEFORE: list[tuple[str, Callable[[_Build], None]]] = [
     ("resolve base image", resolve_base),
     ("temporary credentials", temporary_credentials),
     ("launch builder", launch_builder),
     ("connect over SSH", connect_ssh),
     ("provision, verify, image hygiene", run_scripts),
-    ("stop builder", stop_builder),
-    ("snapshot root and data volume", snapshot_volumes),
+]
+_AFTER: list[tuple[str, Callable[[_Build], None]]] = [
     ("register AMI", register_image),
     ("pair and tag", pair_and_keep),
     ("deprecate and protect", deprecate_and_protect),
+]
+# The default: no stop on the critical path. --stop: the old way.
+STAGES = [*_BEFORE, ("freeze and snapshot", freeze_and_snapshot), *_AFTER]
+STOP_STAGES = [
+    *_BEFORE,
+    ("stop builder", stop_builder),
+    ("snapshot root and data volume", snapshot_volumes),
+    *_AFTER,
 ]
 
 

@@ -217,6 +217,21 @@ class Remote:
             raise ConnectionLost(result)
         return result
 
+    def hold(self, command: str, stdin: str, ready: str, timeout: float) -> Held:
+        """Run ``command`` with ``stdin`` sent but its standard input kept open; return once it prints a
+        line starting with ``ready`` or ends (``Held.result`` then set). ``Held.release`` closes the input.
+
+        Raises ConnectionLost when the session ends, RemoteTimeout after ``timeout`` seconds.
+        """
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise ConnectionLost(CommandResult(command, -1, "", "(not connected)"))
+        channel = transport.open_session(timeout=30)
+        channel.exec_command(command)
+        held = Held(command, channel, _Lines("stdout", self._log_line), _Lines("stderr", self._log_line))
+        held.pump(_Input(channel, None, stdin), time.monotonic() + timeout, timeout, ready)
+        return held
+
     def check(
         self,
         command: str,
@@ -412,9 +427,10 @@ class _Lines:
 class _Input:
     """What is left to send to a command's stdin; closes it once all is sent."""
 
-    def __init__(self, channel: paramiko.Channel, text: str | None) -> None:
+    def __init__(self, channel: paramiko.Channel, text: str | None, kept_open: str | None = None) -> None:
         self.channel = channel
-        self.pending = text.encode() if text is not None else b""
+        self.close_after = kept_open is None
+        self.pending = (text or "").encode() if kept_open is None else kept_open.encode()
         if text is not None and not self.pending:
             channel.shutdown_write()
 
@@ -428,6 +444,48 @@ class _Input:
             self.pending = b""
             return False
         self.pending = self.pending[sent:]
-        if not self.pending:
+        if not self.pending and self.close_after:
             self.channel.shutdown_write()
         return sent > 0
+
+
+class Held:
+    """A command started by ``Remote.hold``: its input still open until ``release``."""
+
+    def __init__(self, command: str, channel: paramiko.Channel, out: _Lines, err: _Lines) -> None:
+        self.command, self.channel, self.out, self.err = command, channel, out, err
+        self.result: CommandResult | None = None  # set once the command has ended
+
+    def pump(self, feed: _Input, limit: float, timeout: float, ready: str | None) -> None:
+        """Send ``feed``, read output until a line starts with ``ready`` or the command ends."""
+        channel, transport = self.channel, self.channel.get_transport()
+        while not (channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready()):
+            if ready is not None and any(line.startswith(ready) for line in self.out.kept):
+                return
+            if feed.send():
+                continue
+            if channel.recv_ready():
+                self.out.feed(channel.recv(65536))
+            elif channel.recv_stderr_ready():
+                self.err.feed(channel.recv_stderr(65536))
+            elif transport is None or not transport.is_active():
+                break
+            elif time.monotonic() > limit:
+                channel.close()
+                raise RemoteTimeout(CommandResult(self.command, -1, self.out.text(), self.err.text()), timeout)
+            else:
+                select.select([channel], [], [], 0.05 if feed.pending else 0.5)
+        self.out.close()
+        self.err.close()
+        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        self.result = CommandResult(self.command, status, self.out.text(), self.err.text())
+        if status == -1 and (transport is None or not transport.is_active()):
+            raise ConnectionLost(self.result)
+
+    def release(self, timeout: float) -> CommandResult:
+        """Close the command's input (its signal to go on) and return its result once it ends."""
+        if self.result is None:
+            self.channel.shutdown_write()
+            self.pump(_Input(self.channel, None), time.monotonic() + timeout, timeout, None)
+        assert self.result is not None
+        return self.result

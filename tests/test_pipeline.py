@@ -247,7 +247,8 @@ def test_failure_at_any_ec2_call_leaves_nothing(
 ) -> None:
     plane = DataPlane(rootfs, tmp_path)
     plane.fail[operation] = nth
-    error = failing_build(ec2, mini, plane, tmp_path, CloudError)
+    # StopInstances is only called with --stop; a failed CreateSnapshot fails while the builder is frozen.
+    error = failing_build(ec2, mini, plane, tmp_path, CloudError, stop=operation == "StopInstances")
     assert error.exit_code == ExitCode.CLOUD
     assert "InjectedFault" in error.render()
     assert nothing_left(ec2), everything(ec2)

@@ -67,6 +67,9 @@ def parser(common: Parser) -> Parser:
         "--timeout", type=seconds, default=3600, help="build time limit in s; the builder powers off after it"
     )
     ssh.add_argument("--ssh-timeout", type=seconds, default=600, help="how long to wait for SSH (s)")
+    ssh.add_argument(
+        "--stop", action="store_true", help="stop the builder before its snapshots (default: freeze it, no stop)"
+    )
     reach_options(p, launches=True, admits=True)
     image = p.add_argument_group("the AMI (docs/howto/accounts.md)")
     image.add_argument("--kms-key-id", metavar="KEY", help="customer-managed key of the root volume and root snapshot")

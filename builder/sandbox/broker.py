@@ -10,7 +10,8 @@ A machine's root is root of its own user namespace only, so three things need th
   too, so the volume's files are owned on disk as the machine sees them) in the machine's
   mount namespace, only if the device is one of the machine's own volumes;
 - FIFREEZE needs CAP_SYS_ADMIN over the filesystem's owner (the host): ``fsfreeze`` in the
-  machine hands over an open file of the mount point, frozen only if it is on one of its volumes;
+  machine hands over an open file of the mount point, frozen only if it is on one of its volumes
+  (its root, an overlay that cannot be frozen, gets a stand-in: ``Broker.freeze_root``);
 - mkfs.xfs sets the device's block size (BLKBSZSET, CAP_SYS_ADMIN of the host's namespace):
   ``mkfs.xfs`` in the machine hands over an open file of the device and its arguments; the
   broker runs the host's mkfs.xfs on the loop device behind it, only for one of the machine's
@@ -24,6 +25,7 @@ The broker of a machine (``python -m builder.sandbox.broker serve STATE``) liste
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -224,8 +226,33 @@ class Broker:
 
     def freeze(self, dir_fd: int, thaw: bool) -> None:
         st = os.fstat(dir_fd)
+        if st.st_dev == os.stat(f"/proc/{self.leader()}/root").st_dev:
+            self.freeze_root(dir_fd, thaw)
+            return
         self.volume_of(st.st_dev)
         fcntl.ioctl(dir_fd, FITHAW if thaw else FIFREEZE, 0)
+
+    def freeze_root(self, dir_fd: int, thaw: bool) -> None:
+        """The stand-in of FIFREEZE/FITHAW for the machine's root, an overlay (not freezable).
+
+        EC2 roots are ext4, which fsfreeze freezes; an overlay has no freeze of its own, and
+        freezing the host filesystem below it would stop every machine. What a snapshot of a
+        frozen root relies on is kept: freezing writes everything back (syncfs), a second freeze
+        is EBUSY and a thaw of what is not frozen EINVAL, as the kernel answers (so a watchdog's
+        thaw shows). Not kept: writes are not blocked while "frozen" (the root snapshot copies
+        the tree at the CreateSnapshot call, so what it holds is still the tree at one instant).
+        """
+        marker = self.state / "root-frozen"
+        if thaw:
+            if not marker.exists():
+                raise OSError(errno.EINVAL, "the root filesystem is not frozen")
+            marker.unlink()
+            return
+        if marker.exists():
+            raise OSError(errno.EBUSY, "the root filesystem is frozen already")
+        if _libc.syncfs(dir_fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs of the root filesystem failed")
+        marker.touch()
 
     def handle(self, conn: socket.socket) -> None:
         """Answer one request on ``conn``: {"ok": true, ...} or {"ok": false, "error": why}."""

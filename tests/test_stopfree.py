@@ -1,0 +1,136 @@
+"""No stop on the critical path: the builder is frozen (data, then root), snapshotted, thawed, terminated.
+
+Against the sandbox: its snapshots copy the bytes at the CreateSnapshot call, so what they hold
+is what the builder's filesystems held at that instant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from builder.aws.ec2 import EC2
+from builder.keys import KeyPair
+from builder.pipeline import BuildOptions, build
+from builder.remote import Remote
+from builder.roles import load_role
+from builder.sandbox import control, vm
+from builder.sandbox.dataplane import INDEX
+from builder.userdata import builder_user_data
+from tests.conftest import MINI_ROLE
+from tests.machines import needs_root, next_address
+from tests.sandbox import REGION, World, clean
+
+pytestmark = needs_root
+
+MARK = "written-just-before-the-freeze"
+
+
+@pytest.fixture
+def mini_dir(tmp_path: Path) -> Path:
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+    return roles
+
+
+def writing_before_the_freeze(*args: Any, **kwargs: Any) -> Remote:
+    """Connect; the session writes a file on data and on root (not synced) just before it freezes them."""
+    remote = Remote.connect(*args, **kwargs)
+    original = remote.hold
+
+    def hold(command: str, stdin: str, ready: str, timeout: float) -> Any:
+        remote.check(f"sudo -n sh -c 'echo {MARK} > /data/marker; echo {MARK} > /root/marker'")
+        return original(command, stdin, ready, timeout)
+
+    remote.hold = hold  # type: ignore[method-assign]
+    return remote
+
+
+def snapshot_file(world: World, snapshot_id: str, suffix: str) -> Path:
+    (found,) = world.state.rglob(f"{snapshot_id}{suffix}")
+    return found
+
+
+def test_a_stop_free_build_snapshots_both_filesystems_as_of_the_freeze(
+    world: World, mini_dir: Path, tmp_path: Path
+) -> None:
+    ec2 = EC2.connect(REGION, None, world.endpoint, credentials=control.credentials(world.state))
+    role = load_role("mini", mini_dir)
+    options = BuildOptions(manifest_path=tmp_path / "manifest.json", connect=writing_before_the_freeze)
+    manifest = build(role, ec2, options)
+
+    doc = json.loads((tmp_path / "manifest.json").read_text())
+    assert doc["status"] == "complete" and doc["snapshot_way"] == "frozen"
+    steps = [s["step"] for s in doc["steps"]]
+    assert "freeze and snapshot" in steps and "stop builder" not in steps
+    assert "stop_instances" not in doc["api_calls_by_action"]
+    assert not clean(world.status())
+    # The data snapshot: the file is in it, and its filesystem is clean (no journal to replay).
+    image = snapshot_file(world, str(manifest.seed_snapshot), ".img")
+    cat = subprocess.run(["debugfs", "-R", "cat /marker", str(image)], capture_output=True, text=True, check=True)
+    assert cat.stdout.strip() == MARK
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    header = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=True).stdout
+    features = next(line for line in header.splitlines() if line.startswith("Filesystem features:"))
+    assert "needs_recovery" not in features  # frozen: the journal was flushed, nothing to replay
+    # The root snapshot (the builder's writable tree, copied at the call).
+    tree = snapshot_file(world, str(manifest.root_snapshot), ".tree")
+    assert (tree / "root" / "marker").read_text().strip() == MARK
+    # The AMI restores: a new instance sees the file on its data volume.
+    restored = world.launch(str(manifest.ami))
+    assert restored.sh("cat /data/marker").strip() == MARK
+    world.client().terminate_instances(InstanceIds=[restored.id])
+    # The boot check: the AMI's root (its snapshot's tree over its layers) boots as a real VM and
+    # mounts a copy of the seed snapshot's volume without a journal replay.
+    layers = [Path(p) for p in _index(world)["snapshots"][str(manifest.root_snapshot)]["layers"]]
+    volume = tmp_path / "seed.img"
+    shutil.copyfile(image, volume)
+    _boot_and_check([tree, *layers], volume, tmp_path)
+
+
+def _index(world: World) -> dict[str, Any]:
+    (index,) = world.state.rglob(INDEX)
+    return dict(json.loads(index.read_text()))
+
+
+def _boot_and_check(layers: list[Path], volume: Path, tmp_path: Path) -> None:
+    login, host_key = KeyPair.generate("boot"), KeyPair.generate("boot-host")
+    machine, _ = vm.boot(
+        layers, volume, builder_user_data(login, host_key), ssh_address=next_address(), workdir=tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while "Started ssh.service" not in machine.console():
+            assert time.monotonic() < deadline, f"VM did not start sshd:\n{machine.serial_tail()}"
+            assert machine.process.poll() is None, f"qemu exited:\n{machine.serial_tail()}"
+            time.sleep(0.2)
+        machine.attach_data_volume()
+        with Remote.connect(machine.ssh_address, machine.ssh_port, "admin", login, host_key, deadline=240) as remote:
+            remote.check("sudo -n systemctl is-system-running --wait || true", timeout=300)
+            wait = "for _ in $(seq 100); do mountpoint -q /data && break; sleep 0.2; done"
+            assert remote.check(f"{wait}; sudo -n cat /data/marker /root/marker").stdout.split() == [MARK, MARK]
+            kernel = remote.check("sudo -n dmesg").stdout
+            assert "recovery complete" not in kernel and "mounted filesystem" in kernel, kernel[-2000:]
+    finally:
+        machine.stop()
+
+
+def test_stop_still_stops_the_builder_first(world: World, mini_dir: Path) -> None:
+    built = world.cli("mini", "--roles-dir", str(mini_dir), "--sandbox", "--stop", timeout=300)
+    assert built.returncode == 0, built.stderr
+    line = next(line for line in built.stdout.splitlines() if line.startswith("mini: AMI "))
+    doc = json.loads(Path(line.rsplit("(manifest ", 1)[1].rstrip(")")).read_text())
+    assert doc["status"] == "complete" and doc["snapshot_way"] == "stopped"
+    steps = [s["step"] for s in doc["steps"]]
+    assert "stop builder" in steps and "freeze and snapshot" not in steps
+    assert doc["api_calls_by_action"]["stop_instances"] == 1
+    assert not clean(world.status())
