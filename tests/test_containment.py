@@ -101,7 +101,18 @@ def test_root_in_a_machine_cannot_reach_host_block_devices(rootfs: Path, state_r
             "fsfreeze --freeze /data && fsfreeze --unfreeze /data && stat -c %u /data/f && umount /data"
         )
         assert mounted.stdout.strip() == "0"
-        assert booted.sh("fsfreeze --freeze /", check=False).exit_status != 0, "froze a filesystem not its own"
+        # Its root (an overlay) gets the broker's stand-in freeze: a sync, never a freeze of the
+        # host's filesystem below it, which would stop the host's and every machine's writes.
+        assert booted.sh("fsfreeze --freeze /", check=False).exit_status == 0
+        try:
+            host_write = subprocess.run(
+                ["timeout", "10", "sh", "-c", f"echo x > {state_root}/host-write && sync -f {state_root}"], check=False
+            )
+            assert host_write.returncode == 0, "the host's filesystem froze"
+            assert booted.sh("fsfreeze --freeze /", check=False).exit_status != 0, "a second freeze is EBUSY"
+        finally:
+            assert booted.sh("fsfreeze --unfreeze /", check=False).exit_status == 0
+        assert booted.sh("fsfreeze --unfreeze /", check=False).exit_status != 0, "a thaw of a thawed root is EINVAL"
     finally:
         booted.machine.stop()
         subprocess.run(["losetup", "-d", other_loop], check=False)
