@@ -31,38 +31,12 @@ from builder.roles import load_role
 from tests.conftest import MINI_ROLE, PROJECT, run_cli
 from tests.machines import needs_root
 from tests.sandbox import REGION, World
+from tests.test_registry import register_fake_image
 
 OTHER = "111122223333"
 THIRD = "444455556666"
 ROLE_ARN = f"arn:aws:iam::{OTHER}:role/ebsrole-ci"
 ORG = "arn:aws:organizations::999988887777:organization/o-abcdefghij"
-
-
-def fake_role_image(ec2: Any, role: str, build_id: str, *, az: str, **volume: Any) -> dict[str, str]:
-    """Register an AMI tagged as the tool tags a finished build; its snapshots come from one volume (``volume``:
-    Encrypted, KmsKeyId). Returns the AMI and snapshot ids."""
-    volume_id = ec2.create_volume(Size=1, AvailabilityZone=az, **volume)["VolumeId"]
-    root = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
-    seed = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
-    ec2.delete_volume(VolumeId=volume_id)
-    image = ec2.register_image(
-        Name=f"ebsrole-{role}-{build_id}",
-        RootDeviceName="/dev/xvda",
-        BlockDeviceMappings=[
-            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": root}},
-            {"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": seed, "DeleteOnTermination": False}},
-        ],
-    )["ImageId"]
-    tags = {
-        "ebsrole:role": role,
-        "ebsrole:kind": "image",
-        "ebsrole:status": "complete",
-        "ebsrole:build-id": build_id,
-        "ebsrole:seed-snapshot": seed,
-        "ebsrole:root-snapshot": root,
-    }
-    ec2.create_tags(Resources=[image], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
-    return {"image": image, "root": root, "seed": seed}
 
 
 def granted(ec2: Any, made: dict[str, str]) -> tuple[list[dict[str, str]], dict[str, set[str]]]:
@@ -131,7 +105,7 @@ def share_cli(endpoint: str, *args: str) -> Any:
 
 
 def test_share_grants_the_ami_and_every_snapshot_and_revoke_takes_them_back(endpoint: str, aws: Any) -> None:
-    made = fake_role_image(aws, "web", "20260101T000000Z-00000001", az="eu-west-1a")
+    made = register_fake_image(aws, "web", "20260101T000000Z-00000001", az="eu-west-1a")
     done = share_cli(endpoint, "web", "--accounts", f"{OTHER},{THIRD}", "--format", "json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["image_id"] == made["image"]
@@ -156,7 +130,7 @@ def test_share_grants_the_ami_and_every_snapshot_and_revoke_takes_them_back(endp
 
 def _encrypted_with(aws: Any, endpoint: str, key: str) -> dict[str, str]:
     """A role AMI whose root snapshot is a copy encrypted with ``key`` (CopySnapshot names the key: moto keeps it)."""
-    made = fake_role_image(aws, "web", "20260101T000000Z-00000002", az="eu-west-1a", Encrypted=True)
+    made = register_fake_image(aws, "web", "20260101T000000Z-00000002", az="eu-west-1a", Encrypted=True)
     copy = aws.copy_snapshot(SourceSnapshotId=made["root"], SourceRegion="eu-west-1", Encrypted=True, KmsKeyId=key)[
         "SnapshotId"
     ]
@@ -202,7 +176,7 @@ def test_role_arn_works_in_the_roles_account_with_its_keys(endpoint: str, aws: A
         aws_secret_access_key=given["SecretAccessKey"],
         aws_session_token=given["SessionToken"],
     )
-    made = fake_role_image(theirs, "web", "20260101T000000Z-00000003", az="eu-west-1a")  # in account OTHER
+    made = register_fake_image(theirs, "web", "20260101T000000Z-00000003", az="eu-west-1a")  # in account OTHER
 
     mine = share_cli(endpoint, "web", "--accounts", THIRD)  # the standard chain's account has no such AMI
     assert mine.returncode == 2 and "no AMI of role web" in mine.stderr
@@ -248,7 +222,7 @@ def test_a_build_with_keys_is_deprecated_protected_shared_copied_and_pruned_arou
     ec2, kms = world.client(), world.client(service="kms")
     key = kms.create_key(Description="ebsrole root and data")["KeyMetadata"]["Arn"]
     copy_key = world.client("eu-west-1", service="kms").create_key(Description="copies")["KeyMetadata"]["Arn"]
-    older = fake_role_image(ec2, "keyed", "20260101T000000Z-00000004", az=f"{REGION}a")
+    older = register_fake_image(ec2, "keyed", "20260101T000000Z-00000004", az=f"{REGION}a")
     ec2.enable_image_deregistration_protection(ImageId=older["image"])
     roles = tmp_path / "roles"
     roles.mkdir()
@@ -303,7 +277,7 @@ def test_a_build_with_keys_is_deprecated_protected_shared_copied_and_pruned_arou
 @needs_root
 def test_share_in_the_sandbox_refuses_snapshots_of_the_default_key(world: World) -> None:
     ec2 = world.client()
-    made = fake_role_image(ec2, "plain", "20260101T000000Z-00000005", az=f"{REGION}a", Encrypted=True)
+    made = register_fake_image(ec2, "plain", "20260101T000000Z-00000005", az=f"{REGION}a", Encrypted=True)
     done = world.cli("share", "plain", "--accounts", OTHER, "--sandbox")
     assert done.returncode == 2, done.stderr
     assert "AWS-managed key aws/ebs" in done.stderr and made["root"] in done.stderr

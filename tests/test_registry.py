@@ -53,11 +53,29 @@ def fake_role_image(
 
     Its root snapshot is ``root`` (a bootable one) or a copy of an empty volume (not bootable).
     """
-    ec2 = world.client()
-    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
-    root = root or ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-    seed = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
-    ec2.delete_volume(VolumeId=volume)
+    facts = {"ebsrole:fingerprint": value, "ebsrole:paths": paths}
+    return register_fake_image(world.client(), role, build_id, az=f"{REGION}a", root=root, facts=facts)
+
+
+def register_fake_image(
+    ec2: Any,
+    role: str,
+    build_id: str,
+    *,
+    az: str,
+    root: str | None = None,
+    facts: dict[str, str] | None = None,
+    **volume: Any,
+) -> dict[str, str]:
+    """Register, with the boto3 client ``ec2``, an AMI tagged as a finished build, plus ``facts`` (full tag keys).
+
+    Its snapshots come from one new volume (``volume``: e.g. Encrypted, KmsKeyId); its root is
+    ``root`` when given. Returns the AMI and snapshot ids.
+    """
+    volume_id = ec2.create_volume(Size=1, AvailabilityZone=az, **volume)["VolumeId"]
+    root = root or ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
+    seed = ec2.create_snapshot(VolumeId=volume_id)["SnapshotId"]
+    ec2.delete_volume(VolumeId=volume_id)
     image = ec2.register_image(
         Name=f"ebsrole-{role}-{build_id}",
         RootDeviceName="/dev/xvda",
@@ -71,8 +89,7 @@ def fake_role_image(
         "ebsrole:kind": "image",
         "ebsrole:status": "complete",
         "ebsrole:build-id": build_id,
-        "ebsrole:fingerprint": value,
-        "ebsrole:paths": paths,
+        **(facts or {}),
         "ebsrole:seed-snapshot": seed,
         "ebsrole:root-snapshot": root,
     }
