@@ -201,13 +201,28 @@ def test_bucket_admits_a_burst_then_the_rate() -> None:
     assert bucket.refused == 2
 
 
+def timeline(world: World, resource: str, kind: str) -> dict[str, object]:
+    """Return the sandbox's record of ``resource``'s ``kind`` transition (there is one)."""
+    found = [t for t in world.status()["transitions"] if t["resource"] == resource and t["kind"] == kind]
+    assert len(found) == 1, found
+    return found[0]
+
+
 @needs_root
 def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
     """Each resource passes through its transitional state for at least the model's time.
 
     Only lower bounds are asserted: the model sets how long a state lasts at least, the host
-    (how quickly a machine halts) may make it last longer.
+    (how quickly a machine halts) may make it last longer. The sandbox's timeline records each
+    transition with its drawn time and how late the first answer showing its end came: polled
+    every 0.1 s, under half a second.
     """
+
+    def recorded(resource: str, kind: str, drawn: float) -> None:
+        shown = timeline(slow_world, resource, kind)
+        assert shown["drawn"] == pytest.approx(drawn)
+        assert isinstance(shown["late"], float) and 0 <= shown["late"] < 0.5, shown
+
     ec2 = slow_world.client()
     model = Model.preset("fixed", SCALE)
     shown = slow_world.status()["latency"]  # what `sandbox status --format json` shows
@@ -220,11 +235,13 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
     instance = ec2.run_instances(ImageId=BASE, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     seen, took = states(instance_state, "running", called)
     assert seen == ["pending", "running"] and took >= model.instance_pending
+    recorded(instance, "instance_pending", model.instance_pending)
 
     called = time.monotonic()
     volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
     seen, took = states(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"], "available", called)
     assert seen == ["creating", "available"] and took >= model.volume_creating
+    recorded(volume, "volume_creating", model.volume_creating)
 
     called = time.monotonic()
     snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
@@ -232,6 +249,7 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
         lambda: ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["State"], "completed", called
     )
     assert seen == ["pending", "completed"] and took >= model.snapshot_pending
+    recorded(snapshot, "snapshot_pending", model.snapshot_pending)
 
     called = time.monotonic()
     image = ec2.register_image(
@@ -241,17 +259,20 @@ def test_resources_stay_in_their_transitional_states(slow_world: World) -> None:
     )["ImageId"]
     seen, took = states(lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"], "available", called)
     assert seen == ["pending", "available"] and took >= model.image_pending
+    recorded(image, "image_pending", model.image_pending)
 
     called = time.monotonic()
     ec2.stop_instances(InstanceIds=[instance])
     seen, took = states(instance_state, "stopped", called)
     assert seen == ["stopping", "stopped"] and took >= model.instance_stopping  # however quick the machine
+    recorded(instance, "instance_stopping", model.instance_stopping)
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[instance], WaiterConfig={"Delay": 1})
 
     called = time.monotonic()
     ec2.terminate_instances(InstanceIds=[instance])
     seen, took = states(instance_state, "terminated", called)
     assert seen == ["shutting-down", "terminated"] and took >= model.instance_shutting_down
+    recorded(instance, "instance_shutting_down", model.instance_shutting_down)
     ec2.terminate_instances(InstanceIds=[instance])  # again: already terminated, nothing starts over
     assert instance_state() == "terminated"
 

@@ -21,6 +21,11 @@ holds), each drawn. The draws come from one ``random.Random(seed)`` per sandbox,
 under the sandbox lock: the same seed and the same sequence of transitions give the same
 times. ``fixed`` is the same medians with no variance and no per-GiB part (each transition
 lasts exactly its time); ``none`` is moto's instant EC2.
+
+Every transition is kept on a timeline (``Transition``): what it was, which resource, the time
+drawn for it, and how late a client saw it end: from the moment its final state showed to the
+first Describe answer that carried that state. A benchmark reads it from the sandbox's status to
+compute each build's own lower bound and each tool's overshoot per kind of wait.
 """
 
 from __future__ import annotations
@@ -231,6 +236,40 @@ def set_state(instance: Any, name: str, code: int) -> None:
 
 
 GIB = 2**30
+# Which Describe answer shows a transition's end: the action, the resource id's tag in its answer.
+SHOWN_BY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "DescribeInstances": ("instanceId", ("instance_pending", "instance_stopping", "instance_shutting_down")),
+    "DescribeVolumes": ("volumeId", ("volume_creating", "volume_attaching")),
+    "DescribeSnapshots": ("snapshotId", ("snapshot_pending",)),
+    "DescribeImages": ("imageId", ("image_pending",)),
+}
+
+
+@dataclass
+class Transition:
+    """One transition of one resource: its drawn time, when its end showed and was first seen (monotonic).
+
+    ``drawn`` is the transition's own draw; an image made by CreateImage or CopyImage is
+    pending that plus its slowest snapshot's time.
+    """
+
+    kind: str  # a TRANSITIONS name: "instance_pending", "snapshot_pending", ...
+    resource: str
+    drawn: float
+    started: float
+    ended: float | None = None
+    seen: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Seconds only, none of the process's clock: kind, resource, drawn, and ``late``
+        (from the end to the first answer showing it; None while not ended or not seen)."""
+        late = self.seen - self.ended if self.seen is not None and self.ended is not None else None
+        return {
+            "kind": self.kind,
+            "resource": self.resource,
+            "drawn": round(self.drawn, 3),
+            "late": None if late is None else round(late, 3),
+        }
 
 
 class Latency:
@@ -248,10 +287,40 @@ class Latency:
         self.written = written or (lambda snapshot_id: 0)
         self.not_before: dict[str, float] = {}  # instance id -> earliest time `stopped` may show
         self.terminating: set[str] = set()  # a second TerminateInstances does not start it again
+        self.timeline: list[Transition] = []
+        self.unseen: dict[str, list[Transition]] = {}  # resource id -> its transitions not yet seen to end
 
     def draw(self, transition: str) -> float:
         """Seconds this occurrence of ``transition`` lasts: a draw around the model's median."""
         return lognormal(self.rng, getattr(self.model, transition), self.model.cv.get(transition, 0.0))
+
+    def begin(self, kind: str, resource: str, drawn: float) -> Transition:
+        """Put a transition that has just started, with its drawn time, on the timeline."""
+        transition = Transition(kind, resource, drawn, time.monotonic())
+        self.timeline.append(transition)
+        self.unseen.setdefault(resource, []).append(transition)
+        return transition
+
+    def ended(self, resource: str, kind: str) -> None:
+        """The resource's ``kind`` transition shows its final state from now on."""
+        for transition in self.unseen.get(resource, []):
+            if transition.kind == kind and transition.ended is None:
+                transition.ended = time.monotonic()
+
+    def seen(self, action: str, ids: list[str]) -> None:
+        """A Describe answer just showed these resources: their ended transitions have been seen."""
+        kinds = SHOWN_BY.get(action, ("", ()))[1]
+        now = time.monotonic()
+        for resource in ids:
+            pending = self.unseen.get(resource)
+            if not pending:
+                continue
+            for transition in pending:
+                if transition.kind in kinds and transition.ended is not None:
+                    transition.seen = now
+            pending[:] = [t for t in pending if t.seen is None]
+            if not pending:
+                del self.unseen[resource]
 
     def snapshot_time(self, gib: float) -> float:
         """Seconds a snapshot holding ``gib`` GiB stays pending: a drawn base plus a drawn part per GiB."""
@@ -266,36 +335,46 @@ class Latency:
                 instance = backend.get_instance(instance_id)
                 if instance.state == "running" and m.instance_pending:
                     set_state(instance, "pending", 0)
-                    self.clock.at(self.draw("instance_pending"), partial(_finish, instance, "pending", "running", 16))
+                    self._at(
+                        self.begin("instance_pending", instance_id, self.draw("instance_pending")),
+                        partial(_finish, instance, "pending", "running", 16),
+                    )
         elif action == "StopInstances":
             for key in (k for k in params if k.startswith("InstanceId.")):
-                self.not_before[params[key]] = time.monotonic() + self.draw("instance_stopping")
+                stop = self.begin("instance_stopping", params[key], self.draw("instance_stopping"))
+                self.not_before[params[key]] = stop.started + stop.drawn
         elif action == "TerminateInstances" and m.instance_shutting_down:
             for key in (k for k in params if k.startswith("InstanceId.")):
                 instance = backend.get_instance(params[key])
                 if instance.state == "terminated" and instance.id not in self.terminating:
                     self.terminating.add(instance.id)
                     set_state(instance, "shutting-down", 32)
-                    self.clock.at(
-                        self.draw("instance_shutting_down"),
+                    self._at(
+                        self.begin("instance_shutting_down", instance.id, self.draw("instance_shutting_down")),
                         partial(_finish, instance, "shutting-down", "terminated", 48),
                     )
         elif action == "CreateVolume" and m.volume_creating:
             for volume_id in ids.get("volumeId", []):
                 volume = backend.get_volume(volume_id)
                 volume.sandbox_state = "creating"
-                self.clock.at(self.draw("volume_creating"), partial(setattr, volume, "sandbox_state", None))
+                self._at(
+                    self.begin("volume_creating", volume_id, self.draw("volume_creating")),
+                    partial(_ready, volume),
+                )
         elif action == "AttachVolume" and m.volume_attaching:
             volume = backend.get_volume(params["VolumeId"])
             if volume.attachment is not None:
                 volume.attachment.status = "attaching"
-                self.clock.at(self.draw("volume_attaching"), partial(_attached, volume.attachment))
+                self._at(
+                    self.begin("volume_attaching", volume.id, self.draw("volume_attaching")),
+                    partial(_attached, volume.attachment),
+                )
         elif action in ("CreateSnapshot", "CopySnapshot") and m.snapshot_pending:
             for snapshot_id in ids.get("snapshotId", []):
                 self._pending_snapshot(backend, snapshot_id)
         elif action == "RegisterImage" and m.image_pending:
             for image_id in ids.get("imageId", []):
-                self._pending_image(backend, image_id, self.draw("image_pending"))
+                self._pending_image(backend, image_id, 0.0)
         elif action in ("CreateImage", "CopyImage"):
             for image_id in ids.get("imageId", []):
                 image = backend.amis.get(image_id)
@@ -308,7 +387,7 @@ class Latency:
                     if snapshot_id in backend.snapshots and m.snapshot_pending:
                         slowest = max(slowest, self._pending_snapshot(backend, snapshot_id))
                 if m.snapshot_pending + m.image_pending:
-                    self._pending_image(backend, image_id, slowest + self.draw("image_pending"))
+                    self._pending_image(backend, image_id, slowest)
 
     def remaining_stop(self, instance_id: str) -> float:
         """Seconds until a stopping instance may show `stopped`."""
@@ -319,25 +398,60 @@ class Latency:
         seconds = self.snapshot_time(self.written(snapshot_id) / GIB if self.model.snapshot_per_gib else 0.0)
         snapshot = backend.snapshots[snapshot_id]
         snapshot.status = "pending"
-        self.clock.at(seconds, partial(_finish_attr, snapshot, "status", "pending", "completed"))
+        self._at(
+            self.begin("snapshot_pending", snapshot_id, seconds),
+            partial(_finish_attr, snapshot, "status", "pending", "completed"),
+        )
         return seconds
 
-    def _pending_image(self, backend: Any, image_id: str, seconds: float) -> None:
+    def _pending_image(self, backend: Any, image_id: str, after: float) -> None:
+        """Make the image pending ``after`` seconds (its snapshots') plus its own drawn time."""
         image = backend.amis[image_id]
         image.state = "pending"
-        self.clock.at(seconds, partial(_finish_attr, image, "state", "pending", "available"))
+        pending = self.begin("image_pending", image_id, self.draw("image_pending"))
+        finish = partial(_finish_attr, image, "state", "pending", "available")
+        self.clock.at(after + pending.drawn, partial(self._end, pending, finish))
+
+    def _at(self, transition: Transition, finish: Callable[[], bool]) -> None:
+        """Finish ``transition`` after its drawn time."""
+        self.clock.at(transition.drawn, partial(self._end, transition, finish))
+
+    def _end(self, transition: Transition, finish: Callable[[], bool]) -> None:
+        """Show the final state, unless a later call changed the resource meanwhile (then it never ends)."""
+        if finish():
+            transition.ended = time.monotonic()
+        else:
+            self._forget(transition)
+
+    def _forget(self, transition: Transition) -> None:
+        pending = self.unseen.get(transition.resource, [])
+        if transition in pending:
+            pending.remove(transition)
 
 
-def _finish(instance: Any, current: str, name: str, code: int) -> None:
-    if instance.state == current:  # not changed by a later call meanwhile
-        set_state(instance, name, code)
+def _finish(instance: Any, current: str, name: str, code: int) -> bool:
+    if instance.state != current:  # changed by a later call meanwhile
+        return False
+    set_state(instance, name, code)
+    return True
 
 
-def _finish_attr(obj: Any, attr: str, current: str, final: str) -> None:
-    if getattr(obj, attr) == current:
-        setattr(obj, attr, final)
+def _finish_attr(obj: Any, attr: str, current: str, final: str) -> bool:
+    if getattr(obj, attr) != current:
+        return False
+    setattr(obj, attr, final)
+    return True
 
 
-def _attached(attachment: Any) -> None:
-    if attachment.status == "attaching":
-        attachment.status = "attached"
+def _attached(attachment: Any) -> bool:
+    if attachment.status != "attaching":
+        return False
+    attachment.status = "attached"
+    return True
+
+
+def _ready(volume: Any) -> bool:
+    if volume.sandbox_state != "creating":
+        return False
+    volume.sandbox_state = None
+    return True

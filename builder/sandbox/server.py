@@ -52,7 +52,7 @@ from builder.files import write_atomic
 from builder.sandbox import capacity, scaling
 from builder.sandbox.auth import Credentials, Refusal, load_credentials, verify
 from builder.sandbox.dataplane import Attachment, DataPlane, Placement
-from builder.sandbox.latency import Latency, Model, new_seed
+from builder.sandbox.latency import SHOWN_BY, Latency, Model, new_seed
 from builder.sandbox.rootfs import DEFAULT_CACHE, is_ready, rootfs_path
 
 log = logging.getLogger("builder.sandbox.server")
@@ -302,6 +302,9 @@ class Sandbox:
             if self.latency is not None and action and status.startswith("200") and not READ_ONLY.match(action):
                 ids = {t: response_ids(body, t) for t in ("instanceId", "volumeId", "snapshotId", "imageId")}
                 self.latency.after(action, backend, params, ids)
+            elif self.latency is not None and action in SHOWN_BY and self.latency.unseen and status.startswith("200"):
+                # How late each tool sees a transition end: the first answer that shows it.
+                self.latency.seen(action, response_ids(body, SHOWN_BY[action][0]))
         except EC2Error as exc:
             return error_response(exc.code, exc.message, exc.status)
         except DataPlaneError as exc:
@@ -534,6 +537,8 @@ class Sandbox:
             with self.lock:
                 if instance.state == "stopping":
                     instance._state.name, instance._state.code = "stopped", 80
+                    if self.latency is not None:
+                        self.latency.ended(instance.id, "instance_stopping")
                 self.plane.prune_networks()
                 self.save()
 
@@ -797,6 +802,8 @@ class Sandbox:
             "api_calls_by_operation": dict(sorted(self.operations.items())),
             "latency": json.loads(self.model.to_json()) if self.model.active else None,
             "throttled": self.latency.bucket.refused if self.latency else 0,
+            # Every modelled transition in order: kind, resource, its drawn time, how late it was seen.
+            "transitions": [t.to_dict() for t in self.latency.timeline] if self.latency else [],
             **self.plane.usage(),
         }
 
