@@ -1,15 +1,18 @@
 """The learned wait schedule: when to look at a resource EC2 is changing, and for how long.
 
-How long recent waits of each kind took (per endpoint and region) is kept in a small file;
-the next wait of that kind looks first when such waits have ended, and backs off
-geometrically when nothing is known or a wait runs long. Never a bare sleep loop; always
-within a deadline.
+How long recent waits of each kind took (per endpoint and region) is kept in a small file.
+While they agree, the next wait of that kind looks where they have ended. When they vary (EC2
+does: a launch takes 8-40 s), their distribution is fitted and the looks are placed where
+they buy the most: each look costs an EC2 call, each second past the end costs a second of
+the build. Without history, or when a wait runs long, looks back off geometrically. Never a
+bare sleep loop; always within a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import threading
@@ -34,17 +37,84 @@ def waits_file() -> Path:
 class WaitPlan:
     """When to look at a resource, from how long recent waits of its kind took.
 
-    ``first``: the first look (seconds after the wait starts); ``sure``: by when such a wait
-    has always been over (the second look, when the first was early), or None when the
-    waits vary; ``before``: it has never been over before this (what a first look that
-    finds it done can still say about the start of the interval); ``step``: the spacing of
-    later looks near the end.
+    ``looks``: when to look (seconds after the wait starts), in order; ``before``: it has never
+    been over before this (what a first look that finds it done can still say about the start
+    of the interval); ``step``: the spacing of later looks near the end, once the planned looks
+    found it still going.
     """
 
-    first: float
-    sure: float | None
+    looks: tuple[float, ...]
     before: float
     step: float
+
+
+# How many seconds of waiting one look (a Describe call) is worth when the waits vary: the
+# looks are placed to minimise the expected seconds past the end plus this per look. 0.75 s
+# gives about three looks a wait for EC2's spread (a launch, a snapshot, an image) and ends
+# seen within a few seconds.
+LOOK_COST = 0.75
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def fit(intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Fit a lognormal to waits known only as intervals (before, by]: return (mu, sigma) of its log.
+
+    The maximum-likelihood fit for interval-censored data (each wait's likelihood is the
+    probability of ending in its interval), by a grid search around the intervals' centre.
+    """
+    centres = [math.log(max(hi if lo <= 0 else math.sqrt(lo * hi), 1e-3)) for lo, hi in intervals]
+    centre = statistics.fmean(centres)
+    bounds = [(math.log(lo) if lo > 0 else -math.inf, math.log(max(hi, 1e-3))) for lo, hi in intervals]
+    best = (-math.inf, centre, 0.1)
+    for i in range(-20, 21):
+        mu = centre + 0.03 * i
+        for j in range(25):
+            sigma = 0.02 * 1.17**j  # 0.02 to 0.87
+            likelihood = 0.0
+            for lo, hi in bounds:
+                p = _phi((hi - mu) / sigma) - (_phi((lo - mu) / sigma) if lo > -math.inf else 0.0)
+                likelihood += math.log(max(p, 1e-12))
+            if likelihood > best[0]:
+                best = (likelihood, mu, sigma)
+    return best[1], best[2]
+
+
+def schedule(mu: float, sigma: float, cost: float = LOOK_COST, points: int = 80) -> tuple[float, ...]:
+    """Return the looks that minimise expected seconds past the end + ``cost`` per look, for a lognormal end.
+
+    Dynamic programming over a grid of times from its 0.5th to its 99.5th percentile: the
+    best next look after each, given that the wait was still going there.
+    """
+    z = 2.5758  # the 99.5th percentile of the standard normal
+    low, high = math.exp(mu - z * sigma), math.exp(mu + z * sigma)
+    times = [low + (high - low) * i / (points - 1) for i in range(points)]
+    cdf = [_phi((math.log(t) - mu) / sigma) for t in times]
+    # E[X; X <= t] of the lognormal: its mean times the cdf at t shifted by sigma^2.
+    partial = [math.exp(mu + sigma * sigma / 2) * _phi((math.log(t) - mu - sigma * sigma) / sigma) for t in times]
+
+    def between(i: int, j: int) -> float:
+        """Expected seconds past the end for an end in (times[i], times[j]] seen by a look at times[j]."""
+        low_cdf, low_partial = (cdf[i], partial[i]) if i >= 0 else (0.0, 0.0)
+        return (cdf[j] - low_cdf) * times[j] - (partial[j] - low_partial)
+
+    after = [0.0] * points  # expected cost from look i on, given the end was after it (unnormalised)
+    following: list[int | None] = [None] * points
+    after[-1] = cost * (1 - cdf[-1])  # past the grid (one time in 200): one more look, about
+    for i in range(points - 2, -1, -1):
+        after[i] = math.inf
+        for j in range(i + 1, points):
+            total = cost * (1 - cdf[i]) + between(i, j) + after[j]
+            if total < after[i]:
+                after[i], following[i] = total, j
+    look = min(range(points), key=lambda j: between(-1, j) + after[j])
+    looks = [times[look]]
+    while (nxt := following[look]) is not None:
+        look = nxt
+        looks.append(times[look])
+    return tuple(looks)
 
 
 class Waits:
@@ -55,10 +125,11 @@ class Waits:
     intervals agree (EC2 takes about the same time each build), the next wait looks first
     in the middle of what they leave open, and at its end when that is already narrow: a
     few builds in, each wait costs one look and overshoots by a few per cent. When they
-    disagree (the waits vary), looks start at the typical end and come often around it.
+    disagree (the waits vary), a lognormal is fitted to them and the looks are placed by
+    ``schedule``: about three looks, and an end seen within a few seconds.
     """
 
-    KEEP = 5
+    KEEP = 8
     NARROW = 0.02  # an interval this wide relative to its end (or 50 ms) is not worth halving
 
     def __init__(self, path: Path) -> None:
@@ -89,9 +160,11 @@ class Waits:
         by = min(hi for _, hi in intervals)
         if before < by:  # one duration fits them all: it lies in (before, by]
             narrow = by - before <= max(0.05, self.NARROW * by)
-            return WaitPlan(by if narrow else (before + by) / 2, by, before, max(0.1, by / 20))
-        typical = statistics.median((lo + hi) / 2 for lo, hi in intervals)
-        return WaitPlan(typical * 0.95, None, 0.0, max(0.1, typical / 20))
+            return WaitPlan((by,) if narrow else ((before + by) / 2, by), before, max(0.1, by / 20))
+        mu, sigma = fit(intervals)
+        looks = schedule(mu, sigma, LOOK_COST)
+        step = looks[-1] - looks[-2] if len(looks) > 1 else looks[-1] / 20
+        return WaitPlan(looks, 0.0, max(0.1, step))
 
     def record(self, key: str, before: float, by: float) -> None:
         with self.lock:
@@ -146,8 +219,9 @@ def wait_for(
     started = time.monotonic()
     deadline = started + timeout
     plan = waits.plan(key) if key else None
-    if plan:
-        time.sleep(min(plan.first, max(0.0, deadline - time.monotonic())))
+    looks = list(plan.looks) if plan else []
+    if looks:
+        time.sleep(min(looks.pop(0), max(0.0, deadline - time.monotonic())))
     still = None  # when the last look that found it still going began (s from the start)
     while True:
         asked = time.monotonic()
@@ -168,13 +242,14 @@ def wait_for(
             return state
         if state in bad:
             raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
-        first_miss = still is None
         still = asked - started
         waited = now - started
-        if plan and plan.sure is not None and first_miss and waited < plan.sure:
-            delay = plan.sure - waited  # early: look again when such waits have always been over
-        elif plan and waited < plan.step * 30:
-            delay = plan.step  # near the expected end: look often
+        while looks and looks[0] <= waited:  # a slow answer: skip the looks it overran
+            looks.pop(0)
+        if looks:
+            delay = looks.pop(0) - waited  # the planned looks
+        elif plan and waited < 2 * plan.looks[-1]:
+            delay = min(plan.step, poll_delay(waited))  # past them, near the expected end: look often
         else:
             delay = poll_delay(waited)  # nothing known, or running long: back off
         if now + delay > deadline:
