@@ -319,6 +319,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=20, help="EC2 calls per second before throttling")
     parser.add_argument("--seed", type=int, default=new_seed(), help="of the latency model's draws (default: random)")
     parser.add_argument(
+        "--only",
+        choices=("ours", "packer"),
+        help="run only ours (no Packer needed: for tuning) or only Packer's two contenders",
+    )
+    parser.add_argument(
         "--out", type=Path, help="default: bench/results/vs-packer.json (quick mode: vs-packer-quick.json)"
     )
     args = parser.parse_args()
