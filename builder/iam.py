@@ -57,8 +57,6 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeSubnets",  # --subnet-id: its VPC and AZ; --no-public-ip: the default subnet
             "ec2:DescribeVpcs",  # connecting privately: the VPC's CIDRs are admitted
             "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the role's instance_types
-            "ec2:ImportKeyPair",
-            "ec2:DeleteKeyPair",
             "ec2:CreateSecurityGroup",
             "ec2:AuthorizeSecurityGroupIngress",
             "ec2:DeleteSecurityGroup",
@@ -163,7 +161,7 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeSnapshots",
             "ec2:DescribeKeyPairs",
             "ec2:DescribeSecurityGroups",
-            "ec2:DeleteKeyPair",
+            "ec2:DeleteKeyPair",  # older builds imported their login key as a key pair
             "ec2:DeleteSnapshot",
             "ec2:DeregisterImage",
         }
@@ -200,7 +198,6 @@ OWNED: Final = frozenset(
 TAG_ON_CREATE: Final = (
     "RunInstances",
     "CreateSecurityGroup",
-    "ImportKeyPair",
     "CreateSnapshot",
     "RegisterImage",
     "CreateLaunchTemplate",

@@ -40,8 +40,8 @@ from builder.reach import Reach
 from builder.registry import role_images
 from builder.render import render_role
 from builder.roles import Role
-from builder.sweep import find_leftovers, remove
-from builder.tags import BUILDER_VOLUMES, tag_list, tag_specs
+from builder.sweep import builder_token, find_leftovers, remove
+from builder.tags import BUILDER_VOLUMES, tag_list
 from builder.userdata import builder_user_data
 
 if TYPE_CHECKING:
@@ -152,7 +152,6 @@ class _Build:
     base: Image | None = None
     login: KeyPair | None = None
     host_key: KeyPair | None = None
-    key_name: str | None = None
     group_id: str | None = None
     instance_id: str | None = None
     instance: dict[str, Any] = field(default_factory=dict)
@@ -287,7 +286,7 @@ def resolve_base(state: _Build) -> None:
 
 
 def temporary_credentials(state: _Build) -> None:
-    """Make the login and host keys in memory, import the login key, admit SSH from one source only.
+    """Make the login and host keys in memory (for the user data), admit SSH from one source only.
 
     The source (a CIDR, the VPC's when SSH goes privately, or a group) is settled first: one
     that cannot be found stops the build before anything exists.
@@ -299,17 +298,10 @@ def temporary_credentials(state: _Build) -> None:
         source = resources.ssh_source(
             ec2, cidr=options.ssh_cidr, group_id=options.ssh_source_group, private=private, subnet_id=options.subnet_id
         )
+    # The login key reaches the builder only in its user data (ssh_authorized_keys), as the
+    # host key does: no EC2 key pair, so two calls fewer and nothing more that could leak.
     state.login = KeyPair.generate(name)
     state.host_key = KeyPair.generate(f"{name}-host")
-    with state.undo.creating():
-        ec2.call(
-            "import_key_pair",
-            KeyName=name,
-            PublicKeyMaterial=state.login.public_line.encode(),
-            TagSpecifications=tag_specs("key-pair", state.stamp.temporary(tags.KIND_KEY_PAIR)),
-        )
-        state.key_name = name
-        state.undo.push("key-pair", name, lambda: ec2.call("delete_key_pair", KeyName=name))
     if source is None:
         state.group_id = options.security_group_id
         return
@@ -368,12 +360,11 @@ def launch_builder(state: _Build) -> None:
         instance_tags={tags.NAME: f"ebsrole-builder-{role.name}", **state.stamp.temporary(tags.KIND_BUILDER)},
         volume_tags=state.stamp.temporary(tags.KIND_BUILDER_VOLUME),
         user_data=user_data,
-        key_name=state.key_name,
         subnet_id=state.options.subnet_id,
         security_group_ids=(state.group_id,) if state.group_id else (),
         hop_limit=1,
         terminate_on_shutdown=True,
-        client_token=f"{state.build_id}-builder",
+        client_token=builder_token(state.build_id),
         public_ip=False if state.options.no_public_ip else None,
         instance_profile=state.options.instance_profile,
     )
@@ -687,7 +678,7 @@ def _all_same(states: list[str]) -> str:
 def _keep_builder(state: _Build) -> None:
     """--keep-on-failure: keep what reaches the builder and say how."""
     for resource in state.undo.resources:
-        if resource.kind in ("instance", "volume", "key-pair", "security-group"):
+        if resource.kind in ("instance", "volume", "security-group"):
             resource.fate = "kept"
     options = state.options
     host = options.ssh_host or state.instance.get("PublicIpAddress") or state.instance.get("PrivateIpAddress")

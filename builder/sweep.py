@@ -7,9 +7,10 @@ than a build could still be running.
 
 What the tool made is told by two things that must agree: its tags (created-by
 ``ebsrole``, a build id as ``pipeline.new_build_id`` makes them, a created-at time) and
-its naming (the build's key pair and security group are ``ebsrole-<role>-<build id>``,
-its builder logs in with that key pair, its AMI and snapshots carry the build id in name
-and description). Copied tags alone are not enough; a resource whose time cannot be
+its naming (the build's security group, and older builds' key pair, are
+``ebsrole-<role>-<build id>``; its builder is in that group or was launched with the client
+token ``<build id>-builder``; its AMI and snapshots carry the build id in name and
+description). Copied tags alone are not enough; a resource whose time cannot be
 read is never old.
 """
 
@@ -63,6 +64,14 @@ class Found:
 # A builder's volumes (root and data) go with it: DeleteOnTermination. ("builder-root" is
 # what builds before the data volume joined the launch tagged the root with.)
 BUILDER_VOLUMES = tags.BUILDER_VOLUMES
+
+
+def builder_token(build_id: str) -> str:
+    """Return the client token a build launches its builder with (a fallback type's adds ``-N``).
+
+    With no key pair and a given security group, the token is what names the builder after its build.
+    """
+    return f"{build_id}-builder"
 
 
 def parse_age(text: str) -> float:
@@ -230,8 +239,9 @@ def _not_ours(kind: str, resource: dict[str, Any], seen: tags.TagView) -> str:
         return f"security group {resource.get('GroupName')!r} is not named after build {build_id}"
     if kind == "instances":
         groups = {g.get("GroupName") for g in resource.get("SecurityGroups") or []}
-        if resource.get("KeyName") not in names and not groups & names:
-            return f"neither its key pair nor a security group is named after build {build_id}"
+        launched = str(resource.get("ClientToken") or "").startswith(builder_token(build_id))
+        if resource.get("KeyName") not in names and not groups & names and not launched:
+            return f"neither its key pair, a security group nor its client token is named after build {build_id}"
     if kind == "images" and resource.get("Name") != f"ebsrole-{role}-{build_id}":
         return f"AMI name {resource.get('Name')!r} is not build {build_id}'s"
     if kind == "snapshots" and not str(resource.get("Description", "")).endswith(f" {build_id}"):

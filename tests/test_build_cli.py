@@ -41,8 +41,11 @@ def resources(client: Any) -> dict[str, list[str]]:
     }
 
 
-def start_build(endpoint: str, roles_dir: Path, tmp_path: Path) -> subprocess.Popen[str]:
-    """Start a real build whose SSH target never answers: it waits there with every resource made."""
+def start_build(endpoint: str, roles_dir: Path, tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
+    """Start a real build whose SSH target never answers: it waits there with every resource made.
+
+    ``extra``: more build options.
+    """
     closed = free_port("127.0.0.1")
     return subprocess.Popen(
         [
@@ -55,6 +58,7 @@ def start_build(endpoint: str, roles_dir: Path, tmp_path: Path) -> subprocess.Po
             str(closed),
             "--ssh-timeout",
             "120",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -131,7 +135,7 @@ def test_sigkill_then_sweep_removes_everything(endpoint: str, client: Any, mini_
     proc.kill()
     proc.wait()
     left = resources(client)
-    assert left["instances"] and left["volumes"] and left["key_pairs"] and left["security_groups"]
+    assert left["instances"] and left["volumes"] and left["security_groups"] and not left["key_pairs"]
 
     young = run_cli("sweep", "--endpoint-url", endpoint, "--region", REGION, "--dry-run")
     assert young.returncode == 0 and young.stdout.strip() == "nothing to sweep"  # a build could still be running

@@ -181,6 +181,9 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
     assert not left["instances"] and not left["volumes"] and not left["key_pairs"] and not left["security_groups"]
     # Requests that moto does not keep.
     run = plane.params("RunInstances")[0]
+    # The login key travels only in the user data: no key pair was ever made or named.
+    assert "KeyName" not in run and not plane.params("ImportKeyPair")
+    assert yaml.safe_load(run["UserData"])["ssh_authorized_keys"][0].startswith("ssh-ed25519 ")
     assert run["MetadataOptions"]["HttpTokens"] == "required"
     assert run["InstanceInitiatedShutdownBehavior"] == "terminate"
     assert run["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] is True
@@ -213,7 +216,6 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
     assert doc["externalized"] == ["/srv/app"] and doc["device"] == "/dev/sdf" and doc["mount_point"] == "/data"
     fates = {(r["kind"], r["fate"]) for r in doc["resources"]}
     assert fates == {
-        ("key-pair", "deleted"),
         ("security-group", "deleted"),
         ("instance", "deleted"),
         ("snapshot", "kept"),
@@ -225,7 +227,6 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
 
 EC2_STEPS = [
     ("DescribeImages", 1),
-    ("ImportKeyPair", 1),
     ("CreateSecurityGroup", 1),
     ("AuthorizeSecurityGroupIngress", 1),
     ("RunInstances", 1),
@@ -317,14 +318,15 @@ def test_ssh_dropped_mid_script_fails_the_build(
 def test_cleanup_that_fails_names_what_it_left(ec2: EC2, mini: Any, rootfs: Path, tmp_path: Path) -> None:
     plane = DataPlane(rootfs, tmp_path)
     plane.fail["RunInstances"] = 1
-    plane.fail["DeleteKeyPair"] = 1
+    plane.fail["DeleteSecurityGroup"] = 1
     plane.install(ec2.client)
     with pytest.raises(LeftBehind) as caught:
         build(mini, ec2, options(plane, tmp_path))
     assert caught.value.exit_code == ExitCode.LEFTOVERS
-    assert "key-pair ebsrole-mini-" in caught.value.render()
+    (group,) = everything(ec2)["security_groups"]
+    assert f"security-group {group}" in caught.value.render()
     assert "sweep" in caught.value.render()
-    assert everything(ec2)["key_pairs"] and not everything(ec2)["security_groups"]
+    assert not everything(ec2)["instances"]
 
 
 @needs_root
@@ -344,7 +346,7 @@ def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
         with pytest.raises(RemoteCommandFailed):
             build(load_role("broken", roles_dir), ec2, options(plane, tmp_path, keep_on_failure=True))
         left = everything(ec2)
-        assert left["instances"] and left["volumes"] and left["key_pairs"] and left["security_groups"]
+        assert left["instances"] and left["volumes"] and left["security_groups"] and not left["key_pairs"]
         key = tmp_path / "manifest.key"
         assert key.stat().st_mode & 0o777 == 0o600
         assert f"ssh -i {key} -p {plane.port} admin@{plane.address}" in caplog.text
@@ -354,7 +356,6 @@ def test_keep_on_failure_keeps_the_builder_and_says_how_to_reach_it(
         doc = json.loads((tmp_path / "manifest.json").read_text())
         assert {r["kind"] for r in doc["resources"] if r["fate"] == "kept"} == {
             "instance",
-            "key-pair",
             "security-group",
         }
         pinned = yaml.safe_load(plane.params("RunInstances")[0]["UserData"])["ssh_keys"]["ed25519_public"]

@@ -117,6 +117,7 @@ def built(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         "log": done.stdout + done.stderr,
         "manifest_text": manifest.read_text(),
         "ami": doc["ami"],
+        "builder": builder,
         "roles": roles,
         "user_data_b64": user_data_b64,
         "user_data": base64.b64decode(user_data_b64).decode(),
@@ -136,6 +137,22 @@ def test_debug_build_log_and_manifest_hold_no_key_and_no_user_data(built: dict[s
         assert "I2Nsb3VkLWNvbmZpZw" not in text, what  # base64 of "#cloud-config", any framing
         assert not [line for line in key_body if line in text], what
     assert "'UserData': '[redacted]'" in log
+
+
+def test_the_build_makes_no_key_pair_its_login_key_goes_in_the_user_data_only(
+    world: World, built: dict[str, Any]
+) -> None:
+    """The sandbox authorizes a key pair's key only when RunInstances names one (instance metadata);
+    this build SSHed into its builder and provisioned it, so cloud-init's ssh_authorized_keys let it in."""
+    client = world.client()
+    assert client.describe_key_pairs()["KeyPairs"] == []
+    (reservation,) = client.describe_instances(InstanceIds=[built["builder"]])["Reservations"]
+    assert "KeyName" not in reservation["Instances"][0]
+    assert "ImportKeyPair" not in built["log"] and "DeleteKeyPair" not in built["log"]
+    (login,) = yaml.safe_load(built["user_data"])["ssh_authorized_keys"]
+    assert login.startswith("ssh-ed25519 ")
+    steps = {s["step"]: s["outcome"] for s in json.loads(built["manifest_text"])["steps"]}
+    assert steps["connect over SSH"] == steps["provision, verify, image hygiene"] == "done", steps
 
 
 def test_sandbox_files_holding_a_key_are_private(world: World, built: dict[str, Any]) -> None:

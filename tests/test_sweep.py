@@ -68,6 +68,12 @@ def instance(client: Any, key: str, group_id: str, tags: list[dict[str, str]]) -
     return str(reply["Instances"][0]["InstanceId"])
 
 
+def build_of(client: Any, instance_id: str) -> str:
+    """Return the build id an instance is tagged with."""
+    (reservation,) = client.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    return next(t["Value"] for t in reservation["Instances"][0]["Tags"] if t["Key"] == tag("build-id"))
+
+
 def live_instances(client: Any) -> set[str]:
     reservations = client.describe_instances()["Reservations"]
     return {i["InstanceId"] for r in reservations for i in r["Instances"] if i["State"]["Name"] != "terminated"}
@@ -138,7 +144,7 @@ def test_a_running_build_is_never_swept(endpoint: str, client: Any, mini_dir: Pa
     try:
         wait_until(lambda: both_volumes_attached(client))
         running = resources(client)
-        assert running["instances"] and running["key_pairs"] and running["security_groups"]
+        assert running["instances"] and running["security_groups"] and not running["key_pairs"]
 
         for age in ("0s", "1h", "119m"):
             refused = swept(endpoint, "--older-than", age)
@@ -157,13 +163,45 @@ def test_a_running_build_is_never_swept(endpoint: str, client: Any, mini_dir: Pa
         proc.kill()
         proc.wait()
     # The build is dead now (SIGKILL: no cleanup). Its own id sweeps it, whatever its age.
-    build_id = next(
-        t["Value"] for t in client.describe_key_pairs()["KeyPairs"][0]["Tags"] if t["Key"] == tag("build-id")
-    )
-    done = swept(endpoint, "--build-id", build_id)
+    done = swept(endpoint, "--build-id", build_of(client, running["instances"][0]))
     assert done.returncode == 0, done.stderr
     assert not any(resources(client).values()), resources(client)
     assert swept(endpoint, "--build-id", "not-an-id").returncode == 2
+
+
+def test_a_killed_builder_in_a_given_group_is_swept_by_its_client_token(
+    endpoint: str, client: Any, mini_dir: Path, tmp_path: Path
+) -> None:
+    """No key pair and --security-group-id: only the launch's client token names the builder after its build."""
+    given = client.create_security_group(GroupName="ops-ssh", Description="the operator's own group")["GroupId"]
+    proc = start_build(endpoint, mini_dir, tmp_path, "--security-group-id", given)
+    try:
+        wait_until(lambda: both_volumes_attached(client))
+    finally:
+        proc.kill()
+        proc.wait()
+    (builder,) = resources(client)["instances"]
+    (reservation,) = client.describe_instances(InstanceIds=[builder])["Reservations"]
+    assert "KeyName" not in reservation["Instances"][0]
+    assert [g["GroupId"] for g in reservation["Instances"][0]["SecurityGroups"]] == [given]
+    # A lookalike with the builder's tags copied, launched with another token, is not the tool's.
+    copied = reservation["Instances"][0]["Tags"]
+    foreign = client.run_instances(
+        ImageId="ami-000000000000000d2",
+        MinCount=1,
+        MaxCount=1,
+        SecurityGroupIds=[given],
+        ClientToken="someone-elses-launch",
+        TagSpecifications=spec("instance", copied),
+    )["Instances"][0]["InstanceId"]
+
+    done = swept(endpoint, "--build-id", build_of(client, builder), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert builder in {r["id"] for r in report["resources"] if r["fate"] == "deleted"}
+    assert "client token" in {r["id"]: r["reason"] for r in report["spared"]}[foreign]
+    assert live_instances(client) == {foreign}
+    assert given in {g["GroupId"] for g in client.describe_security_groups()["SecurityGroups"]}
 
 
 def test_cleanup_that_fails_names_its_build_not_an_age() -> None:

@@ -126,8 +126,9 @@ COMMANDS = (
         "remove what killed builds left behind (found by tag)",
         "Find resources this tool made that belong to no finished build (temporary ones, "
         "AMIs and snapshots never completed) and remove them. Only resources whose tags (created-by "
-        "ebsrole, a build id, a readable created-at) and naming (the build's key pair and security "
-        "group) agree; one without a readable created-at is never old. With --volumes instead: the "
+        "ebsrole, a build id, a readable created-at) and naming (the build's security group, its "
+        "builder's client token, an older build's key pair) agree; one without a readable created-at is "
+        "never old. With --volumes instead: the "
         "tool's available (unattached) volumes, listed unless --delete.",
     ),
     Command(
