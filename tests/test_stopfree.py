@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from builder.sandbox.dataplane import INDEX
 from builder.userdata import builder_user_data
 from tests.conftest import MINI_ROLE
 from tests.machines import needs_root, next_address
-from tests.sandbox import REGION, World, clean
+from tests.sandbox import BASE_AMI, REGION, World, clean, wait_until
 
 pytestmark = needs_root
 
@@ -134,3 +135,49 @@ def test_stop_still_stops_the_builder_first(world: World, mini_dir: Path) -> Non
     assert "stop builder" in steps and "freeze and snapshot" not in steps
     assert doc["api_calls_by_action"]["stop_instances"] == 1
     assert not clean(world.status())
+
+
+@pytest.fixture(scope="module")
+def slow_world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
+    """A sandbox whose snapshots stay `pending` 4.5 s (the fixed latency model at 0.1), not throttled."""
+    state = tmp_path_factory.mktemp("slow-sandbox")
+    world = World.start(state, latency=("fixed", 0.1, 0.0))
+    try:
+        yield world
+    finally:
+        control.reset(state)
+
+
+def test_a_snapshot_holds_what_was_there_at_its_call_not_what_is_written_while_it_is_pending(
+    slow_world: World,
+) -> None:
+    """Point in time: what is written once CreateSnapshot has answered, while the snapshot is still
+    `pending`, is in neither the data nor the root snapshot, not even once they are `completed`."""
+    ec2 = slow_world.client()
+    instance = slow_world.launch(BASE_AMI)
+    volume = ec2.create_volume(Size=1, AvailabilityZone=f"{REGION}a")["VolumeId"]
+    wait_until(lambda: ec2.describe_volumes(VolumeIds=[volume])["Volumes"][0]["State"] == "available", 30, "volume")
+    ec2.attach_volume(VolumeId=volume, InstanceId=instance.id, Device="/dev/sdf")
+    # No journal: `sync` puts every block in its place, so debugfs reads the image as the guest left it.
+    plug = "for _ in $(seq 100); do [ -b /dev/xvdf ] && break; sleep 0.1; done"
+    instance.sh(f"{plug}; mkfs.ext4 -q -O ^has_journal /dev/xvdf && mkdir /mnt/v && mount /dev/xvdf /mnt/v")
+    instance.sh("echo at-the-call | tee /mnt/v/a /root/a >/dev/null; sync")
+    described = slow_world.describe(instance.id)
+    (root,) = (m["Ebs"]["VolumeId"] for m in described["BlockDeviceMappings"] if m["DeviceName"] == "/dev/xvda")
+    snapshots = [ec2.create_snapshot(VolumeId=v)["SnapshotId"] for v in (volume, root)]
+    instance.sh("echo after-the-call | tee /mnt/v/a /mnt/v/b /root/a /root/b >/dev/null; sync")
+
+    def states() -> set[str]:
+        return {s["State"] for s in ec2.describe_snapshots(SnapshotIds=snapshots)["Snapshots"]}
+
+    assert states() == {"pending"}  # the second writes came while both snapshots were in progress
+    wait_until(lambda: states() == {"completed"}, 30, "both snapshots completed")
+    image = snapshot_file(slow_world, snapshots[0], ".img")
+    debugfs = ["debugfs", "-R", "cat /a", str(image)]
+    assert subprocess.run(debugfs, capture_output=True, text=True, check=True).stdout == "at-the-call\n"
+    listing = subprocess.run(["debugfs", "-R", "ls -p /", str(image)], capture_output=True, text=True, check=True)
+    assert {line.split("/")[5] for line in listing.stdout.split()} == {".", "..", "lost+found", "a"}
+    tree = snapshot_file(slow_world, snapshots[1], ".tree") / "root"
+    assert (tree / "a").read_text() == "at-the-call\n" and not (tree / "b").exists()
+    assert instance.sh("cat /mnt/v/a /mnt/v/b /root/a /root/b").split() == ["after-the-call"] * 4
+    ec2.terminate_instances(InstanceIds=[instance.id])
