@@ -37,14 +37,11 @@ def waits_file() -> Path:
 class WaitPlan:
     """When to look at a resource, from how long recent waits of its kind took.
 
-    ``looks``: when to look (seconds after the wait starts), in order; ``before``: it has never
-    been over before this (what a first look that finds it done can still say about the start
-    of the interval); ``step``: the spacing of later looks near the end, once the planned looks
-    found it still going.
+    ``looks``: when to look (seconds after the wait starts), in order; ``step``: the spacing of
+    later looks near the end, once the planned looks found it still going.
     """
 
     looks: tuple[float, ...]
-    before: float
     step: float
 
 
@@ -130,7 +127,6 @@ class Waits:
     """
 
     KEEP = 8
-    NARROW = 0.02  # an interval this wide relative to its end (or 50 ms) is not worth halving
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -156,15 +152,13 @@ class Waits:
         intervals = self.intervals(key)
         if not intervals:
             return None
-        before = max(lo for lo, _ in intervals)
-        by = min(hi for _, hi in intervals)
-        if before < by:  # one duration fits them all: it lies in (before, by]
-            narrow = by - before <= max(0.05, self.NARROW * by)
-            return WaitPlan((by,) if narrow else ((before + by) / 2, by), before, max(0.1, by / 20))
         mu, sigma = fit(intervals)
-        looks = schedule(mu, sigma, LOOK_COST)
-        step = looks[-1] - looks[-2] if len(looks) > 1 else looks[-1] / 20
-        return WaitPlan(looks, 0.0, max(0.1, step))
+        # A wait or two say little about the spread: assume EC2's own (a CV near 0.3) at first.
+        looks = schedule(mu, max(sigma, 0.3 / len(intervals)), LOOK_COST)
+        # Past the planned looks (EC2 slower than lately): as often as the last of them, at
+        # least a twentieth of the wait apart.
+        step = max(looks[-1] - looks[-2] if len(looks) > 1 else 0.0, looks[-1] / 20, 0.1)
+        return WaitPlan(looks, step)
 
     def record(self, key: str, before: float, by: float) -> None:
         with self.lock:
@@ -236,9 +230,9 @@ def wait_for(
         now = time.monotonic()
         if state in wanted_states:
             if key:
-                # It ended after the last "still going" look began and before this one answered.
-                before = still if still is not None else (plan.before if plan else 0.0)
-                waits.record(key, before, now - started)
+                # It ended after the last "still going" look began and before this one answered;
+                # a first look that finds it over says only that (never what earlier waits did).
+                waits.record(key, still if still is not None else 0.0, now - started)
             return state
         if state in bad:
             raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
