@@ -103,3 +103,21 @@ def test_packers_error_line_is_read_from_its_machine_readable_output(bench: Modu
         "Build 'amazon-ebs' errored: Error waiting for AMI, ResourceNotReady: exceeded wait attempts"
     )
     assert bench.packer_error("no machine-readable lines\nlast words\n") == "last words"
+
+
+def test_lateness_counts_only_the_waits_the_build_hangs_on(bench: ModuleType) -> None:
+    # Two snapshots: the quicker one's end was seen late (the build was still waiting for the
+    # other), which costs nothing; the builder's shutdown is off the critical path.
+    transitions = [
+        {"kind": "instance_pending", "resource": "i-1", "drawn": 12.0, "late": 1.0},
+        {"kind": "snapshot_pending", "resource": "snap-root", "drawn": 50.0, "late": 2.0},
+        {"kind": "snapshot_pending", "resource": "snap-data", "drawn": 30.0, "late": 21.0},
+        {"kind": "instance_shutting_down", "resource": "i-1", "drawn": 30.0, "late": 40.0},
+        {"kind": "image_pending", "resource": "ami-1", "drawn": 9.0, "late": 0.5},
+    ]
+    row = bench.summarize([run(80.0, transitions)], 5.0)
+    assert {kind: late["median"] for kind, late in row["late_s"].items()} == {
+        "instance_pending": 1.0,
+        "snapshot_pending": 2.0,
+        "image_pending": 0.5,
+    }
