@@ -297,7 +297,7 @@ def table(result: dict[str, Any]) -> str:
         by = speedup(summary, name)
         lines.append(
             f"| {name} | {w['median']} s ({w['p90']} s){failed} | "
-            f"{o['median']}x ({o['p90']}x) | {'' if name == 'ours' else f'{by}x'} | {row['calls']} |"
+            f"{o['median']}x ({o['p90']}x) | {'' if name.startswith('ours') else f'{by}x'} | {row['calls']} |"
         )
     kinds = [k for k in KINDS if any(k in row.get("late_s", {}) for row in summary.values())]
     lines += [
