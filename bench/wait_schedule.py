@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
@@ -36,19 +35,6 @@ COSTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 LEARNING = 8  # builds before the schedule is taken as learnt (what Waits keeps)
 
 
-class Clock:
-    """Simulated time: sleeping moves it on."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-
-
 def draws(rng: random.Random) -> dict[str, float]:
     """One build's three critical waits, as the realistic model draws them."""
     snapshots = [lognormal(rng, 40, 0.3) + gib * lognormal(rng, 10, 0.3) for gib in (1.0, 0.01)]
@@ -57,8 +43,8 @@ def draws(rng: random.Random) -> dict[str, float]:
 
 def simulate(cost: float, builds: int, seed: int) -> dict[str, list[float]]:
     """Run ``builds`` builds' waits with looks priced at ``cost``; return per learnt build its looks and lateness."""
-    clock = Clock()
-    waits.time = SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep)  # type: ignore[assignment,attr-defined]
+    clock = waits.SimulatedClock()
+    waits.time = clock  # type: ignore[assignment,attr-defined]
     waits.LOOK_COST = cost
     rng = random.Random(seed)  # noqa: S311 (a simulation's draws, no secret)
     looks: list[float] = []

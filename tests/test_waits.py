@@ -8,12 +8,11 @@ import math
 import random
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from builder.aws import waits as waits_module
-from builder.aws.waits import Waits, fit, schedule, wait_for
+from builder.aws.waits import SimulatedClock, Waits, fit, schedule, wait_for
 
 
 def lognormal(rng: random.Random, median: float, cv: float) -> float:
@@ -41,19 +40,6 @@ def test_looks_go_where_the_ends_are_and_fewer_when_looks_cost_more() -> None:
     assert len(schedule(math.log(45), 0.29, cost=3.0)) < len(snapshot)
 
 
-class Clock:
-    """Time for a simulated series of waits (sleep moves it on)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-
-
 @pytest.mark.parametrize(("median", "cv"), [(15.0, 0.4), (45.0, 0.3), (10.0, 0.3)])
 def test_varying_waits_cost_few_looks_and_little_time_past_their_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, median: float, cv: float
@@ -61,8 +47,8 @@ def test_varying_waits_cost_few_looks_and_little_time_past_their_end(
     """Waits drawn like EC2's (a launch, a snapshot, an image): once learnt, three or four looks
     each and an end seen within a tenth of the wait (and a second or so) after it. The schedule
     it replaced (the typical end, then every twentieth of it) took six or seven looks."""
-    clock = Clock()
-    monkeypatch.setattr(waits_module, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    clock = SimulatedClock()
+    monkeypatch.setattr(waits_module, "time", clock)
     waits, rng = Waits(tmp_path / "waits.json"), random.Random(11)
     looks: list[int] = []
     late: list[float] = []
@@ -86,8 +72,8 @@ def test_a_slow_first_wait_does_not_keep_the_looks_late(tmp_path: Path, monkeypa
     """After one slow wait (1.5 times the usual), the waits that follow all end sooner: the looks
     come back to where they end. (A schedule that took a first look finding it over as "it always
     ends there" kept looking at the slow time: 20-26 s late for every snapshot.)"""
-    clock = Clock()
-    monkeypatch.setattr(waits_module, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    clock = SimulatedClock()
+    monkeypatch.setattr(waits_module, "time", clock)
     waits, rng, median = Waits(tmp_path / "waits.json"), random.Random(5), 45.0
     ends = [1.5 * median] + [min(lognormal(rng, median, 0.3), 1.3 * median) for _ in range(20)]
     late: list[float] = []

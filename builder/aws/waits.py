@@ -171,6 +171,23 @@ class Waits:
                 log.debug("could not record wait times in %s: %s", self.path, exc)
 
 
+class SimulatedClock:
+    """Time for simulating a series of waits (tests, bench/wait_schedule.py): sleeping moves it on.
+
+    Stands in for the module's ``time`` (``monotonic`` and ``sleep``), so the schedule runs as it
+    does against EC2, in no time.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
 def poll_delay(waited: float) -> float:
     """Return how long to sleep before the next poll of a wait that has lasted ``waited`` seconds.
 
