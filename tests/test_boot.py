@@ -43,8 +43,11 @@ def provisioned_web(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     yield booted.machine.state / "rw" / "upper", booted.disk.image
 
 
-def _boot_and_plug_late(layers: list[Path], image: Path, tmp_path: Path) -> tuple[vm.VM, Remote, int]:
-    """Boot the VM, plug the data volume once sshd has started (services start with it), log in."""
+def boot_and_plug_late(layers: list[Path], image: Path, tmp_path: Path) -> tuple[vm.VM, Remote, int]:
+    """Boot the VM, plug the data volume once sshd has started (services start with it), log in.
+
+    Returns the VM, the logged-in session and the host port forwarded to the VM's port 80;
+    the caller stops the VM (and closes the session)."""
     login, host_key = KeyPair.generate("boot"), KeyPair.generate("boot-host")
     machine, ports = vm.boot(
         layers, image, builder_user_data(login, host_key), ssh_address=next_address(), forward=(80,), workdir=tmp_path
@@ -72,7 +75,7 @@ def test_volume_mounts_at_boot_and_apache_waits_for_it(
     provisioned_web: tuple[Path, Path], rootfs: Path, tmp_path: Path
 ) -> None:
     upper, image = provisioned_web
-    machine, remote, http = _boot_and_plug_late([upper, rootfs], image, tmp_path)
+    machine, remote, http = boot_and_plug_late([upper, rootfs], image, tmp_path)
     try:
         assert remote.check("findmnt -n -o SOURCE /data").stdout.strip().startswith("/dev/nvme1n1")
         assert remote.check("systemctl is-active apache2").stdout.strip() == "active"
@@ -93,7 +96,7 @@ def test_without_the_dropin_apache_starts_before_the_volume(
     for path in removed:
         (upper / path).unlink()
     try:
-        machine, remote, _ = _boot_and_plug_late([upper, rootfs], image, tmp_path)
+        machine, remote, _ = boot_and_plug_late([upper, rootfs], image, tmp_path)
         try:
             assert remote.check("findmnt -n -o SOURCE /data").stdout.strip().startswith("/dev/nvme1n1")
             state = remote.run("systemctl is-active apache2").stdout.strip()

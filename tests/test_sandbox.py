@@ -37,14 +37,6 @@ from tests.sandbox import REGION, World, clean, wait_until
 pytestmark = needs_root
 
 
-@pytest.fixture
-def mini_dir(tmp_path: Path) -> Path:
-    roles = tmp_path / "roles"
-    roles.mkdir()
-    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
-    return roles
-
-
 def manifest_of(result: subprocess.CompletedProcess[str], role: str) -> dict[str, Any]:
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"{role}: AMI "))
     path = line.rsplit("(manifest ", 1)[1].rstrip(")")

@@ -9,37 +9,25 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from builder.aws.ec2 import EC2
-from builder.keys import KeyPair
 from builder.pipeline import BuildOptions, build
 from builder.remote import Remote
 from builder.roles import load_role
-from builder.sandbox import control, vm
+from builder.sandbox import control
 from builder.sandbox.dataplane import INDEX
-from builder.userdata import builder_user_data
-from tests.conftest import MINI_ROLE
-from tests.machines import needs_root, next_address
+from tests.machines import needs_root
 from tests.sandbox import BASE_AMI, REGION, World, clean, wait_until
+from tests.test_boot import boot_and_plug_late
 
 pytestmark = needs_root
 
 MARK = "written-just-before-the-freeze"
-
-
-@pytest.fixture
-def mini_dir(tmp_path: Path) -> Path:
-    roles = tmp_path / "roles"
-    roles.mkdir()
-    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
-    return roles
 
 
 def writing_before_the_freeze(*args: Any, **kwargs: Any) -> Remote:
@@ -104,24 +92,14 @@ def _index(world: World) -> dict[str, Any]:
 
 
 def _boot_and_check(layers: list[Path], volume: Path, tmp_path: Path) -> None:
-    login, host_key = KeyPair.generate("boot"), KeyPair.generate("boot-host")
-    machine, _ = vm.boot(
-        layers, volume, builder_user_data(login, host_key), ssh_address=next_address(), workdir=tmp_path
-    )
+    machine, remote, _ = boot_and_plug_late(layers, volume, tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while "Started ssh.service" not in machine.console():
-            assert time.monotonic() < deadline, f"VM did not start sshd:\n{machine.serial_tail()}"
-            assert machine.process.poll() is None, f"qemu exited:\n{machine.serial_tail()}"
-            time.sleep(0.2)
-        machine.attach_data_volume()
-        with Remote.connect(machine.ssh_address, machine.ssh_port, "admin", login, host_key, deadline=240) as remote:
-            remote.check("sudo -n systemctl is-system-running --wait || true", timeout=300)
-            wait = "for _ in $(seq 100); do mountpoint -q /data && break; sleep 0.2; done"
-            assert remote.check(f"{wait}; sudo -n cat /data/marker /root/marker").stdout.split() == [MARK, MARK]
-            kernel = remote.check("sudo -n dmesg").stdout
-            assert "recovery complete" not in kernel and "mounted filesystem" in kernel, kernel[-2000:]
+        wait = "for _ in $(seq 100); do mountpoint -q /data && break; sleep 0.2; done"
+        assert remote.check(f"{wait}; sudo -n cat /data/marker /root/marker").stdout.split() == [MARK, MARK]
+        kernel = remote.check("sudo -n dmesg").stdout
+        assert "recovery complete" not in kernel and "mounted filesystem" in kernel, kernel[-2000:]
     finally:
+        remote.close()
         machine.stop()
 
 
