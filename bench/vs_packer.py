@@ -65,16 +65,6 @@ ROLE = {
 }
 
 
-def calls_during(state: Path, run: Any) -> tuple[float, dict[str, int], Any]:
-    before = control.status(state)["api_calls_by_action"]
-    started = time.monotonic()
-    result = run()
-    wall = time.monotonic() - started
-    after = control.status(state)["api_calls_by_action"]
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0)}
-    return wall, delta, result
-
-
 def ours(roles: Path, env: dict[str, str], work: Path, n: int) -> dict[str, Any]:
     manifest = work / f"ours-{n}.json"
     done = subprocess.run(
