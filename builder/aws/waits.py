@@ -260,7 +260,10 @@ def wait_for(
         if looks:
             delay = looks.pop(0) - waited  # the planned looks
         elif plan and waited < 2 * plan.looks[-1]:
-            delay = min(plan.step, poll_delay(waited))  # past them, near the expected end: look often
+            # Past them, EC2 is slower than lately: as often as the last of them at first, then
+            # an eighth of the time waited apart (a wait half again as long as planned costs
+            # about four more looks, not one per planned gap).
+            delay = min(poll_delay(waited), max(plan.step, waited / 8))
         else:
             delay = poll_delay(waited)  # nothing known, or running long: back off
         if now + delay > deadline:
