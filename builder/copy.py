@@ -165,7 +165,8 @@ def copy_image(
     root = by_device.get(str(described.get("RootDeviceName")), "")
     seed = by_device.get(image.device, "")
     origin = f"{source.region}/{image.image_id}"
-    target.call("create_tags", Resources=[copied], Tags=tag_list(tags.copied_image(source_tags, origin, seed, root)))
+    copy_tags = tags.copied_image(source_tags, origin, seed, root, copied)
+    target.call("create_tags", Resources=[copied], Tags=tag_list(copy_tags))
     for snapshot, kind in ((seed, tags.KIND_SEED_SNAPSHOT), (root, tags.KIND_ROOT_SNAPSHOT)):
         if snapshot:
             snap_tags = tags.copied_snapshot(source_tags, origin, kind, copied)

@@ -548,10 +548,7 @@ def register_image(state: _Build) -> None:
                 throughput=vol.throughput,
             ),
         ),
-        image_tags={
-            tags.NAME: name,
-            **state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_PENDING, _image_facts(state)),
-        },
+        image_tags=_image_tags(state),
     )
     with state.undo.creating():
         image_id = resources.register(ec2, spec, state.build_id)
@@ -568,18 +565,19 @@ def register_image(state: _Build) -> None:
 
 
 def pair_and_keep(state: _Build) -> None:
-    """Tag AMI and snapshots so that each names the other; keep them, the rest is temporary."""
+    """Mark the AMI and both snapshots complete, each naming the AMI, in one call; keep them, the rest is temporary.
+
+    The AMI names its snapshots from its creation (RegisterImage's tags); an EC2 that dropped
+    those (moto does) gets them again first. From the last call on sweep leaves all three alone.
+    """
     ec2, manifest = state.ec2, state.manifest
-    pairing = tags.pairing(str(manifest.seed_snapshot), str(manifest.root_snapshot))
-    image_tags = state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_COMPLETE, {**_image_facts(state), **pairing})
-    # The image's creation tags again (some EC2 implementations drop RegisterImage's), the
-    # pairing, and status=complete; the snapshots (tagged at creation) get the AMI, what the
-    # AMI carries (fingerprint, paths, ...) and status=complete, both in one call. From now
-    # on sweep leaves them alone.
-    ec2.call("create_tags", Resources=[str(manifest.ami)], Tags=tag_list({tags.NAME: _image_name(state), **image_tags}))
-    snapshots = [str(manifest.seed_snapshot), str(manifest.root_snapshot)]
-    ec2.call("create_tags", Resources=snapshots, Tags=tag_list(tags.snapshot_done(str(manifest.ami))))
-    for resource_id in (str(manifest.ami), *snapshots):  # only once all three are complete: never half-paired
+    ami = str(manifest.ami)
+    created = _image_tags(state)
+    if not created.items() <= tags.tags_of(ec2.described.get(ami, {})).items():  # the wait's last answer
+        ec2.call("create_tags", Resources=[ami], Tags=tag_list(created))
+    artefacts = [ami, str(manifest.seed_snapshot), str(manifest.root_snapshot)]
+    ec2.call("create_tags", Resources=artefacts, Tags=tag_list(tags.artefacts_done(ami)))
+    for resource_id in artefacts:  # only once all three are complete: never half-paired
         state.undo.keep(resource_id)
 
 
@@ -655,6 +653,13 @@ def _remove_orphans(state: _Build) -> list[Resource]:
 
 def _image_name(state: _Build) -> str:
     return f"ebsrole-{state.role.name}-{state.build_id}"
+
+
+def _image_tags(state: _Build) -> dict[str, str]:
+    """Return the role AMI's tags at its creation: name, pending, what it carries, its two snapshots."""
+    manifest = state.manifest
+    facts = {**_image_facts(state), **tags.pairing(str(manifest.seed_snapshot), str(manifest.root_snapshot))}
+    return {tags.NAME: _image_name(state), **state.stamp.artefact(tags.KIND_IMAGE, tags.STATUS_PENDING, facts)}
 
 
 def _image_facts(state: _Build) -> dict[str, str]:

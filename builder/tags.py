@@ -50,7 +50,7 @@ DEVICE: Final = "ebsrole:device"
 PATHS: Final = "ebsrole:paths"  # then ebsrole:paths-2, ebsrole:paths-3, ...
 SEED_SNAPSHOT: Final = "ebsrole:seed-snapshot"
 ROOT_SNAPSHOT: Final = "ebsrole:root-snapshot"
-AMI: Final = "ebsrole:ami"  # on a snapshot: the AMI it belongs to
+AMI: Final = "ebsrole:ami"  # on a build's snapshots and AMI: the AMI they belong to (on an AMI, itself)
 COPIED_FROM: Final = "ebsrole:copied-from"  # "<region>/<ami>"
 DATE: Final = "ebsrole:date"
 SOURCE_INSTANCE: Final = "ebsrole:source-instance"
@@ -162,17 +162,21 @@ def pairing(seed_snapshot: str, root_snapshot: str) -> dict[str, str]:
     return {SEED_SNAPSHOT: seed_snapshot, ROOT_SNAPSHOT: root_snapshot}
 
 
-def snapshot_done(ami: str) -> dict[str, str]:
-    """Return the tags a build's snapshot gets once its AMI is complete: the AMI, status complete."""
+def artefacts_done(ami: str) -> dict[str, str]:
+    """Return the tags a build's AMI and both its snapshots get, in one call, once the AMI is available.
+
+    The AMI they belong to, and status complete: all three become complete at once, never a
+    half-paired AMI. (The AMI names its snapshots from its creation.)
+    """
     return {AMI: ami, STATUS: STATUS_COMPLETE}
 
 
 # ---------------------------------------------------------------- copies
 
 
-def copied_image(source: Mapping[str, str], origin: str, seed: str, root: str) -> dict[str, str]:
-    """Return a copied AMI's tags: the source's, where it came from (``region/ami``), its new snapshots."""
-    return {**source, COPIED_FROM: origin, **pairing(seed, root)}
+def copied_image(source: Mapping[str, str], origin: str, seed: str, root: str, ami: str) -> dict[str, str]:
+    """Return a copied AMI's tags: the source's, where it came from (``region/ami``), its new snapshots, itself."""
+    return {**source, COPIED_FROM: origin, **pairing(seed, root), AMI: ami}
 
 
 def copied_snapshot(source: Mapping[str, str], origin: str, kind: str, ami: str) -> dict[str, str]:

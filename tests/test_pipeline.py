@@ -201,6 +201,13 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
     assert register["ImdsSupport"] == "v2.0"
     data = next(m for m in register["BlockDeviceMappings"] if m["DeviceName"] == "/dev/sdf")
     assert data["Ebs"] == {"SnapshotId": manifest.seed_snapshot, "DeleteOnTermination": False, "VolumeType": "gp3"}
+    # The AMI names its snapshots from its creation; moto drops RegisterImage's tags, so they are
+    # applied again, and then one call marks the AMI and both snapshots complete at once.
+    created = {t["Key"]: t["Value"] for t in register["TagSpecifications"][0]["Tags"]}
+    assert created[tag("seed-snapshot")] == manifest.seed_snapshot and created[tag("status")] == "pending"
+    retag, done = plane.params("CreateTags")
+    assert retag["Resources"] == [manifest.ami]
+    assert sorted(done["Resources"]) == sorted([manifest.ami, manifest.seed_snapshot, manifest.root_snapshot])
     # Pairing tags: each names the other.
     image = ec2.client.describe_images(ImageIds=[manifest.ami])["Images"][0]
     image_tags = {t["Key"]: t["Value"] for t in image["Tags"]}

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from builder import tags
 from builder.aws.ec2 import EC2
 from builder.pipeline import BuildOptions, build
 from builder.remote import Remote
@@ -62,6 +63,16 @@ def test_a_stop_free_build_snapshots_both_filesystems_as_of_the_freeze(
     assert "freeze and snapshot" in steps and "stop builder" not in steps
     assert "stop_instances" not in doc["api_calls_by_action"]
     assert not clean(world.status())
+    # The sandbox keeps RegisterImage's tags, as EC2 does: the AMI names its snapshots from its
+    # creation, and one CreateTags marks it and both snapshots complete.
+    assert doc["api_calls_by_action"]["create_tags"] == 1
+    image = ec2.call("describe_images", ImageIds=[str(manifest.ami)])["Images"][0]
+    assert tags.tags_of(image)[tags.SEED_SNAPSHOT] == manifest.seed_snapshot
+    artefacts = [str(manifest.ami), str(manifest.seed_snapshot), str(manifest.root_snapshot)]
+    snapshots = ec2.call("describe_snapshots", SnapshotIds=artefacts[1:])["Snapshots"]
+    for described in [image, *snapshots]:
+        assert tags.tags_of(described)[tags.STATUS] == "complete"
+        assert tags.tags_of(described)[tags.AMI] == manifest.ami
     # The data snapshot: the file is in it, and its filesystem is clean (no journal to replay).
     image = snapshot_file(world, str(manifest.seed_snapshot), ".img")
     cat = subprocess.run(["debugfs", "-R", "cat /marker", str(image)], capture_output=True, text=True, check=True)

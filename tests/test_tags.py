@@ -96,9 +96,11 @@ def test_every_family_says_created_by_the_tool() -> None:
 
 def test_copy_keeps_the_source_but_not_its_pairing_on_snapshots() -> None:
     source = {"Name": "ebsrole-web-b1", tags.ROLE: "web", **tags.pairing("snap-s", "snap-r")}
-    image = tags.view(tags.copied_image(source, "eu-west-1/ami-1", "snap-S", "snap-R"))
+    source[tags.AMI] = "ami-1"  # what a build's AMI says of itself
+    image = tags.view(tags.copied_image(source, "eu-west-1/ami-1", "snap-S", "snap-R", "ami-2"))
     snap = tags.copied_snapshot(source, "eu-west-1/ami-1", tags.KIND_SEED_SNAPSHOT, "ami-2")
     assert (image.seed_snapshot, image.all[tags.COPIED_FROM]) == ("snap-S", "eu-west-1/ami-1")
+    assert image.all[tags.AMI] == "ami-2"
     assert tags.SEED_SNAPSHOT not in snap and "Name" not in snap and snap[tags.AMI] == "ami-2"
 
 

@@ -156,7 +156,7 @@ class EC2:
         self.endpoint_url = endpoint_url
         self.calls: Counter[str] = Counter()
         self.retried_creates = 0  # create calls botocore had to retry: a lost answer may have made a twin
-        self.described: dict[str, dict[str, Any]] = {}  # the last description of each instance polled
+        self.described: dict[str, dict[str, Any]] = {}  # the last description of each instance or image polled
         self.waits = Waits(waits_file())
         # Whose waits these are: AWS, an endpoint, or the sandbox with its latency model
         # (its port changes at every start; its waits do not).
@@ -329,8 +329,12 @@ class EC2:
         return [str(s["State"]) for s in snapshots]
 
     def image_state(self, image_id: str) -> str:
+        """Return the image's state; its whole description stays in ``described`` (no second call)."""
         images = self.call("describe_images", ImageIds=[image_id])["Images"]
-        return str(images[0]["State"]) if images else "missing"
+        if not images:
+            return "missing"
+        self.described[image_id] = dict(images[0])
+        return str(images[0]["State"])
 
     # ------------------------------------------------------------ removal
 
