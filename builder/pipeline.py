@@ -158,6 +158,7 @@ class _Build:
     volume_id: str | None = None
     remote: Remote | None = None
     released: bool = False  # the builder was told to terminate once its snapshots started
+    own_group: bool = False  # group_id is the build's own security group (deleted at cleanup)
 
     @property
     def build_id(self) -> str:
@@ -305,6 +306,7 @@ def temporary_credentials(state: _Build) -> None:
     if source is None:
         state.group_id = options.security_group_id
         return
+    state.own_group = True
     state.group_id = resources.ssh_group(
         ec2,
         name,
@@ -374,7 +376,7 @@ def launch_builder(state: _Build) -> None:
         ec2,
         spec,
         state.undo,
-        terminate=lambda i: lambda: ec2.terminate(i, requested=state.released),
+        terminate=lambda i: lambda: _end_builder(state, i),
         fallback=role.instance_types[1:],
         running=600,
         kind="instance-running",
@@ -649,6 +651,20 @@ def _remove_orphans(state: _Build) -> list[Resource]:
     recorded = [Resource(f.kind.rstrip("s").replace("_", "-"), f.id, lambda: None, f.fate, f.error) for f in orphans]
     state.undo.resources.extend(recorded)
     return [r for r in recorded if r.fate == "left"]
+
+
+def _end_builder(state: _Build, instance_id: str) -> None:
+    """The builder's undo: terminate it (unless released already) and make sure it is gone.
+
+    Released, with a security group of its own, it is not waited for here: the group's
+    deletion, next on the undo stack, retries while EC2 answers DependencyViolation, which
+    it does until the builder has terminated. That is the proof it is gone, and usually
+    comes first time (the builder shut down while the snapshots and the image completed),
+    so cleanup costs no DescribeInstances.
+    """
+    if state.released and state.own_group:
+        return
+    state.ec2.terminate(instance_id, requested=state.released)
 
 
 def _image_name(state: _Build) -> str:

@@ -16,6 +16,7 @@ import botocore.exceptions
 import pytest
 import yaml
 
+from builder.aws.ec2 import EC2
 from builder.cli import output
 from builder.errors import InvalidInput
 from builder.sandbox import control
@@ -289,6 +290,24 @@ def test_throttling_answers_request_limit_exceeded(slow_world: World) -> None:
             codes.append(exc.response["Error"]["Code"])
     assert codes and set(codes) == {"RequestLimitExceeded"}
     assert slow_world.status()["throttled"] >= len(codes)
+
+
+def test_a_group_in_use_is_not_deleted_until_its_instance_has_terminated(slow_world: World) -> None:
+    """As EC2 does (moto does not): DeleteSecurityGroup answers DependencyViolation while an
+    instance that uses the group is shutting down; EC2.delete_security_group rides it out."""
+    ec2 = slow_world.client()
+    group = ec2.create_security_group(GroupName="in-use", Description="in use")["GroupId"]
+    instance = ec2.run_instances(ImageId=BASE, MinCount=1, MaxCount=1, SecurityGroupIds=[group])["Instances"][0]
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        ec2.delete_security_group(GroupId=group)
+    assert refused.value.response["Error"]["Code"] == "DependencyViolation"
+    ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+    asked = time.monotonic()
+    tool = EC2.connect(REGION, None, slow_world.endpoint, credentials=control.credentials(slow_world.state))
+    tool.delete_security_group(group, timeout=60)
+    assert time.monotonic() - asked >= Model.preset("fixed", SCALE).instance_shutting_down - 0.5
+    assert slow_world.describe(instance["InstanceId"])["State"]["Name"] == "terminated"
+    assert group not in {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
 
 
 @needs_root

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.exceptions
 import pytest
 import yaml
 from moto import mock_aws
@@ -170,10 +171,21 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
 ) -> None:
     plane = DataPlane(rootfs, tmp_path)
     plane.install(ec2.client)
+    refusals = iter([True, True])  # the builder still shutting down at cleanup: its group is in use
+
+    def still_in_use(model: Any, **_: Any) -> None:
+        if next(refusals, False):
+            error = {"Error": {"Code": "DependencyViolation", "Message": "resource has a dependent object"}}
+            raise botocore.exceptions.ClientError(error, model.name)  # type: ignore[arg-type]
+
+    ec2.client.meta.events.register("before-call.ec2.DeleteSecurityGroup", still_in_use)
     try:
         manifest = build(mini, ec2, options(plane, tmp_path))
     finally:
+        ec2.client.meta.events.unregister("before-call.ec2.DeleteSecurityGroup", still_in_use)
         plane.stop_all()
+    operations = [op for op, _ in plane.requests]  # the build's calls (the checks below add theirs)
+    assert operations.count("DeleteSecurityGroup") == 3  # refused twice, then deleted
     # What is left: the AMI and its two snapshots, nothing else.
     left = everything(ec2)
     assert left["images"] == [manifest.ami]
@@ -201,6 +213,10 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
     assert register["ImdsSupport"] == "v2.0"
     data = next(m for m in register["BlockDeviceMappings"] if m["DeviceName"] == "/dev/sdf")
     assert data["Ebs"] == {"SnapshotId": manifest.seed_snapshot, "DeleteOnTermination": False, "VolumeType": "gp3"}
+    # Released once its snapshots started, the builder is not waited for at cleanup: its group's
+    # deletion (refused while it has not terminated) proves it gone. No DescribeInstances after.
+    after = operations[operations.index("TerminateInstances") :]
+    assert "DescribeInstances" not in after and after[-1] == "DeleteSecurityGroup", " ".join(after)
     # The AMI names its snapshots from its creation; moto drops RegisterImage's tags, so they are
     # applied again, and then one call marks the AMI and both snapshots complete at once.
     created = {t["Key"]: t["Value"] for t in register["TagSpecifications"][0]["Tags"]}

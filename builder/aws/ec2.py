@@ -378,8 +378,12 @@ class EC2:
                 return
         self.call("delete_volume", VolumeId=volume_id)
 
-    def delete_security_group(self, group_id: str, timeout: float = 300) -> None:
-        """Delete a security group, retrying while EC2 still reports it in use."""
+    def delete_security_group(self, group_id: str, timeout: float = 900) -> None:
+        """Delete a security group, retrying while EC2 still reports it in use.
+
+        An instance that uses it keeps it in use until it has terminated: ``timeout`` is as long
+        as the wait for a termination.
+        """
         deadline = time.monotonic() + timeout
         delay = 1.0
         while True:

@@ -8,7 +8,8 @@ RunInstances boots. It also makes moto tell the truth where it is fake: images k
 block-device mappings they were given, an instance's private address is real (on its
 VPC's bridge, out of the host's reach) and only an instance EC2 would give a public address
 has one (the loopback address its machine answers on), a stopping instance is ``stopping``
-until its machine has halted, and a machine that dies turns its instance ``stopped`` or
+until its machine has halted, a security group in use by an instance that has not
+terminated cannot be deleted, and a machine that dies turns its instance ``stopped`` or
 ``terminated`` as its shutdown behaviour says. Any EC2 client works against it: the tool itself, or Packer.
 
 Every request must be signed (SigV4) with the credentials ``sandbox start`` made
@@ -647,6 +648,17 @@ class Sandbox:
         # The sandbox has no 24-hour cooldown: protection ends at once, with or without it.
         self._image(backend, params.get("ImageId", "")).deregistration_protection = "disabled"
         return _returned("DisableImageDeregistrationProtection")
+
+    def _before_DeleteSecurityGroup(self, backend: Any, params: dict[str, str]) -> None:
+        """EC2 refuses to delete a group an instance still uses, until it has terminated (moto does not)."""
+        group_id = params.get("GroupId")
+        for instance in backend.all_instances() if group_id else ():
+            if instance.state == "terminated":
+                continue
+            groups = {g.id for g in instance.security_groups}
+            groups |= {g.id for nic in instance.nics.values() for g in getattr(nic, "group_set", [])}
+            if group_id in groups:
+                raise EC2Error("DependencyViolation", f"resource {group_id} has a dependent object")
 
     def _before_DeregisterImage(self, backend: Any, params: dict[str, str]) -> None:
         image = backend.amis.get(params.get("ImageId", ""))
