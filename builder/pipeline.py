@@ -158,7 +158,11 @@ class _Build:
     volume_id: str | None = None
     remote: Remote | None = None
     released: bool = False  # the builder was told to terminate once its snapshots started
-    own_group: bool = False  # group_id is the build's own security group (deleted at cleanup)
+
+    @property
+    def own_group(self) -> bool:
+        """Whether the builder's security group is the build's own (made by it, deleted at cleanup)."""
+        return self.group_id is not None and not self.options.security_group_id
 
     @property
     def build_id(self) -> str:
@@ -306,7 +310,6 @@ def temporary_credentials(state: _Build) -> None:
     if source is None:
         state.group_id = options.security_group_id
         return
-    state.own_group = True
     state.group_id = resources.ssh_group(
         ec2,
         name,

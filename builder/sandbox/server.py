@@ -652,12 +652,11 @@ class Sandbox:
     def _before_DeleteSecurityGroup(self, backend: Any, params: dict[str, str]) -> None:
         """EC2 refuses to delete a group an instance still uses, until it has terminated (moto does not)."""
         group_id = params.get("GroupId")
-        for instance in backend.all_instances() if group_id else ():
-            if instance.state == "terminated":
-                continue
-            groups = {g.id for g in instance.security_groups}
-            groups |= {g.id for nic in instance.nics.values() for g in getattr(nic, "group_set", [])}
-            if group_id in groups:
+        for instance in backend.all_instances():
+            # The group is held by the instance's network interfaces (moto puts it there too when
+            # given SecurityGroupIds), which go when it has terminated.
+            in_use = any(g.id == group_id for nic in instance.nics.values() for g in nic.group_set)
+            if in_use and instance.state != "terminated":
                 raise EC2Error("DependencyViolation", f"resource {group_id} has a dependent object")
 
     def _before_DeregisterImage(self, backend: Any, params: dict[str, str]) -> None:
