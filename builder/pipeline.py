@@ -158,6 +158,7 @@ class _Build:
     volume_id: str | None = None
     remote: Remote | None = None
     released: bool = False  # the builder was told to terminate once its snapshots started
+    public_ssh: bool | None = None  # SSH goes to the builder's public IP (None: not known before it runs)
 
     @property
     def own_group(self) -> bool:
@@ -300,6 +301,7 @@ def temporary_credentials(state: _Build) -> None:
     source = None
     if not options.security_group_id:
         private = options.reach.private(public_ip=not options.no_public_ip and _maps_public_ip(ec2, options.subnet_id))
+        state.public_ssh = not private and not options.reach.host
         source = resources.ssh_source(
             ec2, cidr=options.ssh_cidr, group_id=options.ssh_source_group, private=private, subnet_id=options.subnet_id
         )
@@ -387,7 +389,9 @@ def launch_builder(state: _Build) -> None:
         # more instead of polling while it boots (direct SSH only; a test's own connect none).
         ready=None
         if state.options.connect
-        else lambda i: state.options.reach.answering(state.options.ssh_port, lambda: ec2.described.get(i)),
+        else lambda i: state.options.reach.answering(
+            state.options.ssh_port, lambda: ec2.described.get(i), public=state.public_ssh
+        ),
     )
     state.instance_id = instance_id
     state.instance = ec2.described[instance_id]

@@ -142,23 +142,26 @@ class Reach:
             raise InvalidInput(f"{name} has no IP address yet: give --ssh-host ADDRESS")
         return str(address)
 
-    def answering(self, port: int, described: Callable[[], Mapping[str, Any] | None]) -> Callable[[], bool] | None:
+    def answering(
+        self, port: int, described: Callable[[], Mapping[str, Any] | None], *, public: bool | None = None
+    ) -> Callable[[], bool | None] | None:
         """Return a check that the instance's sshd answers where SSH will go; None through a proxy.
 
-        ``described`` gives the instance's latest description (its address may show only
-        after a look). Only the address that SSH will connect to next is ever tried.
+        ``described`` gives the instance's latest description. The check says None (it cannot
+        tell) until that shows the address SSH will use: ``public`` True waits for a public IP,
+        which EC2 may show only after a look or two. Only that address is ever tried.
         """
         if self.proxied:
             return None
 
-        def answers() -> bool:
+        def answers() -> bool | None:
             instance = described()
-            if not instance:
-                return False
+            if not instance or (public and not self.host and not instance.get("PublicIpAddress")):
+                return None
             try:
                 host = self.address(instance)
             except InvalidInput:
-                return False
+                return None
             return ssh_answers(host, port)
 
         return answers

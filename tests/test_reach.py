@@ -4,8 +4,10 @@ admits (moto), launches without a public IP, and real OpenSSH ``ssh -W`` proxies
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from builder.errors import InvalidInput, SSHConnectFailed
 from builder.keys import KeyPair
 from builder.manifest import Manifest
 from builder.pipeline import BuildOptions, _Build, temporary_credentials
-from builder.reach import Reach, expand
+from builder.reach import Reach, expand, ssh_answers
 from builder.remote import Remote
 from builder.roles import load_role
 from tests.conftest import run_cli
@@ -392,3 +394,57 @@ def test_a_proxy_command_with_tokens_reaches_the_private_sshd(
     ) as remote:
         assert remote.check("echo $SSH_CONNECTION").stdout.split()[2:] == ["127.0.0.1", str(TARGET_PORT)]
     assert not ssh_processes(str(key))
+
+
+def _greeter(greeting: bytes) -> tuple[socket.socket, int]:
+    """A loopback listener that greets each connection with ``greeting``, then closes it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(5)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.sendall(greeting)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_only_an_ssh_greeting_counts_as_sshd_answering() -> None:
+    """A port that refuses, one that accepts and closes (a forwarder with nothing behind it) and
+    one that greets otherwise are no answer; "SSH-2.0-..." is."""
+    sshd, sshd_port = _greeter(b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n")
+    closer, closer_port = _greeter(b"")
+    other, other_port = _greeter(b"HTTP/1.1 400 Bad Request\r\n")
+    refused = socket.create_server(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()
+    try:
+        assert ssh_answers("127.0.0.1", sshd_port)
+        assert not ssh_answers("127.0.0.1", closer_port)
+        assert not ssh_answers("127.0.0.1", other_port)
+        assert not ssh_answers("127.0.0.1", refused_port)
+    finally:
+        for server in (sshd, closer, other):
+            server.close()
+
+
+def test_the_sshd_check_waits_for_the_address_ssh_will_use_and_is_none_through_a_proxy() -> None:
+    """Before the public IP shows the check cannot tell (None), even with a private one there;
+    with it, it tries that address. Through a proxy there is no check at all."""
+    sshd, port = _greeter(b"SSH-2.0-test\r\n")
+    described: dict[str, Any] = {}
+    try:
+        check = Reach().answering(port, lambda: described, public=True)
+        assert check is not None and check() is None
+        described.update(InstanceId="i-1", PrivateIpAddress="127.0.0.2")
+        assert check() is None  # SSH goes to the public IP: the private one is never tried
+        described["PublicIpAddress"] = "127.0.0.1"
+        assert check() is True
+        private = Reach(method="private").answering(port, lambda: {"PrivateIpAddress": "127.0.0.1"})
+        assert private is not None and private() is True
+        assert Reach(proxy_command="ssh -W %h:%p jump").answering(port, lambda: described) is None
+    finally:
+        sshd.close()

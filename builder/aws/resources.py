@@ -175,7 +175,7 @@ def launch(
     fallback: Sequence[str] = (),
     running: float | None = None,
     kind: str | None = None,
-    ready: Callable[[str], Callable[[], bool] | None] | None = None,
+    ready: Callable[[str], Callable[[], bool | None] | None] | None = None,
 ) -> list[str]:
     """Launch ``spec`` and return the instance ids (each on ``undo`` first, if given); raise CloudError.
 
@@ -224,7 +224,7 @@ def _launch_running(
     terminate: Callable[[str], Undo] | None,
     running: float | None,
     kind: str | None,
-    ready: Callable[[str], Callable[[], bool] | None] | None = None,
+    ready: Callable[[str], Callable[[], bool | None] | None] | None = None,
 ) -> list[str]:
     """Launch ``spec`` in its one placement; with ``running``, wait for each instance (raises CloudError)."""
     ids = _launch_one(ec2, spec, undo, terminate)
@@ -258,7 +258,7 @@ def _discard(ec2: EC2, instance_ids: list[str]) -> None:
 
 
 def wait_running(
-    ec2: EC2, instance_id: str, timeout: float, kind: str | None = None, sooner: Callable[[], bool] | None = None
+    ec2: EC2, instance_id: str, timeout: float, kind: str | None = None, sooner: Callable[[], bool | None] | None = None
 ) -> dict[str, Any]:
     """Wait until ``instance_id`` is running and return its description (``ec2.described``).
 

@@ -203,17 +203,19 @@ def poll_delay(waited: float) -> float:
 class Limits(TypedDict, total=False):
     """How a wait ends besides success: ``timeout`` (s), ``failed`` states, the state a NotFound means.
 
-    ``sooner``: a check that costs no EC2 call and says the wait may be over now (the
-    builder's sshd answers: it is running). Between looks it is asked every PROBE_EVERY
-    seconds and a yes brings the next look forward; the looks themselves, after the first
-    planned one, only guard against a failure (a launch that ends terminated) and spread out
-    with the time waited. A yes that a look then contradicts is not asked again.
+    ``sooner``: a check that costs no EC2 call and says whether the wait may be over now (the
+    builder's sshd answers: it runs): True (look at once), False (not yet), None (it cannot
+    tell yet: it needs what a look finds, such as the instance's address). The wait then looks
+    at once; while the check cannot tell, as often as ``guard_delay`` says; once it can, it is
+    asked every PROBE_EVERY seconds and the looks only guard against a failure (a launch that
+    ends terminated): the first where the plan's last look would be, then ``guard_delay``
+    apart. A yes that a look then contradicts is not asked again: the planned looks take over.
     """
 
     timeout: Required[float]
     failed: Iterable[str]
     missing: str
-    sooner: Callable[[], bool]
+    sooner: Callable[[], bool | None]
 
 
 PROBE_EVERY = 0.25  # seconds between two asks of a wait's ``sooner`` check
@@ -222,20 +224,20 @@ PROBE_EVERY = 0.25  # seconds between two asks of a wait's ``sooner`` check
 def guard_delay(waited: float) -> float:
     """Return the sleep before the next look of a wait a ``sooner`` check watches: the time waited (2-60 s).
 
-    Those looks are only there to see a failure, so they double the wait each time: a 15 s
-    launch costs two or three, and a failure is seen within the time already waited.
+    Those looks are only there to see a failure (or what the check needs), so they double the
+    wait each time: a failure is seen within the time already waited.
     """
     return min(60.0, max(2.0, waited))
 
 
-def _sleep(seconds: float, sooner: Callable[[], bool] | None) -> bool:
+def _sleep(seconds: float, sooner: Callable[[], bool | None] | None) -> bool:
     """Sleep ``seconds``, asking ``sooner`` every PROBE_EVERY; return True when it said yes (and stop then)."""
     if sooner is None:
         time.sleep(seconds)
         return False
     end = time.monotonic() + seconds
     while True:
-        if sooner():
+        if sooner() is True:
             return True
         left = end - time.monotonic()
         if left <= 0:
@@ -258,8 +260,8 @@ def wait_for(
     WaitTimeout after ``timeout``. With a ``key`` (scope, region and kind of wait), how long
     such waits took lately is remembered (``Waits``) and sets when to look (``WaitPlan``);
     without, or when a wait runs long, looks back off geometrically (``poll_delay``). With a
-    ``sooner`` check (see ``Limits``) the looks after the first planned one only guard against
-    a failure (``guard_delay``) and the check says when to look.
+    ``sooner`` check (see ``Limits``) the check says when to look and the looks in between
+    only guard against a failure (``guard_delay``).
     """
     timeout, missing = limits["timeout"], limits.get("missing", "not-yet-visible")
     wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
@@ -268,12 +270,11 @@ def wait_for(
     started = time.monotonic()
     deadline = started + timeout
     plan = waits.plan(key) if key else None
-    # With a sooner check, only the first planned look is kept (it also finds what the check
-    # needs, such as an address); the check then says when to look.
     looks = list(plan.looks) if plan else []
-    held: list[float] = []  # with a sooner check, the planned looks after the first: kept for if it fails
+    held: list[float] = []  # with a sooner check, the planned looks: kept for if it proves wrong
+    guard_at = 0.0  # with a sooner check, the first look that only guards: the plan's last
     if sooner:
-        looks, held = looks[:1], looks[1:]
+        looks, held, guard_at = [], looks, looks[-1] if looks else 0.0
     woken = False  # the last sleep was cut short by the sooner check
     if looks:
         woken = _sleep(min(looks.pop(0), max(0.0, deadline - time.monotonic())), sooner)
@@ -306,8 +307,9 @@ def wait_for(
             looks.pop(0)
         if looks:
             delay = looks.pop(0) - waited  # the planned looks
-        elif sooner is not None:
-            delay = min(guard_delay(waited), max(0.0, deadline - now))  # looks that only guard
+        elif sooner is not None:  # looks that only guard (or get the check what it needs)
+            ahead = guard_delay(waited) if sooner() is None else max(guard_at - waited, guard_delay(waited))
+            delay = min(ahead, max(0.0, deadline - now))
         elif plan and waited < 2 * plan.looks[-1]:
             # Past them, EC2 is slower than lately: as often as the last of them at first, then
             # an eighth of the time waited apart (a wait half again as long as planned costs
