@@ -383,6 +383,11 @@ def launch_builder(state: _Build) -> None:
         fallback=role.instance_types[1:],
         running=600,
         kind="instance-running",
+        # Its sshd answering says it runs, at no EC2 call: the launch wait then looks once
+        # more instead of polling while it boots (direct SSH only; a test's own connect none).
+        ready=None
+        if state.options.connect
+        else lambda i: state.options.reach.answering(state.options.ssh_port, lambda: ec2.described.get(i)),
     )
     state.instance_id = instance_id
     state.instance = ec2.described[instance_id]

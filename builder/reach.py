@@ -17,7 +17,8 @@ import hashlib
 import hmac
 import re
 import shlex
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,27 @@ class Reach:
             raise InvalidInput(f"{name} has no IP address yet: give --ssh-host ADDRESS")
         return str(address)
 
+    def answering(self, port: int, described: Callable[[], Mapping[str, Any] | None]) -> Callable[[], bool] | None:
+        """Return a check that the instance's sshd answers where SSH will go; None through a proxy.
+
+        ``described`` gives the instance's latest description (its address may show only
+        after a look). Only the address that SSH will connect to next is ever tried.
+        """
+        if self.proxied:
+            return None
+
+        def answers() -> bool:
+            instance = described()
+            if not instance:
+                return False
+            try:
+                host = self.address(instance)
+            except InvalidInput:
+                return False
+            return ssh_answers(host, port)
+
+        return answers
+
     def proxy(self, address: str, port: int, user: str, instance_id: str = "") -> str | None:
         """Return the proxy command to run for ``address``:``port`` (tokens expanded), or None for none."""
         template = self.proxy_command or (self._bastion_command() if self.bastion else None)
@@ -229,3 +251,23 @@ def _ssh_file_option(option: str, path: Path) -> str:
             raise InvalidInput(f"{path}: a file name with both blanks and double quotes cannot be handed to ssh")
         value = f'"{value}"'
     return f"{option}={value}"
+
+
+def ssh_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Return True when an SSH server greets at ``host``:``port`` ("SSH-" first), without logging in.
+
+    A port that accepts and then closes (a forwarder with nothing behind it yet) is no
+    answer; nor is a refusal or a time-out.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            greeting = b""
+            while len(greeting) < 4:
+                chunk = sock.recv(4 - len(greeting))
+                if not chunk:
+                    return False
+                greeting += chunk
+            return greeting == b"SSH-"
+    except OSError:
+        return False

@@ -19,12 +19,13 @@ import yaml
 from builder.aws.ec2 import EC2
 from builder.cli import output
 from builder.errors import InvalidInput
+from builder.reach import ssh_answers
 from builder.sandbox import control
 from builder.sandbox.dataplane import DataPlane
 from builder.sandbox.latency import GIB, PRESETS, REALISTIC_CV, Bucket, Latency, Model
 from tests.conftest import MINI_ROLE, run_cli
 from tests.machines import needs_root
-from tests.sandbox import REGION, World
+from tests.sandbox import REGION, World, wait_until
 
 SCALE = 0.1  # fixed / 10: pending 1.5 s, creating 0.3 s, stopping 3 s, snapshot 4.5 s, image 1 s
 BASE = "ami-000000000000000d2"
@@ -35,6 +36,20 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterat
     """A sandbox with the fixed latency model (scaled: its checks time each state) and throttling at 20 calls a second."""
     state = tmp_path_factory.mktemp("sandbox")
     world = World.start(state, latency=("fixed", SCALE, 20.0))
+    try:
+        yield world
+    finally:
+        control.reset(state)
+
+
+PACED = 0.3  # fixed * 0.3: a launch pending 4.5 s, time enough for a machine's sshd to come up
+
+
+@pytest.fixture(scope="module")
+def paced_world(tmp_path_factory: pytest.TempPathFactory, rootfs: Path) -> Iterator[World]:
+    """A sandbox whose launches stay pending longer than its machines take to boot."""
+    state = tmp_path_factory.mktemp("sandbox")
+    world = World.start(state, latency=("fixed", PACED, 20.0))
     try:
         yield world
     finally:
@@ -325,6 +340,41 @@ def test_a_build_rides_out_the_modelled_waits(slow_world: World, tmp_path: Path)
     assert time.monotonic() - started >= model.instance_pending + model.instance_stopping + model.snapshot_pending
     ec2 = slow_world.client()
     assert ec2.describe_images(ImageIds=[build["ami"]])["Images"][0]["State"] == "available"
+
+
+@needs_root
+def test_a_launched_machines_sshd_answers_only_once_it_shows_running(paced_world: World) -> None:
+    """As on EC2, nothing answers SSH at an instance that is still pending, though its machine has
+    long booted (4.5 s pending); once it shows running, its sshd answers at its address."""
+    ec2 = paced_world.client()
+    called = time.monotonic()
+    instance = ec2.run_instances(ImageId=BASE, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    address = paced_world.describe(instance)["PublicIpAddress"]
+    answered_pending = []
+    while (shown := paced_world.describe(instance))["State"]["Name"] == "pending":
+        answered_pending.append(ssh_answers(address, 22))
+        time.sleep(0.2)
+    assert shown["State"]["Name"] == "running" and time.monotonic() - called >= 4.5
+    assert len(answered_pending) > 5 and not any(answered_pending)
+    wait_until(lambda: ssh_answers(address, 22), 30, "its sshd to answer once running")
+    ec2.terminate_instances(InstanceIds=[instance])
+
+
+@needs_root
+def test_a_build_sees_its_builder_run_when_its_sshd_answers_not_by_polling(paced_world: World, tmp_path: Path) -> None:
+    """A first build (nothing learnt) of a builder pending 4.5 s: a look at once (its address),
+    looks that only guard against a failure 2 and 4 s in, then its sshd answers and one look
+    confirms. Polling alone looked about ten times; the end is seen within a second."""
+    roles = tmp_path / "roles"
+    roles.mkdir()
+    (roles / "mini.yaml").write_text(yaml.safe_dump(MINI_ROLE))
+    before = paced_world.status()["api_calls_by_action"].get("DescribeInstances", 0)
+    done = paced_world.cli("mini", "--roles-dir", str(roles), "--sandbox", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    status = paced_world.status()
+    assert status["api_calls_by_action"]["DescribeInstances"] - before <= 5
+    pending = [t for t in status["transitions"] if t["kind"] == "instance_pending"][-1]  # the builder's
+    assert pending["late"] is not None and pending["late"] < 1.0, pending
 
 
 @needs_root

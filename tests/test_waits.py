@@ -13,6 +13,7 @@ import pytest
 
 from builder.aws import waits as waits_module
 from builder.aws.waits import SimulatedClock, Waits, fit, schedule, wait_for
+from builder.errors import WaitTimeout
 
 
 def lognormal(rng: random.Random, median: float, cv: float) -> float:
@@ -110,3 +111,86 @@ def test_a_wait_much_slower_than_lately_costs_a_few_looks_not_one_per_planned_ga
     past_plan = count - len(plan.looks)
     assert 1 <= past_plan <= 5, (count, plan.looks)
     assert clock.now - start - 32.0 <= 32.0 / 8 + 0.5
+
+
+def _learnt_launches(waits: Waits) -> None:
+    for before, by in [(11.0, 12.5), (15.0, 16.2), (17.0, 18.4), (13.1, 14.0), (14.2, 15.5)]:
+        waits.record("k", before, by)
+
+
+@pytest.mark.parametrize("ends", [9.0, 15.0, 32.0])
+def test_a_sooner_check_ends_a_wait_at_once_with_the_first_planned_look_and_one_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ends: float
+) -> None:
+    """A launch whose sshd answers once it runs: the first planned look (it learns the address),
+    then the check, asked every PROBE_EVERY, brings the next look forward. A fast, a usual and a
+    slow launch each cost at most three looks (the slow one also a look that guards against a
+    failure) and are seen within a probe's interval; without the check the slow one costs eight."""
+    clock = SimulatedClock()
+    monkeypatch.setattr(waits_module, "time", clock)
+    waits = Waits(tmp_path / "waits.json")
+    _learnt_launches(waits)
+    plan = waits.plan("k")
+    assert plan is not None and len(plan.looks) >= 3
+    count, asked, start = 0, 0, clock.now
+
+    def describe() -> str:
+        nonlocal count
+        count += 1
+        return "running" if clock.now - start >= ends else "pending"
+
+    def answers() -> bool:
+        nonlocal asked
+        asked += 1
+        return clock.now - start >= ends
+
+    wait_for(waits, "k", "instance", describe, "running", timeout=600, sooner=answers)
+    first = plan.looks[0]
+    assert count == (1 if ends <= first else 2 if ends <= 2 * first else 3), (count, plan.looks)
+    assert clock.now - start - ends <= waits_module.PROBE_EVERY + 1e-9 or ends <= first
+    assert asked > 1  # asked between the looks, not only at them
+
+
+def test_a_sooner_check_that_a_look_contradicts_is_not_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that says yes too early (another machine's sshd at that address) costs one look;
+    after that the planned looks' back-off finds the end, as without a check."""
+    clock = SimulatedClock()
+    monkeypatch.setattr(waits_module, "time", clock)
+    waits = Waits(tmp_path / "waits.json")
+    _learnt_launches(waits)
+    count, asked, start = 0, 0, clock.now
+
+    def describe() -> str:
+        nonlocal count
+        count += 1
+        return "running" if clock.now - start >= 20.0 else "pending"
+
+    def lies() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    wait_for(waits, "k", "instance", describe, "running", timeout=600, sooner=lies)
+    assert asked == 1 and count <= 10
+    assert clock.now - start - 20.0 <= 20.0 / 8 + 0.5
+
+
+def test_a_sooner_check_never_answering_still_times_out_at_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard looks spread out with the time waited, but never past the deadline: a wait of
+    100 s ends at 100 s (not early because the next guard look would fall later), in few looks."""
+    clock = SimulatedClock()
+    monkeypatch.setattr(waits_module, "time", clock)
+    count = 0
+
+    def describe() -> str:
+        nonlocal count
+        count += 1
+        return "pending"
+
+    with pytest.raises(WaitTimeout):
+        wait_for(Waits(tmp_path / "w.json"), None, "instance", describe, "running", timeout=100, sooner=lambda: False)
+    assert clock.now == pytest.approx(100.0, abs=0.3) and count <= 9

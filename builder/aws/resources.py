@@ -24,6 +24,7 @@ from typing import Any
 
 from builder import tags
 from builder.aws.ec2 import EC2
+from builder.aws.waits import Limits
 from builder.cleanup import UndoStack
 from builder.errors import CloudError, InvalidInput
 from builder.tags import tag_specs
@@ -174,6 +175,7 @@ def launch(
     fallback: Sequence[str] = (),
     running: float | None = None,
     kind: str | None = None,
+    ready: Callable[[str], Callable[[], bool] | None] | None = None,
 ) -> list[str]:
     """Launch ``spec`` and return the instance ids (each on ``undo`` first, if given); raise CloudError.
 
@@ -189,14 +191,17 @@ def launch(
     (:func:`wait_running`; ``kind`` is the wait's kind), so one that ends `terminated` for
     capacity moves on too. ``terminate`` makes an instance's undo action (default: terminate
     it and wait). Without a public IP (``spec.public_ip`` False) and no subnet, each attempt
-    goes to the default subnet of its AZ.
+    goes to the default subnet of its AZ. ``ready`` makes an instance's ``sooner`` check for
+    that wait (:func:`wait_running`).
     """
     attempts: list[str] = []
     skip: tuple[str, str] | None = None
     if _ec2_chooses(spec):
         launched: list[str] = []
         try:
-            return _launch_running(ec2, spec, undo, terminate=terminate, running=running, kind=kind, launched=launched)
+            return _launch_running(
+                ec2, spec, undo, terminate=terminate, running=running, kind=kind, ready=ready, launched=launched
+            )
         except CloudError as exc:
             if not _moves_on(exc):
                 raise
@@ -208,7 +213,7 @@ def launch(
     for k, (itype, az) in enumerate(pairs):
         placed = _placed(ec2, spec, itype, az, len(attempts))
         try:
-            return _launch_running(ec2, placed, undo, terminate=terminate, running=running, kind=kind)
+            return _launch_running(ec2, placed, undo, terminate=terminate, running=running, kind=kind, ready=ready)
         except CloudError as exc:
             if not _moves_on(exc):
                 raise
@@ -268,6 +273,7 @@ def _launch_running(
     terminate: Callable[[str], Undo] | None,
     running: float | None,
     kind: str | None,
+    ready: Callable[[str], Callable[[], bool] | None] | None = None,
     launched: list[str] | None = None,
 ) -> list[str]:
     """Launch ``spec`` in its one placement; with ``running``, wait for each instance (raises CloudError).
@@ -282,7 +288,7 @@ def _launch_running(
         return ids
     try:
         for instance_id in ids:
-            wait_running(ec2, instance_id, running, kind)
+            wait_running(ec2, instance_id, running, kind, ready(instance_id) if ready else None)
     except CloudError:
         try:
             _discard(ec2, ids)
@@ -307,21 +313,21 @@ def _discard(ec2: EC2, instance_ids: list[str]) -> None:
                     raise
 
 
-def wait_running(ec2: EC2, instance_id: str, timeout: float, kind: str | None = None) -> dict[str, Any]:
+def wait_running(
+    ec2: EC2, instance_id: str, timeout: float, kind: str | None = None, sooner: Callable[[], bool] | None = None
+) -> dict[str, Any]:
     """Wait until ``instance_id`` is running and return its description (``ec2.described``).
 
-    Raises CloudError whose code and message are EC2's StateReason when it ends terminated,
-    shutting down or stopped instead (e.g. Server.InsufficientInstanceCapacity), WaitTimeout.
+    ``sooner`` (e.g. its sshd answers) says without an EC2 call that it may be running now
+    (``Limits``). Raises CloudError whose code and message are EC2's StateReason when it ends
+    terminated, shutting down or stopped instead (e.g. Server.InsufficientInstanceCapacity),
+    WaitTimeout.
     """
+    limits: Limits = {"timeout": timeout, "failed": ("terminated", "shutting-down", "stopped")}
+    if sooner:
+        limits["sooner"] = sooner
     try:
-        ec2.wait_for(
-            f"instance {instance_id}",
-            lambda: ec2.instance_state(instance_id),
-            "running",
-            timeout=timeout,
-            failed=("terminated", "shutting-down", "stopped"),
-            kind=kind,
-        )
+        ec2.wait_for(f"instance {instance_id}", lambda: ec2.instance_state(instance_id), "running", kind=kind, **limits)
     except CloudError as exc:
         if exc.code != "UnexpectedState":
             raise

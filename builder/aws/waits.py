@@ -201,11 +201,46 @@ def poll_delay(waited: float) -> float:
 
 
 class Limits(TypedDict, total=False):
-    """How a wait ends besides success: ``timeout`` (s), ``failed`` states, the state a NotFound means."""
+    """How a wait ends besides success: ``timeout`` (s), ``failed`` states, the state a NotFound means.
+
+    ``sooner``: a check that costs no EC2 call and says the wait may be over now (the
+    builder's sshd answers: it is running). Between looks it is asked every PROBE_EVERY
+    seconds and a yes brings the next look forward; the looks themselves, after the first
+    planned one, only guard against a failure (a launch that ends terminated) and spread out
+    with the time waited. A yes that a look then contradicts is not asked again.
+    """
 
     timeout: Required[float]
     failed: Iterable[str]
     missing: str
+    sooner: Callable[[], bool]
+
+
+PROBE_EVERY = 0.25  # seconds between two asks of a wait's ``sooner`` check
+
+
+def guard_delay(waited: float) -> float:
+    """Return the sleep before the next look of a wait a ``sooner`` check watches: the time waited (2-60 s).
+
+    Those looks are only there to see a failure, so they double the wait each time: a 15 s
+    launch costs two or three, and a failure is seen within the time already waited.
+    """
+    return min(60.0, max(2.0, waited))
+
+
+def _sleep(seconds: float, sooner: Callable[[], bool] | None) -> bool:
+    """Sleep ``seconds``, asking ``sooner`` every PROBE_EVERY; return True when it said yes (and stop then)."""
+    if sooner is None:
+        time.sleep(seconds)
+        return False
+    end = time.monotonic() + seconds
+    while True:
+        if sooner():
+            return True
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(PROBE_EVERY, left))
 
 
 def wait_for(
@@ -222,17 +257,26 @@ def wait_for(
     for an instance to go). Raises CloudError when a ``failed`` state shows,
     WaitTimeout after ``timeout``. With a ``key`` (scope, region and kind of wait), how long
     such waits took lately is remembered (``Waits``) and sets when to look (``WaitPlan``);
-    without, or when a wait runs long, looks back off geometrically (``poll_delay``).
+    without, or when a wait runs long, looks back off geometrically (``poll_delay``). With a
+    ``sooner`` check (see ``Limits``) the looks after the first planned one only guard against
+    a failure (``guard_delay``) and the check says when to look.
     """
     timeout, missing = limits["timeout"], limits.get("missing", "not-yet-visible")
     wanted_states = (wanted,) if isinstance(wanted, str) else tuple(wanted)
     bad = set(limits.get("failed", ()))
+    sooner = limits.get("sooner")
     started = time.monotonic()
     deadline = started + timeout
     plan = waits.plan(key) if key else None
+    # With a sooner check, only the first planned look is kept (it also finds what the check
+    # needs, such as an address); the check then says when to look.
     looks = list(plan.looks) if plan else []
+    held: list[float] = []  # with a sooner check, the planned looks after the first: kept for if it fails
+    if sooner:
+        looks, held = looks[:1], looks[1:]
+    woken = False  # the last sleep was cut short by the sooner check
     if looks:
-        time.sleep(min(looks.pop(0), max(0.0, deadline - time.monotonic())))
+        woken = _sleep(min(looks.pop(0), max(0.0, deadline - time.monotonic())), sooner)
     still = None  # when the last look that found it still going began (s from the start)
     while True:
         asked = time.monotonic()
@@ -253,12 +297,17 @@ def wait_for(
             return state
         if state in bad:
             raise CloudError("wait", "UnexpectedState", f"{what} went {state!r} (wanted {wanted_states[0]!r})")
+        if woken:  # the check said over, the look says not: looks alone from now on
+            log.debug("%s: the sooner check said yes but it is %s; not asked again", what, state)
+            sooner, woken, looks = None, False, held
         still = asked - started
         waited = now - started
         while looks and looks[0] <= waited:  # a slow answer: skip the looks it overran
             looks.pop(0)
         if looks:
             delay = looks.pop(0) - waited  # the planned looks
+        elif sooner is not None:
+            delay = min(guard_delay(waited), max(0.0, deadline - now))  # looks that only guard
         elif plan and waited < 2 * plan.looks[-1]:
             # Past them, EC2 is slower than lately: as often as the last of them at first, then
             # an eighth of the time waited apart (a wait half again as long as planned costs
@@ -266,6 +315,6 @@ def wait_for(
             delay = min(poll_delay(waited), max(plan.step, waited / 8))
         else:
             delay = poll_delay(waited)  # nothing known, or running long: back off
-        if now + delay > deadline:
+        if now + delay > deadline or now >= deadline:
             raise WaitTimeout(what, wanted_states[0], state, timeout)
-        time.sleep(delay)
+        woken = _sleep(delay, sooner)

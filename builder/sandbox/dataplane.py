@@ -259,11 +259,13 @@ class DataPlane:
         *,
         placement: Placement | None = None,
         public: bool = True,
+        ssh_later: bool = False,
     ) -> str | None:
         """Start the machine of a new instance; return its public address (None without one).
 
         ``placement`` plugs it into its VPC; ``public`` gives it a loopback address of the
-        host, where its sshd answers. Raises DataPlaneError.
+        host, where its sshd answers (with ``ssh_later``, only from the first ``forward``
+        on). Raises DataPlaneError.
         """
         address = self._address() if public else None
         layers = self.volumes[root_volume_id]["layers"]
@@ -273,6 +275,7 @@ class DataPlane:
             "private_address": placement.address if placement else None,
             "network": nic.netns if nic else None,
             "root_volume": root_volume_id,
+            **({"forwarded": []} if ssh_later else {}),
         }
         self.volumes[root_volume_id]["instance"] = instance_id
         self.save()
@@ -287,6 +290,7 @@ class DataPlane:
                 public_keys=public_keys,
                 state_root=self.machines_root,
                 nic=nic,
+                ssh_later=ssh_later,
             )
         except (MachineError, OSError) as exc:
             self.prune_networks()

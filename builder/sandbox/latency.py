@@ -289,6 +289,7 @@ class Latency:
         self.terminating: set[str] = set()  # a second TerminateInstances does not start it again
         self.timeline: list[Transition] = []
         self.unseen: dict[str, list[Transition]] = {}  # resource id -> its transitions not yet seen to end
+        self.on_running: Callable[[Any], None] | None = None  # given a launched instance once it shows running
 
     def draw(self, transition: str) -> float:
         """Seconds this occurrence of ``transition`` lasts: a draw around the model's median."""
@@ -337,7 +338,7 @@ class Latency:
                     set_state(instance, "pending", 0)
                     self._at(
                         self.begin("instance_pending", instance_id, self.draw("instance_pending")),
-                        partial(_finish, instance, "pending", "running", 16),
+                        partial(self._running, instance),
                     )
         elif action == "StopInstances":
             for key in (k for k in params if k.startswith("InstanceId.")):
@@ -411,6 +412,14 @@ class Latency:
         pending = self.begin("image_pending", image_id, self.draw("image_pending"))
         finish = partial(_finish_attr, image, "state", "pending", "available")
         self.clock.at(after + pending.drawn, partial(self._end, pending, finish))
+
+    def _running(self, instance: Any) -> bool:
+        """End a launch's pending; then tell ``on_running`` (its sshd becomes reachable then)."""
+        if not _finish(instance, "pending", "running", 16):
+            return False
+        if self.on_running is not None:
+            self.on_running(instance)
+        return True
 
     def _at(self, transition: Transition, finish: Callable[[], bool]) -> None:
         """Finish ``transition`` after its drawn time."""

@@ -173,6 +173,7 @@ class Machine:
     def __init__(self, name: str, state: Path) -> None:
         self.name = name
         self.state = state
+        self.ssh_later = False  # set by start(): sshd's port is forwarded by a later forward(22)
 
     # ------------------------------------------------------------ start
 
@@ -191,6 +192,7 @@ class Machine:
         timeout: float = 20.0,
         host_root: bool = False,
         nic: Nic | None = None,
+        ssh_later: bool = False,
     ) -> Machine:
         """Start a machine whose root is an overlay of ``layers`` (topmost first).
 
@@ -201,7 +203,9 @@ class Machine:
         them: for tests of what only real root does (chattr +i, device nodes); never for
         machines of the sandbox endpoint. ``ssh_address`` None forwards nothing to the host
         (an instance without a public address); ``nic`` plugs the machine into its VPC's
-        bridge (``vpcnet``), at this start and every resume. Raises EnvironmentProblem when the host lacks root or
+        bridge (``vpcnet``), at this start and every resume. ``ssh_later`` leaves its sshd
+        unreachable at ``ssh_address`` until ``forward(22, port)`` (at this start only: as
+        an EC2 instance, unreachable until it runs). Raises EnvironmentProblem when the host lacks root or
         a tool, MachineError (with the console's tail) when the machine does not start;
         a machine that fails to start is stopped and leaves nothing.
         """
@@ -211,6 +215,7 @@ class Machine:
         if state.exists():
             raise MachineError(name, f"already exists ({state}); stop it first")
         machine = cls(name, state)
+        machine.ssh_later = ssh_later
         machine._boot(
             lambda: machine._prepare(
                 layers,
@@ -426,7 +431,7 @@ class Machine:
             raise MachineError(self.name, f"slirp4netns failed: {self._read('slirp.log', '').strip()}")
         if self.nic is not None:
             plug(leader, self.nic)
-        if self.public:
+        if self.public and not self.ssh_later:
             self.forward(22, self.ssh_endpoint[1])
 
     def _signal_go(self, deadline: float) -> None:

@@ -175,6 +175,8 @@ class Sandbox:
         self.operations: Counter[str] = Counter()
         self.model = model or Model()
         self.latency = Latency(self.model, self.lock, self.plane.snapshot_bytes) if self.model.active else None
+        if self.latency is not None:
+            self.latency.on_running = self._now_running
         self._stop_watch = threading.Event()
 
     # ------------------------------------------------------------ moto's state
@@ -397,7 +399,8 @@ class Sandbox:
             except (DataPlaneError, EC2Error, OSError) as exc:
                 self._failed_launch(backend, instance, str(exc))
                 continue
-            self._start_machine(backend, instance, first=True)
+            # Pending a while (the latency model): its sshd answers once it shows running.
+            self._start_machine(backend, instance, first=True, ssh_later=self._launch_pending())
 
     def _check_capacity(self, backend: Any, params: dict[str, str]) -> None:
         """Refuse a type its AZ does not offer (Unsupported), or one `sandbox capacity` refuses there."""
@@ -452,7 +455,7 @@ class Sandbox:
             else:
                 self.plane.create_volume(volume.id, volume.size, volume.snapshot_id)
 
-    def _start_machine(self, backend: Any, instance: Any, *, first: bool = False) -> None:
+    def _start_machine(self, backend: Any, instance: Any, *, first: bool = False, ssh_later: bool = False) -> None:
         root = None
         attachments = []
         for device, block in instance.get_block_device_mapping:
@@ -472,6 +475,7 @@ class Sandbox:
                     getattr(instance, "sandbox_keys", []),
                     placement=_placement(backend, instance),
                     public=getattr(instance, "sandbox_public", True),
+                    ssh_later=ssh_later,
                 )
             else:
                 self.plane.start(instance.id, attachments)
@@ -484,7 +488,19 @@ class Sandbox:
                 _set_reason(instance, "Server.InternalError", f"Server.InternalError: {exc}")
             return
         self._show_address(instance)
-        self.plane.forward(instance.id, _open_ports(instance))
+        if not ssh_later:  # else _now_running does, when the latency model ends its pending
+            self.plane.forward(instance.id, _open_ports(instance))
+
+    def _launch_pending(self) -> bool:
+        """Return True when launches stay pending a while: their sshd answers from `running` on, as on EC2."""
+        return self.latency is not None and self.model.instance_pending > 0
+
+    def _now_running(self, instance: Any) -> None:
+        """A launch's pending ended: its machine's sshd (and what its groups admit) answers from now on."""
+        try:
+            self.plane.forward(instance.id, _open_ports(instance))
+        except (DataPlaneError, OSError) as exc:
+            log.warning("%s: could not open its ports: %s", instance.id, exc)
 
     def _after_AuthorizeSecurityGroupIngress(self, backend: Any, params: dict[str, str], body: bytes) -> None:
         for instance in backend.all_instances():
