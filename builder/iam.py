@@ -34,7 +34,7 @@ _RESTORE: Final = (
     "ec2:RunInstances",
     "ec2:CreateTags",  # the data volume: its DLM target
     "ec2:GetConsoleOutput",  # --wait / a drill: the host key from the console
-    "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the role's instance_types
+    "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the types: given an AZ or subnet, after a refusal; drill
     "ec2:DescribeSubnets",  # --subnet-id's AZ; --no-public-ip: the AZ's default subnet
 )
 # Publishing the SSM parameters under /ebsrole/ (builder.publish): read, write only if changed, tag.
@@ -56,7 +56,7 @@ ACTIONS: Final[Mapping[str, frozenset[str]]] = {
             "ec2:DescribeSnapshots",
             "ec2:DescribeSubnets",  # --subnet-id: its VPC and AZ; --no-public-ip: the default subnet
             "ec2:DescribeVpcs",  # connecting privately: the VPC's CIDRs are admitted
-            "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the role's instance_types
+            "ec2:DescribeInstanceTypeOfferings",  # which AZs offer the types: with --subnet-id, or EC2's AZ refused
             "ec2:CreateSecurityGroup",
             "ec2:AuthorizeSecurityGroupIngress",
             "ec2:DeleteSecurityGroup",

@@ -1,4 +1,4 @@
-"""Capacity: instance_types as an ordered fallback, AZs chosen from EC2's offerings, StateReasons named.
+"""Capacity: instance_types as an ordered fallback, the AZ left to EC2 first, then AZs from its offerings, StateReasons named.
 
 The launch decisions run against moto in-process (no machine needed); the fallback of a real
 build and of a restore runs in the sandbox, told to refuse a type in an AZ
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,24 @@ def test_a_type_the_subnets_az_does_not_offer_is_skipped(ec2: EC2, caplog: pytes
     assert (described["InstanceType"], described["Placement"]["AvailabilityZone"]) == ("t2.large", "us-east-1e")
     assert ec2.calls["run_instances"] == 1  # t3.small was never asked for there
     assert f"t3.small is not offered in us-east-1e (subnet {subnet}): skipped" in caplog.text
+
+
+def test_a_launch_ec2_may_place_asks_for_no_offerings(ec2: EC2) -> None:
+    """No subnet, no AZ, public addressing as the default VPC says: RunInstances first, no AZ, nothing before it."""
+    wanted = spec(ec2, "t3.small", client_token="build-1")
+    sent: list[tuple[str, dict[str, Any]]] = []
+    ec2.client.meta.events.register(
+        "provide-client-params.ec2.*", lambda model, params, **_: sent.append((model.name, dict(params)))
+    )
+    launched = launch(ec2, wanted, fallback=("t2.large",), running=30)
+    operations = [op for op, _ in sent]
+    assert "DescribeInstanceTypeOfferings" not in operations and "DescribeSubnets" not in operations
+    assert operations[0] == "RunInstances" and operations.count("RunInstances") == 1
+    run = sent[0][1]
+    assert "Placement" not in run and "SubnetId" not in run and run["ClientToken"] == "build-1"
+    (instance,) = [i for r in ec2.client.describe_instances()["Reservations"] for i in r["Instances"]]
+    assert [instance["InstanceId"]] == launched and instance["InstanceType"] == "t3.small"
+    assert instance["State"]["Name"] == "running"
 
 
 def test_drill_takes_the_first_other_az_that_offers_a_type_of_the_role(
@@ -136,6 +155,11 @@ def test_a_refused_type_falls_back_to_the_next_and_the_build_succeeds(
         "capacity in the Availability Zone you requested (us-east-1a)."
     ) in stderr
     assert "; trying t3a.small in us-east-1a" in stderr
+    # EC2 placed the first attempt itself (no AZ asked for, no offerings asked for before it), then
+    # the tool went AZ by AZ where offered: t3.small again in us-east-1a, then t3a.small there.
+    first = "t3.small in an AZ of EC2's choice: InsufficientInstanceCapacity (We currently do not have sufficient"
+    assert first in stderr and "; trying AZ by AZ where offered" in stderr
+    assert stderr.index(first) < stderr.index("t3.small in us-east-1a: InsufficientInstanceCapacity")
     builders = [i for r in world.client().describe_instances()["Reservations"] for i in r["Instances"]]
     assert [(i["InstanceType"], i["Placement"]["AvailabilityZone"]) for i in builders] == [("t3a.small", "us-east-1a")]
     assert world.client().describe_images(ImageIds=[ami])["Images"][0]["State"] == "available"
@@ -193,6 +217,53 @@ def test_a_restore_whose_instance_ends_terminated_names_the_state_reason(
     assert done.returncode == 3, done.stderr
     assert "Server.InsufficientInstanceCapacity" in done.stderr and "Insufficient capacity." in done.stderr
     assert "(t3.small in us-east-1b) went 'terminated' before running" in done.stderr
+    assert world.ec2_view()["instances"] == [] and world.ec2_view()["volumes"] == []
+
+
+@needs_root
+def test_a_restore_placed_by_ec2_goes_on_az_by_az_and_names_every_attempt(
+    world: World, roles: Path, fallback_build: tuple[str, str]
+) -> None:
+    """No --az: EC2 places the first instance (us-east-1a); ended terminated, it is not asked for there again."""
+    offers = world.client().describe_instance_type_offerings(
+        LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": ["t3.small"]}]
+    )["InstanceTypeOfferings"]
+    refuse(world, "--refuse-late", "t3.small@*")
+    try:
+        done = world.cli(
+            "launch", "mini", "--from", "seed", "--instance-type", "t3.small", "--roles-dir", str(roles), "--sandbox"
+        )
+    finally:
+        refuse(world)
+    assert done.returncode == 3, done.stderr
+    error = next(line for line in done.stderr.splitlines() if "NoCapacity" in line)
+    tried = re.findall(r"t3\.small in ([a-z0-9-]+): Server\.InsufficientInstanceCapacity \(instance i-", error)
+    assert tried == sorted(o["Location"] for o in offers), error  # us-east-1a (EC2's choice) once, then AZ by AZ
+    assert "t3.small in us-east-1a: Server.InsufficientInstanceCapacity (instance i-" in done.stderr
+    assert "Insufficient capacity.); trying AZ by AZ where offered" in done.stderr
+    assert world.ec2_view()["instances"] == [] and world.ec2_view()["volumes"] == []
+
+
+@needs_root
+def test_after_ec2s_own_placement_ends_terminated_each_attempt_has_its_own_client_token(world: World) -> None:
+    """The refused instance's token is not reused (EC2 would answer with that instance), nor is its pair retried."""
+    ec2 = EC2(world.client(config=RETRIES))
+    image = ec2.client.describe_images(Owners=["136693071363"])["Images"][0]["ImageId"]
+    wanted = LaunchSpec(image, "t3.small", (), {"test": "capacity"}, {"test": "capacity"}, client_token="build-7")
+    sent: list[dict[str, Any]] = []
+    ec2.client.meta.events.register("provide-client-params.ec2.RunInstances", lambda params, **_: sent.append(params))
+    refuse(world, "--refuse-late", "t3.small@us-east-1a")
+    try:
+        (instance_id,) = launch(ec2, wanted, fallback=("t3a.small",), running=120)
+    finally:
+        refuse(world)
+    try:
+        asked = [(p["InstanceType"], p.get("Placement", {}).get("AvailabilityZone"), p["ClientToken"]) for p in sent]
+        assert asked == [("t3.small", None, "build-7"), ("t3a.small", "us-east-1a", "build-7-1")]
+        described = world.describe(instance_id)
+        assert (described["InstanceType"], described["State"]["Name"]) == ("t3a.small", "running")
+    finally:
+        ec2.terminate(instance_id)
     assert world.ec2_view()["instances"] == [] and world.ec2_view()["volumes"] == []
 
 

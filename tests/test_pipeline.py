@@ -186,6 +186,8 @@ def test_happy_path_makes_ami_and_seed_snapshot_and_leaves_only_them(
         plane.stop_all()
     operations = [op for op, _ in plane.requests]  # the build's calls (the checks below add theirs)
     assert operations.count("DeleteSecurityGroup") == 3  # refused twice, then deleted
+    # EC2 places the builder itself (no subnet given): no offerings asked for, one RunInstances.
+    assert "DescribeInstanceTypeOfferings" not in operations and operations.count("RunInstances") == 1
     # What is left: the AMI and its two snapshots, nothing else.
     left = everything(ec2)
     assert left["images"] == [manifest.ami]

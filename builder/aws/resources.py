@@ -179,30 +179,46 @@ def launch(
 ) -> list[str]:
     """Launch ``spec`` and return the instance ids (each on ``undo`` first, if given); raise CloudError.
 
-    The types to try are ``spec.instance_type`` then ``fallback``, AZ by AZ where offered
-    (:func:`placements`: only the subnet's AZ, or ``spec.az``, when given). A pair EC2 has
-    no capacity for (``NEXT_PLACEMENT``) is logged and the next is tried; when none is left,
-    CloudError names every attempt. With ``running`` (a timeout in s) each instance is waited
-    for until `running` (:func:`wait_running`; ``kind`` is the wait's kind), so one that ends
-    `terminated` for capacity moves on too. ``terminate`` makes an instance's undo action
-    (default: terminate it and wait). Without a public IP (``spec.public_ip`` False) and no
-    subnet, each attempt goes to the default subnet of its AZ. ``ready`` makes an instance's
-    ``sooner`` check for that wait (:func:`wait_running`).
+    The types to try are ``spec.instance_type`` then ``fallback``. When EC2 may choose the AZ
+    (no subnet, no AZ, a public IP allowed: the default VPC), the first attempt is the first
+    type with no AZ and no call before it: EC2 places it in an AZ that offers the type, so a
+    build asks for no offerings unless that attempt is refused. Otherwise, and after such a
+    refusal, the (type, AZ) pairs are tried AZ by AZ where offered (:func:`placements`: only
+    the subnet's AZ, or ``spec.az``, when given; the refused instance's own pair is skipped
+    when its AZ is known). A refusal EC2 gives for capacity (``NEXT_PLACEMENT``) is logged
+    and the next is tried; when none is left, CloudError names every attempt. With
+    ``running`` (a timeout in s) each instance is waited for until `running`
+    (:func:`wait_running`; ``kind`` is the wait's kind), so one that ends `terminated` for
+    capacity moves on too. ``terminate`` makes an instance's undo action (default: terminate
+    it and wait). Without a public IP (``spec.public_ip`` False) and no subnet, each attempt
+    goes to the default subnet of its AZ. ``ready`` makes an instance's ``sooner`` check for
+    that wait (:func:`wait_running`).
     """
-    pairs = placements(ec2, (spec.instance_type, *fallback), spec.subnet_id, spec.az)
     attempts: list[str] = []
-    for n, (itype, az) in enumerate(pairs):
-        token = spec.client_token and (spec.client_token if n == 0 else f"{spec.client_token[:60]}-{n}")
-        attempt = replace(spec, instance_type=itype, az=None if spec.subnet_id else az, client_token=token)
-        if attempt.public_ip is False and not attempt.subnet_id:
-            attempt = replace(attempt, subnet_id=default_subnet(ec2, az), az=None)
+    skip: tuple[str, str] | None = None
+    if _ec2_chooses(spec):
+        launched: list[str] = []
         try:
-            return _launch_running(ec2, attempt, undo, terminate=terminate, running=running, kind=kind, ready=ready)
+            return _launch_running(
+                ec2, spec, undo, terminate=terminate, running=running, kind=kind, ready=ready, launched=launched
+            )
         except CloudError as exc:
-            if exc.code.removeprefix("Server.") not in NEXT_PLACEMENT:
+            if not _moves_on(exc):
                 raise
-            attempts.append(f"{itype} in {az}: {exc.code} ({_reason(exc)})")
-            following = f"trying {pairs[n + 1][0]} in {pairs[n + 1][1]}" if n + 1 < len(pairs) else "none left to try"
+            az = _zone(ec2, launched)
+            skip = (spec.instance_type, az) if az else None
+            attempts.append(_attempt(spec.instance_type, az or "an AZ of EC2's choice", exc))
+            log.warning("%s; trying AZ by AZ where offered", attempts[-1])
+    pairs = [p for p in placements(ec2, (spec.instance_type, *fallback), spec.subnet_id, spec.az) if p != skip]
+    for k, (itype, az) in enumerate(pairs):
+        placed = _placed(ec2, spec, itype, az, len(attempts))
+        try:
+            return _launch_running(ec2, placed, undo, terminate=terminate, running=running, kind=kind, ready=ready)
+        except CloudError as exc:
+            if not _moves_on(exc):
+                raise
+            attempts.append(_attempt(itype, az, exc))
+            following = f"trying {pairs[k + 1][0]} in {pairs[k + 1][1]}" if k + 1 < len(pairs) else "none left to try"
             log.warning("%s; %s", attempts[-1], following)
     raise CloudError(
         "run_instances",
@@ -212,8 +228,41 @@ def launch(
     )
 
 
+def _ec2_chooses(spec: LaunchSpec) -> bool:
+    """Return whether EC2 may place ``spec`` itself: no subnet, no AZ, and the default VPC's public addressing."""
+    return not (spec.subnet_id or spec.az or spec.public_ip is False)
+
+
+def _moves_on(exc: CloudError) -> bool:
+    """Return whether ``exc`` (an answer or a StateReason) means: try the next placement."""
+    return exc.code.removeprefix("Server.") in NEXT_PLACEMENT
+
+
+def _placed(ec2: EC2, spec: LaunchSpec, itype: str, az: str, n: int) -> LaunchSpec:
+    """Return ``spec`` as the ``n``-th attempt (from 0): ``itype`` in ``az``, with that attempt's client token.
+
+    Only the first attempt has the caller's token, each later one its own, so a retried call
+    stays idempotent and never answers with an earlier attempt's instance.
+    """
+    token = spec.client_token and (spec.client_token if n == 0 else f"{spec.client_token[:60]}-{n}")
+    placed = replace(spec, instance_type=itype, az=None if spec.subnet_id else az, client_token=token)
+    if placed.public_ip is False and not placed.subnet_id:
+        placed = replace(placed, subnet_id=default_subnet(ec2, az), az=None)
+    return placed
+
+
+def _attempt(itype: str, where: str, exc: CloudError) -> str:
+    return f"{itype} in {where}: {exc.code} ({_reason(exc)})"
+
+
 def _reason(exc: CloudError) -> str:
     return exc.message.removeprefix(f"EC2 {exc.operation}: {exc.code}: ")
+
+
+def _zone(ec2: EC2, instance_ids: Sequence[str]) -> str | None:
+    """Return the AZ of the first of ``instance_ids`` as last described, or None (none launched or described)."""
+    described = ec2.described.get(instance_ids[0], {}) if instance_ids else {}
+    return described.get("Placement", {}).get("AvailabilityZone") or None
 
 
 def _launch_running(
@@ -225,9 +274,16 @@ def _launch_running(
     running: float | None,
     kind: str | None,
     ready: Callable[[str], Callable[[], bool | None] | None] | None = None,
+    launched: list[str] | None = None,
 ) -> list[str]:
-    """Launch ``spec`` in its one placement; with ``running``, wait for each instance (raises CloudError)."""
+    """Launch ``spec`` in its one placement; with ``running``, wait for each instance (raises CloudError).
+
+    The ids are added to ``launched`` (if given) as soon as RunInstances answers, so a caller
+    can still tell where a launch that then failed went.
+    """
     ids = _launch_one(ec2, spec, undo, terminate)
+    if launched is not None:
+        launched.extend(ids)
     if running is None:
         return ids
     try:
