@@ -244,15 +244,19 @@ def speedup(summary: dict[str, Any], other: str) -> float | None:
     return round(float(summary[other]["wall_s"]["median"]) / float(summary["ours"]["wall_s"]["median"]), 2)
 
 
-def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target, its measured value, and whether it is met (None: not measurable, a contender failed)."""
+def targets(summary: dict[str, Any], scale: float = 1.0) -> list[dict[str, Any]]:
+    """Each target, its measured value, and whether it is met (None: not measurable, a contender
+    failed, or a quick mode: the targets are set at EC2's timescale, where the machine's fixed work
+    is a small share of the bound; scaled down it is most of it)."""
     checked = []
     for name, measure, way, limit in TARGETS:
         try:
             value = measure(summary)
         except (KeyError, TypeError):
             value = None
-        met = None if value is None else {"<=": value <= limit, ">=": value >= limit, ">": value > limit}[way]
+        met = None
+        if value is not None and scale == 1.0:
+            met = {"<=": value <= limit, ">=": value >= limit, ">": value > limit}[way]
         checked.append({"target": name, "value": value, "met": met})
     return checked
 
@@ -302,9 +306,18 @@ def table(result: dict[str, Any]) -> str:
         late = row.get("late_s", {})
         cells = [f"{late[k]['median']} / {late[k]['p90']}" if k in late else "" for k in kinds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    quick = result["scale"] != 1.0
+    lines.append("")
+    if quick:
+        lines += [
+            "The targets are set at EC2's timescale (scale 1.0) and not judged here: scaled down, the"
+            " machine's fixed work is most of the bound.",
+            "",
+        ]
+    lines += ["| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {'n/a' if t['met'] is None else 'yes' if t['met'] else 'NO'} |")
+        met = "not judged" if quick else "n/a" if t["met"] is None else "yes" if t["met"] else "NO"
+        lines.append(f"| {t['target']} | {t['value']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,7 +374,7 @@ def report(out: Path) -> int:
     """Summarise the raw runs kept in ``out`` again (after a change to the report) and rewrite its markdown."""
     result = json.loads(out.read_text())
     summary = {name: summarize(runs, result["machine_work_s"]) for name, runs in result["raw"].items()}
-    result.update(summary=summary, targets=targets(summary))
+    result.update(summary=summary, targets=targets(summary, result["scale"]))
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(table(result))
     print(table(result), end="")
@@ -437,7 +450,7 @@ def main() -> int:
         "machine_work_s": work_s,
         "throttled_calls": final["throttled"],
         "summary": summary,
-        "targets": targets(summary),
+        "targets": targets(summary, args.scale),
         "raw": results,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

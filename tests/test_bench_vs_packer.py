@@ -87,7 +87,10 @@ def test_a_failing_contender_is_a_row_with_its_error(bench: ModuleType) -> None:
     text = bench.table(result)
     assert f"| {bench.ONE_SECOND} | failed 2 of 2: {error} |" in text
     assert f"failed 1 of 2: {error}" in text
-    assert "QUICK MODE" not in text and "QUICK MODE" in bench.table({**result, "scale": 0.1})
+    assert "QUICK MODE" not in text and "not judged" not in text
+    quick = bench.table({**result, "scale": 0.1, "targets": bench.targets(summary, 0.1)})
+    assert "QUICK MODE" in quick and "| at least 1.6x faster than Packer's defaults | 1.0 | not judged |" in quick
+    assert all(t["met"] is None for t in bench.targets(summary, 0.1))
 
 
 def test_packers_error_line_is_read_from_its_machine_readable_output(bench: ModuleType) -> None:
