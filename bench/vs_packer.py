@@ -267,6 +267,8 @@ KINDS = ("instance_pending", "instance_stopping", "snapshot_pending", "image_pen
 def table(result: dict[str, Any]) -> str:
     """Return the results as the markdown kept next to the JSON (bench/results/vs-packer.md)."""
     summary = result["summary"]
+    # A run of one side (--only) has no row for the other: replay it the same way.
+    only = "" if {"ours", DEFAULTS} <= summary.keys() else " --only ours" if "ours" in summary else " --only packer"
     title = (
         "EC2's timescale (scale 1.0)" if result["scale"] == 1.0 else f"QUICK MODE: waits scaled to {result['scale']}"
     )
@@ -274,7 +276,7 @@ def table(result: dict[str, Any]) -> str:
         f"# Ours against Packer: {title}",
         "",
         f"{result['runs']} interleaved runs, `realistic` latency model, seed {result['seed']} "
-        f"(replay: `bench/vs_packer.py --scale {result['scale']} --seed {result['seed']}`), "
+        f"(replay: `bench/vs_packer.py{only} --scale {result['scale']} --seed {result['seed']}`), "
         f"throttling at {result['model']['rate']} calls/s ({result['throttled_calls']} calls throttled). "
         f"Bound: each run's drawn launch + slowest snapshot + image + the machine's work "
         f"({result['machine_work_s']} s). {result['when']}.",
@@ -317,7 +319,8 @@ def table(result: dict[str, Any]) -> str:
     lines += ["| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         met = "not judged" if quick else "n/a" if t["met"] is None else "yes" if t["met"] else "NO"
-        lines.append(f"| {t['target']} | {t['value']} | {met} |")
+        value = "not measured" if t["value"] is None else t["value"]
+        lines.append(f"| {t['target']} | {value} | {met} |")
     return "\n".join(lines) + "\n"
 
 

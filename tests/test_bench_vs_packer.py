@@ -91,6 +91,25 @@ def test_a_failing_contender_is_a_row_with_its_error(bench: ModuleType) -> None:
     quick = bench.table({**result, "scale": 0.1, "targets": bench.targets(summary, 0.1)})
     assert "QUICK MODE" in quick and "| at least 1.6x faster than Packer's defaults | 1.0 | not judged |" in quick
     assert all(t["met"] is None for t in bench.targets(summary, 0.1))
+    assert "--only" not in text  # both sides ran
+
+
+def test_a_run_of_one_side_replays_with_only_and_says_what_it_did_not_measure(bench: ModuleType) -> None:
+    summary = {"ours": bench.summarize([run(100.0, drawn(10.0, (50.0,), 10.0))], 20.0)}
+    result = {
+        "scale": 1.0,
+        "runs": 1,
+        "seed": 1,
+        "model": {"rate": 20},
+        "throttled_calls": 0,
+        "machine_work_s": 20.0,
+        "when": "now",
+        "summary": summary,
+        "targets": bench.targets(summary),
+    }
+    text = bench.table(result)
+    assert "`bench/vs_packer.py --only ours --scale 1.0 --seed 1`" in text
+    assert "| faster than Packer at 1 s polls | not measured | n/a |" in text and "None" not in text
 
 
 def test_packers_error_line_is_read_from_its_machine_readable_output(bench: ModuleType) -> None:
